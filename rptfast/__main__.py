@@ -1,0 +1,5 @@
+import sys
+
+from rptfast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,330 @@
+"""One flat tree of dataclasses: model, data, rollout, algorithm, train, log.
+
+Loaded from TOML, overridden with `--set section.key=value`, checked, and written back
+whole into the run directory. Unknown keys, wrong types and impossible values raise
+`ConfigError`, which names the key and the fix; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad config value or command line: the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF directory or hub name of the policy; "" = build from scratch (model.scratch_*)
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
+    attn: str = "auto"  # auto | flash (flash-attn varlen) | varlen (torch varlen) | sdpa (block-diagonal mask)
+    gradient_checkpointing: bool = False  # recompute decoder layers in backward to save memory
+    scratch_arch: str = "qwen3"  # architecture when training from scratch: qwen3 | llama
+    scratch_layers: int = 2  # decoder layers when training from scratch
+    scratch_heads: int = 2  # attention heads (head_dim 64) when training from scratch
+    scratch_tokenizer: str = "char"  # tokenizer when training from scratch: char | bpe (rptfast.testing)
+
+
+@dataclass
+class DataConfig:
+    task: str = "parity"  # parity | rpt | first_token (built-in task with a learnable signal)
+    parity_d: int = 8  # parity: number of input bits
+    parity_p_cot: float = 0.25  # parity: probability that a pre-training target is the long chain
+    parity_reward: str = "answer"  # parity: answer (last bit before EOS) | chain (whole chain right)
+    samples: str = ""  # rpt: directory written by `rptfast prepare`
+    template: str = "v0"  # rpt: prompt template name (rptfast.data.templates)
+    max_prompt_tokens: int = 1024  # rpt: context cut from the left to fit this many prompt tokens
+    reward: str = "prefix"  # rpt: prefix (the paper's Eq. 3) | first_token
+    first_token_set: int = 8  # first_token: reward 1 when the completion starts with a token id < this
+    prompt_len: int = 8  # first_token: prompt length in tokens
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "auto"  # auto (vllm when importable, else torch) | vllm | torch
+    n: int = 8  # completions per prompt (the GRPO group size)
+    temperature: float = 1.0  # sampling temperature; the trainer scores the same tempered distribution
+    top_p: float = 1.0  # nucleus sampling; < 1 makes rollout and trainer distributions differ
+    max_tokens: int = 64  # completion length cap
+    max_model_len: int = 2048  # prompt + completion limit of the engine
+    gpu_memory_utilization: float = 0.4  # vllm on CUDA: share of GPU memory for weights + KV cache
+    cpu_kv_cache_gib: int = 1  # vllm on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    sleep_level: int = 1  # vllm on CUDA: 1 = weights to CPU, 2 = drop weights (they are re-synced)
+    sync_bucket_mb: int = 256  # weight sync: bytes gathered and pushed per bucket
+    enforce_eager: bool = False  # vllm: skip CUDA graphs (faster start, slower decode)
+
+
+@dataclass
+class AlgorithmConfig:
+    eps_low: float = 0.2  # ratio clip below: 1 - eps_low
+    eps_high: float = 0.28  # ratio clip above: 1 + eps_high (DAPO clip-higher)
+    dual_clip: float = 0.0  # dual clip constant c > 1 for negative advantages; 0 = off
+    kl_coef: float = 0.0  # k3 KL to the initial policy; 0 = off (the RPT paper uses 0)
+    tis_cap: float = 0.0  # truncated importance weight cap against rollout logprobs; 0 = off
+    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    adv_scale: str = "group"  # group: divide by the group's std | none: Dr. GRPO
+    adv_eps: float = 1e-6  # added to the group std
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal, refill from next prompts
+    dynamic_sampling_tries: int = 3  # at most this many generate calls per step to fill the batch
+    old_logprobs: str = "recompute"  # recompute (trainer forward before the update) | rollout (engine's)
+    updates_per_batch: int = 1  # mini-batch updates per rollout batch (1 = on-policy)
+    mismatch_warn: float = 0.05  # log loudly when max |rollout - trainer logprob| exceeds this
+
+
+@dataclass
+class TrainConfig:
+    ntp_steps: int = 0  # phase 1: next-token pre-training steps on the task's targets (parity); 0 = none
+    ntp_sequences: int = 64  # phase 1: sequences per step over all ranks
+    ntp_lr: float = 1e-3  # phase 1: peak learning rate
+    steps: int = 20  # phase 2: RL steps (one rollout batch each)
+    prompts_per_step: int = 8  # prompts per step over all ranks (each gives rollout.n completions)
+    micro_batch_tokens: int = 4096  # packed tokens per forward/backward
+    lr: float = 1e-5  # peak learning rate (AdamW)
+    weight_decay: float = 0.01  # AdamW weight decay
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    warmup_steps: int = 0  # linear warmup steps
+    schedule: str = "constant"  # constant | cosine (to 10% of lr) after warmup
+    seed: int = 0  # run seed: weights of scratch models, data order, sampling seeds
+    out_dir: str = "runs/default"  # run directory
+    ckpt_every: int = 0  # checkpoint every K steps (and at the end); 0 = only at the end
+    keep_ckpts: int = 2  # keep the last K checkpoints
+    offload_optimizer: bool = True  # CUDA: optimizer state to pinned CPU memory while the engine runs
+    offload_weights: bool = False  # CUDA: trainer weights to pinned CPU memory while the engine runs
+    eval_every: int = 0  # evaluate every K steps (task-specific); 0 = only at the start and end
+    eval_prompts: int = 64  # prompts per evaluation
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True  # progress bar on the console
+    tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
+    every: int = 1  # console line every K steps
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.attn": ("auto", "flash", "varlen", "sdpa"),
+    "model.scratch_arch": ("qwen3", "llama"),
+    "model.scratch_tokenizer": ("char", "bpe"),
+    "data.task": ("parity", "rpt", "first_token"),
+    "data.parity_reward": ("answer", "chain"),
+    "data.reward": ("prefix", "first_token"),
+    "rollout.engine": ("auto", "vllm", "torch"),
+    "algorithm.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "algorithm.adv_scale": ("group", "none"),
+    "algorithm.old_logprobs": ("recompute", "rollout"),
+    "train.schedule": ("constant", "cosine"),
+}
+
+# key -> (predicate, what a valid value looks like)
+BOUNDS = {
+    "data.parity_d": (lambda v: v >= 2, "an integer >= 2"),
+    "data.parity_p_cot": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+    "data.max_prompt_tokens": (lambda v: v >= 8, "an integer >= 8"),
+    "data.first_token_set": (lambda v: v >= 1, "an integer >= 1"),
+    "data.prompt_len": (lambda v: v >= 1, "an integer >= 1"),
+    "model.scratch_layers": (lambda v: v >= 1, "an integer >= 1"),
+    "model.scratch_heads": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.n": (lambda v: v >= 2, "an integer >= 2 (a group of 1 has no advantage: every reward is its own mean)"),
+    "rollout.temperature": (lambda v: v > 0, "a float > 0"),
+    "rollout.top_p": (lambda v: 0 < v <= 1, "a float in (0, 1]"),
+    "rollout.max_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.max_model_len": (lambda v: v >= 2, "an integer >= 2"),
+    "rollout.gpu_memory_utilization": (lambda v: 0 < v < 1, "a float in (0, 1)"),
+    "rollout.cpu_kv_cache_gib": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.sleep_level": (lambda v: v in (1, 2), "1 or 2"),
+    "rollout.sync_bucket_mb": (lambda v: v >= 1, "an integer >= 1"),
+    "algorithm.eps_low": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    "algorithm.eps_high": (lambda v: v >= 0, "a float >= 0"),
+    "algorithm.dual_clip": (lambda v: v == 0 or v > 1, "0 (off) or a float > 1"),
+    "algorithm.kl_coef": (lambda v: v >= 0, "a float >= 0"),
+    "algorithm.tis_cap": (lambda v: v == 0 or v >= 1, "0 (off) or a float >= 1"),
+    "algorithm.adv_eps": (lambda v: v >= 0, "a float >= 0"),
+    "algorithm.dynamic_sampling_tries": (lambda v: v >= 1, "an integer >= 1"),
+    "algorithm.updates_per_batch": (lambda v: v >= 1, "an integer >= 1"),
+    "algorithm.mismatch_warn": (lambda v: v > 0, "a float > 0"),
+    "train.steps": (lambda v: v >= 0, "an integer >= 0"),
+    "train.ntp_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "train.ntp_sequences": (lambda v: v >= 1, "an integer >= 1"),
+    "train.ntp_lr": (lambda v: v > 0, "a float > 0"),
+    "train.prompts_per_step": (lambda v: v >= 1, "an integer >= 1"),
+    "train.micro_batch_tokens": (lambda v: v >= 16, "an integer >= 16"),
+    "train.lr": (lambda v: v > 0, "a float > 0"),
+    "train.weight_decay": (lambda v: v >= 0, "a float >= 0"),
+    "train.beta1": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    "train.beta2": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    "train.grad_clip": (lambda v: v >= 0, "a float >= 0 (0 = off)"),
+    "train.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "train.ckpt_every": (lambda v: v >= 0, "an integer >= 0"),
+    "train.keep_ckpts": (lambda v: v >= 1, "an integer >= 1"),
+    "train.eval_every": (lambda v: v >= 0, "an integer >= 0"),
+    "train.eval_prompts": (lambda v: v >= 1, "an integer >= 1"),
+    "log.every": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def _unknown(kind: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else f" Known: {', '.join(known)}."
+    return ConfigError(f"unknown {kind} {key!r}.{hint}")
+
+
+def _coerce(key: str, value, typ: type, from_cli: bool):
+    """Check (TOML) or parse (--set) one value against the field's type."""
+    if from_cli:
+        text = value
+        try:
+            if typ is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError
+                return text.lower() == "true"
+            if typ is int:
+                return int(text)
+            if typ is float:
+                return float(text)
+            return text
+        except ValueError:
+            raise ConfigError(f"{key}: cannot read {text!r} as {typ.__name__}; "
+                              f"pass e.g. --set {key}={_example(typ)}") from None
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}; "
+                          f"write e.g. {key.split('.')[-1]} = {_example(typ)}")
+    return value
+
+
+def _example(typ: type) -> str:
+    return {bool: "true", int: "4", float: "0.5", str: '"text"'}[typ]
+
+
+def check(cfg: Config) -> Config:
+    """Raise ConfigError on the first impossible value or combination."""
+    for key, choices in CHOICES.items():
+        value = get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
+    for key, (ok, what) in BOUNDS.items():
+        value = get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key} = {value!r} is impossible: it must be {what}")
+    if cfg.model.path == "" and cfg.data.task != "parity":
+        raise ConfigError("model.path is empty: set it to a HF model directory or hub name "
+                          "(training from scratch is only for the parity task)")
+    if cfg.data.task == "rpt" and not cfg.data.samples:
+        raise ConfigError("data.task = 'rpt' needs data.samples: the directory written by `rptfast prepare`")
+    if cfg.train.ntp_steps and cfg.data.task != "parity":
+        raise ConfigError(f"train.ntp_steps = {cfg.train.ntp_steps}: next-token pre-training needs targets, "
+                          f"which only the parity task has; set it to 0 for data.task = {cfg.data.task!r}")
+    if cfg.train.steps + cfg.train.ntp_steps == 0:
+        raise ConfigError("train.steps and train.ntp_steps are both 0: nothing to train")
+    if cfg.rollout.max_tokens + 1 > cfg.train.micro_batch_tokens:
+        raise ConfigError(f"train.micro_batch_tokens ({cfg.train.micro_batch_tokens}) is smaller than one "
+                          f"completion (rollout.max_tokens = {cfg.rollout.max_tokens}); raise it")
+    if cfg.train.warmup_steps > max(cfg.train.steps, cfg.train.ntp_steps):
+        raise ConfigError(f"train.warmup_steps ({cfg.train.warmup_steps}) exceeds train.steps "
+                          f"({cfg.train.steps}); lower the warmup or raise the steps")
+    if cfg.rollout.max_tokens >= cfg.rollout.max_model_len:
+        raise ConfigError(f"rollout.max_tokens ({cfg.rollout.max_tokens}) must be below rollout.max_model_len "
+                          f"({cfg.rollout.max_model_len}) to leave room for the prompt")
+    return cfg
+
+
+def get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def from_dict(tree: dict, overrides: list[str] = ()) -> Config:
+    """Build a checked Config from a TOML-shaped dict and `section.key=value` overrides."""
+    cfg = Config()
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for section, table in tree.items():
+        if section not in sections:
+            raise _unknown("config section", section, list(sections))
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section} must be a table ([{section}]), got {table!r}")
+        _apply(cfg, section, table.items(), from_cli=False)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key.count(".") != 1:
+            raise ConfigError(f"--set {item!r}: write --set section.key=value, e.g. --set train.lr=1e-6")
+        section, name = key.split(".")
+        if section not in sections:
+            raise _unknown("config section", section, list(sections))
+        _apply(cfg, section, [(name, value)], from_cli=True)
+    return check(cfg)
+
+
+def _apply(cfg: Config, section: str, items, from_cli: bool) -> None:
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    for name, value in items:
+        if name not in hints:
+            raise _unknown("config key", f"{section}.{name}", list(hints))
+        setattr(obj, name, _coerce(f"{section}.{name}", value, hints[name], from_cli))
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a TOML file (or a preset name such as "parity") and apply overrides."""
+    if path is None:
+        return from_dict({}, overrides)
+    p = Path(path)
+    if not p.exists() and p.suffix == "":
+        preset = resources.files("rptfast.configs").joinpath(f"{path}.toml")
+        if preset.is_file():
+            return from_dict(tomllib.loads(preset.read_text()), overrides)
+    if not p.is_file():
+        names = sorted(x.name.removesuffix(".toml") for x in resources.files("rptfast.configs").iterdir()
+                       if x.name.endswith(".toml"))
+        raise ConfigError(f"config file {str(path)!r} does not exist; give a TOML path or a preset: {', '.join(names)}")
+    try:
+        tree = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return from_dict(tree, overrides)
+
+
+def flat(cfg: Config) -> dict[str, object]:
+    """{"section.key": value} for every field."""
+    return {f"{s}.{k}": v for s, table in dataclasses.asdict(cfg).items() for k, v in table.items()}
+
+
+def to_toml(cfg: Config) -> str:
+    """The whole resolved config as TOML (every key, defaults included)."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        lines.append(f"[{f.name}]")
+        for k, v in dataclasses.asdict(getattr(cfg, f.name)).items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)

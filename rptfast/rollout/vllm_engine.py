@@ -1,0 +1,119 @@
+"""vLLM in the trainer's own process.
+
+Why in-process: the weight sync is then a copy between two tensors of one process
+(`model_runner.reload_weights(weights_iterator=...)`), with no NCCL group, no Ray and
+no second copy of the model in a server. The engine shares the GPU with the trainer by
+sleeping (`enable_sleep_mode`) while the trainer works.
+
+Sync order on CUDA: wake the weights, reload them, reset the prefix cache (cached KV
+blocks were computed by the old weights), then wake the KV cache. On the CPU, vLLM's
+sleep and wake are no-ops; the same calls run so that the choreography is exercised.
+
+Left out: tensor/pipeline parallelism inside the engine (each rank runs its own engine
+on its own GPU), LoRA sync, and the async engine (generation is one blocking call per step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+
+from rptfast.rollout import Completion, SamplingConfig, buckets, check_prompts
+
+
+class _DropCpuSleepWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "sleep mode is not supported on CPU" not in record.getMessage()
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, *, dtype: torch.dtype, seed: int, max_model_len: int,
+                 gpu_memory_utilization: float = 0.4, cpu_kv_cache_gib: int = 1, sleep_level: int = 1,
+                 bucket_bytes: int = 256 << 20, enforce_eager: bool = False, trust_remote_code: bool = False):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core runs in this process
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+        self.cuda = torch.cuda.is_available()
+        # vLLM pins torch to one CPU thread for serving and replaces torch.set_num_threads
+        # with a no-op; the trainer in this process needs its threads back.
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_sleep_mode=self.cuda,
+            enable_prefix_caching=True,
+            enforce_eager=enforce_eager or not self.cuda,
+            logprobs_mode="processed_logprobs",
+            trust_remote_code=trust_remote_code,
+        )
+        torch.set_num_threads = set_threads
+        set_threads(threads)
+        for h in logging.getLogger("vllm").handlers:
+            h.addFilter(_DropCpuSleepWarning())
+        self.max_model_len = max_model_len
+        self.sleep_level = sleep_level
+        self.bucket_bytes = bucket_bytes
+        self.dtype = dtype
+        self.asleep = False
+        self.runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        self.device = next(self.runner.model.parameters()).device
+        if self.llm.get_tokenizer().eos_token_id is None:
+            raise ValueError(f"the tokenizer of {model_path!r} has no EOS token: set eos_token in its "
+                             f"tokenizer_config.json (completions could never stop)")
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        check_prompts(prompts, self.max_model_len)
+        if self.asleep:
+            raise RuntimeError("VLLMEngine.generate called while asleep: call wake() first")
+        seeds = seeds if seeds is not None else [None] * len(prompts)
+        params = [SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=min(sampling.max_tokens, self.max_model_len - len(p)),
+                                 logprobs=0, seed=s)
+                  for p, s in zip(prompts, seeds)]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        completions = []
+        for i, out in enumerate(outs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                # logprobs=0 returns the sampled token's logprob only
+                lps = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]
+                finish = "stop" if c.finish_reason == "stop" else "length"
+                completions.append(Completion(i, c.index, list(c.token_ids), lps, finish))
+        return completions
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push new weights in place, a bucket at a time, into the running model."""
+        woke = self.asleep
+        if woke:
+            self._wake(["weights"])
+        self.runner.reload_weights(
+            weights_iterator=buckets(named_tensors, self.bucket_bytes, self.device, self.dtype))
+        self.llm.reset_prefix_cache()
+        if woke:
+            self._wake(["kv_cache"])
+
+    def sleep(self) -> None:
+        if not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self._wake(None)
+
+    def close(self) -> None:
+        """Shut the engine core down (it also tears down torch.distributed's default group)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def _wake(self, tags: list[str] | None) -> None:
+        self.asleep = not self.llm.wake_up(tags)
