@@ -20,8 +20,10 @@ ifeq ($(GPU),)
 endif
 	touch $(STAMP)
 
+# The embedded default: the parity study (next-token pre-training from scratch, then GRPO).
 demo: setup
-	$(VENV)/bin/rptfast demo
+	rm -rf runs/demo
+	$(VENV)/bin/rptfast train parity --set train.out_dir=runs/demo
 
 test: setup
 	$(VENV)/bin/pytest tests -q

