@@ -1,0 +1,437 @@
+"""Kernel microbenchmarks against the roofline measured in the same run.
+
+    python bench/kernels.py                   # GPU: realistic sizes, targets checked
+    python bench/kernels.py --tiny            # tiny sizes (what CI runs; the default on a CPU)
+    python bench/kernels.py --csv out.csv     # rows go to out.csv (default bench/results/kernels.csv)
+    python bench/kernels.py --no-compile      # skip the torch.compile baselines (they compile per shape)
+
+First the roofline: device copy bandwidth (bytes read + written by a large clone) and the bf16 matmul
+rate. Then each kernel's forward, backward and full step (median time; CUDA: triton's do_bench with
+warm-up, L2 flushed between runs), its achieved GB/s or TFLOP/s and percent of the roofline, the
+speedup over torch eager (kernels/reference.py at the input dtype: no fp32 upcast, the cheapest eager
+variant, so the speedups are lower bounds), over torch.compile of that reference, and over
+Liger-Kernel where it imports; and the peak memory beyond the inputs.
+Bytes and FLOPs are the minimum any implementation must move or compute (logits read once, the
+gradient written once; 2NHV FLOPs per lm_head matmul, recomputation not counted), so the percentage
+also charges the kernel for its own extra passes.
+Prints a table, then pass/fail against DESIGN.md's targets (GPU, full sizes); the last stdout line
+is JSON. Rows are appended to the CSV with the device name, git commit and date. On a CPU the sizes
+are tiny and the numbers mean nothing: the run exists so that this script is tested.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rptfast.kernels import (
+    fused_policy_loss_from_logits,
+    group_advantages,
+    linear_logprob,
+    policy_loss,
+    reference,
+    selective_logprob,
+    topk_entropy,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = [
+    "date", "commit", "device", "kernel", "shape", "dtype", "phase", "ms", "rate", "unit", "roofline_pct",
+    "eager_ms", "x_eager", "compile_ms", "x_compile", "liger_ms", "x_liger", "peak_extra_mb", "note",
+]  # fmt: skip
+
+
+def timeit(fn, device: torch.device) -> float:
+    """Median milliseconds of fn() after warm-up (CUDA: triton's do_bench, which syncs and flushes L2)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def peak_extra_mb(fn, device: torch.device) -> float | None:
+    """Peak memory allocated during fn() beyond what was allocated before it, in MiB (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def roofline(device: torch.device, tiny: bool) -> tuple[float, float]:
+    """(copy GB/s counting read + write, bf16 matmul TFLOP/s)."""
+    n_bytes = (1 << 22) if tiny or device.type != "cuda" else (1 << 31)
+    x = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    copy_ms = timeit(lambda: x.clone(), device)
+    size = 256 if tiny or device.type != "cuda" else 8192
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    mm_ms = timeit(lambda: a @ b, device)
+    return 2 * n_bytes / copy_ms / 1e6, 2 * size**3 / mm_ms / 1e9
+
+
+def liger_baselines() -> dict:
+    """Liger-Kernel losses that compute the same quantity (sum of -logprob), if Liger imports."""
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return {}
+    ce, flce = LigerCrossEntropyLoss(reduction="sum"), LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    return {
+        "selective_logprob": lambda logits, targets: ce(logits, targets),
+        "linear_logprob": lambda hidden, weight, targets: flce(weight, hidden, targets),
+    }
+
+
+class Bench:
+    def __init__(self, device: torch.device, compile_baselines: bool, copy_gbps: float, mm_tflops: float):
+        self.device, self.compile_baselines = device, compile_baselines
+        self.copy_gbps, self.mm_tflops = copy_gbps, mm_tflops
+        self.liger = liger_baselines()
+        self.rows: list[dict] = []
+
+    def _try(self, fn) -> tuple[float | None, str]:
+        try:
+            return timeit(fn, self.device), ""
+        except torch.OutOfMemoryError:
+            return None, "OOM"
+        except Exception as e:  # a baseline that fails is reported in its row, not fatal
+            return None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        finally:
+            if hasattr(fn, "release"):
+                fn.release()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def phases(self, impl, inputs, grad_out):
+        """{'fwd'|'bwd'|'full': callable} for an autograd function of `inputs` with upstream `grad_out`."""
+
+        def clear():
+            for x in inputs:
+                x.grad = None
+
+        def full():
+            clear()
+            impl(*inputs).backward(grad_out)
+
+        out = {"fwd": lambda: impl(*inputs), "full": full}
+        kept = {}
+
+        def bwd():
+            if "out" not in kept:
+                kept["out"] = impl(*inputs)
+            clear()
+            kept["out"].backward(grad_out, retain_graph=True)
+
+        bwd.release = kept.clear  # record() frees the retained graph once bwd is timed
+        out["bwd"] = bwd
+        return out
+
+    def record(self, kernel, shape, dtype, phase, ours, baselines, work, unit, peak_mb, note=""):
+        """One row: `work` is bytes (unit GB/s) or FLOPs (unit TFLOP/s) for the phase."""
+        ms, err = self._try(ours)
+        if ms is None:
+            raise RuntimeError(f"{kernel} {phase} failed: {err}")
+        rate = work / ms / 1e6 if unit == "GB/s" else work / ms / 1e9
+        roof = self.copy_gbps if unit == "GB/s" else self.mm_tflops
+        row = dict(
+            kernel=kernel, shape=shape, dtype=str(dtype).removeprefix("torch."), phase=phase, ms=ms,
+            rate=rate, unit=unit, roofline_pct=100 * rate / roof, peak_extra_mb=peak_mb,
+        )  # fmt: skip
+        notes = [note] if note else []
+        for name, fn in baselines.items():
+            if fn is None:
+                continue
+            base_ms, err = self._try(fn)
+            row[f"{name}_ms"] = base_ms
+            row[f"x_{name}"] = base_ms / ms if base_ms else None
+            if err:
+                notes.append(f"{name}: {err}")
+        row["note"] = "; ".join(notes)
+        self.rows.append(row)
+        return row
+
+    def compiled(self, fn):
+        if not self.compile_baselines:
+            return None
+        return torch.compile(fn)
+
+    def run_selective_logprob(self, n, v, dtype, compile_here):
+        logits = (torch.randn(n, v, device=self.device) * 2).to(dtype).requires_grad_()
+        targets = torch.randint(0, v, (n,), device=self.device)
+        grad = torch.randn(n, device=self.device)
+        ours = self.phases(lambda x: selective_logprob(x, targets), [logits], grad)
+        eager = self.phases(lambda x: reference.selective_logprob(x, targets), [logits], grad.to(dtype))
+        comp_fn = self.compiled(reference.selective_logprob) if compile_here else None
+        comp = self.phases(lambda x: comp_fn(x, targets), [logits], grad.to(dtype)) if comp_fn else {}
+        liger_fn = self.liger.get("selective_logprob")
+        liger = self.phases(lambda x: liger_fn(x, targets), [logits], torch.ones((), device=self.device))
+        nv = n * v * logits.element_size()
+        peak = peak_extra_mb(ours["full"], self.device)
+        for phase, work in (("fwd", nv), ("bwd", 2 * nv), ("full", 2 * nv)):
+            baselines = {
+                "eager": eager[phase],
+                "compile": comp.get(phase),
+                "liger": liger_fn and liger[phase],
+            }
+            full_peak = peak if phase == "full" else None
+            self.record("selective_logprob", f"{n}x{v}", dtype, phase, ours[phase], baselines, work, "GB/s", full_peak)
+        logits.grad = None
+
+    def run_fused_loss(self, n, v, dtype, compile_here):
+        logits = (torch.randn(n, v, device=self.device) * 2).to(dtype)
+        targets = torch.randint(0, v, (n,), device=self.device)
+        old = -torch.rand(n, device=self.device) * 5
+        adv = torch.randn(n, device=self.device)
+        mask = torch.rand(n, device=self.device) > 0.1
+        options = dict(kl_coef=0.01, ref_logprobs=old + 0.1, dual_clip=3.0)
+
+        def ours():  # the buffer holds a gradient after the first call: same work, finite values
+            fused_policy_loss_from_logits(logits, targets, old, adv, mask, **options)
+
+        x = logits.clone().requires_grad_()
+
+        def eager_with(fn):
+            def step():
+                x.grad = None
+                fn(x, targets, old, adv, mask, **options)[0].backward()
+
+            return step
+
+        comp_fn = self.compiled(reference.policy_loss_from_logits) if compile_here else None
+        peak = peak_extra_mb(ours, self.device)
+        nv = n * v * logits.element_size()
+        note = f"extra memory {100 * peak * 2**20 / nv:.1f}% of logits" if peak is not None else ""
+        self.record(
+            "fused_policy_loss_from_logits", f"{n}x{v}", dtype, "full", ours,
+            {"eager": eager_with(reference.policy_loss_from_logits),
+             "compile": eager_with(comp_fn) if comp_fn else None},
+            2 * nv, "GB/s", peak, note,
+        )  # fmt: skip
+
+    def run_linear_logprob(self, n, h, v, dtype, compile_here):
+        hidden = torch.randn(n, h, device=self.device, dtype=dtype).requires_grad_()
+        weight = (torch.randn(v, h, device=self.device) * h**-0.5).to(dtype).requires_grad_()
+        targets = torch.randint(0, v, (n,), device=self.device)
+        grad = torch.randn(n, device=self.device)
+        inputs = [hidden, weight]
+        ours = self.phases(lambda a, b: linear_logprob(a, b, targets), inputs, grad)
+        eager = self.phases(lambda a, b: reference.linear_logprob(a, b, targets), inputs, grad.to(dtype))
+        comp_fn = self.compiled(reference.linear_logprob) if compile_here else None
+        comp = self.phases(lambda a, b: comp_fn(a, b, targets), inputs, grad.to(dtype)) if comp_fn else {}
+        liger_fn = self.liger.get("linear_logprob")
+        liger = self.phases(lambda a, b: liger_fn(a, b, targets), inputs, torch.ones((), device=self.device))
+        flops = 2 * n * h * v
+        grads_mb = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
+        peak = peak_extra_mb(ours["full"], self.device)
+        peak = None if peak is None else peak - grads_mb  # beyond the gradients it must return
+        for phase, work in (("fwd", flops), ("bwd", 2 * flops), ("full", 3 * flops)):
+            baselines = {
+                "eager": eager[phase],
+                "compile": comp.get(phase),
+                "liger": liger_fn and liger[phase],
+            }
+            full_peak = peak if phase == "full" else None
+            self.record(
+                "linear_logprob",
+                f"{n}x{h}x{v}",
+                dtype,
+                phase,
+                ours[phase],
+                baselines,
+                work,
+                "TFLOP/s",
+                full_peak,
+            )
+        hidden.grad = weight.grad = None
+
+    def run_policy_loss(self, n, compile_here):
+        g = torch.Generator(device=self.device).manual_seed(0)
+        logp = (-torch.rand(n, device=self.device, generator=g) * 5).requires_grad_()
+        old = logp.detach() + torch.randn(n, device=self.device, generator=g) * 0.3
+        adv = torch.randn(n, device=self.device, generator=g)
+        mask = torch.rand(n, device=self.device, generator=g) > 0.1
+        options = dict(dual_clip=3.0, ref_logprobs=old + 0.1, kl_coef=0.01, rollout_logprobs=old - 0.1, tis_cap=2.0)
+
+        def loss_of(fn):
+            return lambda x: fn(x, old, adv, mask, **options)[0]
+
+        one = torch.ones((), device=self.device)
+        ours = self.phases(loss_of(policy_loss), [logp], one)
+        eager = self.phases(loss_of(reference.policy_loss), [logp], one)
+        comp_fn = self.compiled(reference.policy_loss) if compile_here else None
+        comp = self.phases(loss_of(comp_fn), [logp], one) if comp_fn else {}
+        read = n * (4 * 5 + 1)  # logp, old, adv, ref, rollout in fp32 and the mask
+        for phase, work in (("fwd", read), ("bwd", 4 * n), ("full", read + 4 * n)):
+            self.record(
+                "policy_loss", f"{n}", torch.float32, phase, ours[phase],
+                {"eager": eager[phase], "compile": comp.get(phase)}, work, "GB/s", None,
+            )  # fmt: skip
+
+    def run_group_advantages(self, n_groups, group_size, compile_here):
+        rewards = torch.randn(n_groups * group_size, device=self.device)
+        comp_fn = self.compiled(reference.group_advantages) if compile_here else None
+        self.record(
+            "group_advantages", f"{n_groups}x{group_size}", torch.float32, "fwd",
+            lambda: group_advantages(rewards, group_size),
+            {"eager": lambda: reference.group_advantages(rewards, group_size),
+             "compile": (lambda: comp_fn(rewards, group_size)) if comp_fn else None},
+            rewards.numel() * 8 + n_groups, "GB/s", None,
+        )  # fmt: skip
+
+    def run_topk_entropy(self, n, v, dtype, compile_here):
+        logits = (torch.randn(n, v, device=self.device) * 2).to(dtype)
+        comp_fn = self.compiled(reference.topk_entropy) if compile_here else None
+        self.record(
+            "topk_entropy", f"{n}x{v}", dtype, "fwd", lambda: topk_entropy(logits, 16),
+            {"eager": lambda: reference.topk_entropy(logits, 16),
+             "compile": (lambda: comp_fn(logits, 16)) if comp_fn else None},
+            logits.numel() * logits.element_size(), "GB/s", None,
+        )  # fmt: skip
+
+
+def judge_targets(rows: list[dict]) -> list[dict]:
+    """DESIGN.md's performance targets, judged on the full-size GPU rows."""
+
+    def find(kernel, shape, phase):
+        return next((r for r in rows if (r["kernel"], r["shape"], r["phase"]) == (kernel, shape, phase)), None)
+
+    out = []
+
+    def check(name, value, ok):
+        out.append({"target": name, "value": value, "pass": bool(ok) if value is not None else None})
+
+    sel = find("selective_logprob", "32768x151936", "fwd")
+    check("selective_logprob fwd >= 80% of copy bandwidth", sel and sel["roofline_pct"],
+          sel and sel["roofline_pct"] >= 80)  # fmt: skip
+    fused = find("fused_policy_loss_from_logits", "32768x151936", "full")
+    speedup = fused and fused.get("x_eager")
+    check("fused loss fwd+bwd >= 5x torch eager (32768x151936 bf16)", speedup, speedup and speedup >= 5)
+    if fused and fused["peak_extra_mb"] is not None:
+        pct = 100 * fused["peak_extra_mb"] * 2**20 / (32768 * 151936 * 2)
+        check("fused loss extra memory <= 10% of logits", pct, pct <= 10)
+    lin_fwd = find("linear_logprob", "32768x4096x151936", "fwd")
+    lin_full = find("linear_logprob", "32768x4096x151936", "full")
+    check("linear_logprob fwd >= 75% of matmul rate", lin_fwd and lin_fwd["roofline_pct"],
+          lin_fwd and lin_fwd["roofline_pct"] >= 75)  # fmt: skip
+    ratio = lin_full["ms"] / lin_fwd["ms"] if lin_fwd and lin_full else None
+    check("linear_logprob fwd+bwd <= 3.2x fwd", ratio, ratio and ratio <= 3.2)
+    small = find("linear_logprob", "8192x4096x151936", "full")
+    if small and lin_full and small["peak_extra_mb"] is not None:
+        growth = lin_full["peak_extra_mb"] - small["peak_extra_mb"]
+        # O(N) floats are allowed (logprob, logsumexp, upstream gradient): 64 bytes a row is plenty
+        check("linear_logprob memory flat in N (extra MiB from N=8192 to 32768)", growth,
+              growth <= 64 * (32768 - 8192) / 2**20)  # fmt: skip
+    return out
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def fmt(value, digits=2) -> str:
+    if value is None or value == "":
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (always on a CPU)")
+    parser.add_argument("--csv", type=Path, default=ROOT / "bench" / "results" / "kernels.csv")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = args.tiny or device.type != "cuda"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    torch.manual_seed(0)
+    if device.type != "cuda":
+        print("# CPU run: tiny sizes through the torch paths; these numbers mean nothing about the kernels.")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("# TRITON_INTERPRET=1: Triton kernels run in the interpreter; timings are meaningless.")
+    copy_gbps, mm_tflops = roofline(device, tiny)
+    print(f"# {device_name}: copy {copy_gbps:.1f} GB/s (read + write), bf16 matmul {mm_tflops:.1f} TFLOP/s")
+
+    # torch.compile on a CPU needs a C++ toolchain and minutes per shape: the baseline is a GPU one.
+    compile_baselines = not args.no_compile and device.type == "cuda"
+    bench = Bench(device, compile_baselines, copy_gbps=copy_gbps, mm_tflops=mm_tflops)
+    bf16 = torch.bfloat16
+    if tiny:
+        bench.run_selective_logprob(64, 1000, bf16, True)
+        bench.run_fused_loss(64, 1000, bf16, True)
+        bench.run_linear_logprob(64, 64, 1000, bf16, True)
+        bench.run_policy_loss(4096, True)
+        bench.run_group_advantages(64, 8, True)
+        bench.run_topk_entropy(64, 1000, bf16, True)
+    else:
+        for v in (32000, 128256, 151936):
+            bench.run_selective_logprob(32768, v, bf16, compile_here=v == 151936)
+        for v in (32000, 151936):
+            bench.run_fused_loss(32768, v, bf16, compile_here=v == 151936)
+        for n, h, v in ((8192, 4096, 151936), (32768, 4096, 151936), (32768, 2048, 128256)):
+            bench.run_linear_logprob(n, h, v, bf16, compile_here=(n, h) == (32768, 4096))
+        bench.run_policy_loss(1 << 20, True)
+        bench.run_group_advantages(1024, 16, True)
+        bench.run_topk_entropy(8192, 151936, bf16, True)
+
+    header = ["kernel", "shape", "phase", "ms", "rate", "%roof", "eager", "x eager", "compile", "x comp",
+              "liger", "x liger", "peak MiB", "note"]  # fmt: skip
+    table = [header]
+    for r in bench.rows:
+        table.append([
+            r["kernel"], r["shape"], r["phase"], fmt(r["ms"], 3), f"{r['rate']:.1f} {r['unit']}",
+            fmt(r["roofline_pct"], 1), fmt(r.get("eager_ms"), 3), fmt(r.get("x_eager")),
+            fmt(r.get("compile_ms"), 3), fmt(r.get("x_compile")), fmt(r.get("liger_ms"), 3),
+            fmt(r.get("x_liger")), fmt(r["peak_extra_mb"], 1), r["note"],
+        ])  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+    judged = [] if tiny else judge_targets(bench.rows)
+    for t in judged:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
+        print(f"{verdict}  {t['target']}: {fmt(t['value'])}")
+
+    stamp = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        commit=git_commit(),
+        device=device_name,
+    )
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not args.csv.exists() or args.csv.stat().st_size == 0
+    with args.csv.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        for r in bench.rows:
+            writer.writerow({**stamp, **{k: fmt(v, 4) if isinstance(v, float) else v for k, v in r.items()}})
+    summary = dict(**stamp, tiny=tiny, copy_gbps=copy_gbps, matmul_tflops=mm_tflops, rows=bench.rows,
+                   targets=judged, csv=str(args.csv))  # fmt: skip
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
