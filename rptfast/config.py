@@ -28,6 +28,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
     attn: str = "auto"  # auto | flash (flash-attn varlen) | varlen (torch varlen) | sdpa (block-diagonal mask)
     gradient_checkpointing: bool = False  # recompute decoder layers in backward to save memory
+    logprob: str = "fused"  # fused (lm_head + log-softmax tiled, no logits) | logits (+ kernel) | reference (torch)
     scratch_arch: str = "qwen3"  # architecture when training from scratch: qwen3 | llama
     scratch_layers: int = 2  # decoder layers when training from scratch
     scratch_heads: int = 2  # attention heads (head_dim 64) when training from scratch
@@ -87,7 +88,8 @@ class TrainConfig:
     ntp_lr: float = 1e-3  # phase 1: peak learning rate
     steps: int = 20  # phase 2: RL steps (one rollout batch each)
     prompts_per_step: int = 8  # prompts per step over all ranks (each gives rollout.n completions)
-    micro_batch_tokens: int = 4096  # packed tokens per forward/backward
+    micro_batch_tokens: int = 4096  # tokens per forward/backward (padding included when padded)
+    packing: str = "packed"  # packed (one row, no padding) | padded ([B, L] with an attention mask)
     lr: float = 1e-5  # peak learning rate (AdamW)
     weight_decay: float = 0.01  # AdamW weight decay
     beta1: float = 0.9  # AdamW beta1
@@ -117,7 +119,7 @@ class PrepareConfig:
     text_field: str = "text"  # JSONL: the field that holds a document's text
     parquet_column: str = "text"  # Parquet files and `datasets` directories: the column that holds the text
     txt_unit: str = "file"  # plain text: file (one document per file) | paragraph (blank-line separated)
-    min_entropy: float = 0.5  # keep positions whose proxy top-k entropy (nats) is >= this; the paper's easy split is > 0.5
+    min_entropy: float = 0.5  # keep positions whose proxy top-k entropy (nats) is >= this (paper's easy: > 0.5)
     top_k: int = 16  # entropy over the proxy's k most probable next tokens (the paper: 16)
     min_context_tokens: int = 32  # a position needs at least this many document tokens before it
     max_positions_per_doc: int = 16  # keep at most this many positions per document (a seeded random subset); 0 = all
@@ -155,12 +157,14 @@ class Config:
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn": ("auto", "flash", "varlen", "sdpa"),
+    "model.logprob": ("fused", "logits", "reference"),
+    "train.packing": ("packed", "padded"),
     "model.scratch_arch": ("qwen3", "llama"),
     "model.scratch_tokenizer": ("char", "bpe"),
     "data.task": ("parity", "rpt", "first_token"),
     "data.parity_reward": ("answer", "chain"),
     "data.reward": ("prefix", "first_token"),
-    "data.template": ("v0", "multi", "context_last"),
+    "data.template": ("v0", "multi", "context_first"),
     "prepare.txt_unit": ("file", "paragraph"),
     "eval.split": ("eval", "train", "all"),
     "rollout.engine": ("auto", "vllm", "torch"),
@@ -344,7 +348,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is None:
         return from_dict({}, overrides)
     p = Path(path)
-    if not p.exists() and p.suffix == "":
+    if not p.exists() and p.suffix != ".toml":  # preset names may hold dots (rpt-qwen3-1.7b)
         preset = resources.files("rptfast.configs").joinpath(f"{path}.toml")
         if preset.is_file():
             return from_dict(tomllib.loads(preset.read_text()), overrides)

@@ -38,23 +38,31 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Timer:
-    """Wall time per phase, with a device sync so that GPU work lands in its own phase."""
+    """Wall time (and, on CUDA, peak allocated memory) per phase.
+
+    The device is synchronised at both ends so that GPU work lands in its own phase. On
+    the CPU the peak is the process's resident high-water mark, which only grows.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.times: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}  # GiB
 
     @contextmanager
     def __call__(self, phase: str):
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            if self.device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(self.device)
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+            self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak_memory_gb(self.device))
 
 
 class MetricsLogger:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rptfast.kernels import linear_logprob
+from rptfast.kernels import linear_logprob, reference, selective_logprob
 
 VARLEN = "rptfast_varlen"
 
@@ -122,26 +122,33 @@ class Sequence:
 
 @dataclass
 class MicroBatch:
-    """Packed sequences: one row of T tokens, with R scored tokens in S sequences."""
+    """Sequences for one forward: packed into one row of T tokens (the default), or padded
+    to [B, L] (the ablation); R scored tokens in S sequences either way."""
 
-    input_ids: torch.Tensor  # [T]
-    position_ids: torch.Tensor  # [T], restarting at 0 for every sequence
-    cu_seqlens: torch.Tensor  # [S + 1] int32
+    input_ids: torch.Tensor  # packed: [T]; padded: [B, L]
+    position_ids: torch.Tensor  # same shape; packed positions restart at 0 for every sequence
+    cu_seqlens: torch.Tensor  # [S + 1] int32 sequence boundaries in the packed row
     max_len: int
-    pred_idx: torch.Tensor  # [R] position whose hidden state predicts each scored token
+    pred_idx: torch.Tensor  # [R] flat position whose hidden state predicts each scored token
     targets: torch.Tensor  # [R] the scored tokens
     seq_ids: torch.Tensor  # [R] index of each scored token's sequence within this micro-batch
     advantages: torch.Tensor  # [R]
     rollout_logprobs: torch.Tensor  # [R] (zeros when the sequences carry none)
     mask: torch.Tensor  # [R] bool: False only in the padding micro-batch of a rank with fewer
+    attention_mask: torch.Tensor | None = None  # padded only: [B, L]
 
     @property
     def n_tokens(self) -> int:
-        return self.input_ids.numel()
+        """Real tokens (padding excluded)."""
+        return int(self.cu_seqlens[-1])
 
 
-def pack(seqs: list[Sequence], budget: int) -> list[list[int]]:
-    """Group sequence indices into micro-batches of at most `budget` tokens, first-fit decreasing."""
+def pack(seqs: list[Sequence], budget: int, padded: bool = False) -> list[list[int]]:
+    """Group sequence indices into micro-batches of at most `budget` tokens, longest first.
+
+    Packed: first-fit decreasing on lengths. Padded: a micro-batch costs its size times its
+    longest sequence, so runs of similar lengths are cut where the next one would not fit.
+    """
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))
     bins: list[list[int]] = []
     room: list[int] = []
@@ -150,6 +157,12 @@ def pack(seqs: list[Sequence], budget: int) -> list[list[int]]:
         if n > budget:
             raise ValueError(f"a sequence of {n} tokens does not fit train.micro_batch_tokens = {budget}; "
                              f"raise it to at least {n} (prompt + rollout.max_tokens)")
+        if padded:
+            if bins and (len(bins[-1]) + 1) * len(seqs[bins[-1][0]].tokens) <= budget:
+                bins[-1].append(i)
+            else:
+                bins.append([i])
+            continue
         for b, r in enumerate(room):
             if n <= r:
                 bins[b].append(i)
@@ -161,25 +174,32 @@ def pack(seqs: list[Sequence], budget: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def collate(seqs: list[Sequence], idx: list[int], device: torch.device, masked: bool = False) -> MicroBatch:
-    """Concatenate seqs[idx] into one packed row (masked=True: a row that contributes nothing)."""
+def collate(seqs: list[Sequence], idx: list[int], device: torch.device, masked: bool = False,
+            padded: bool = False) -> MicroBatch:
+    """seqs[idx] as one micro-batch (masked=True: one that contributes nothing)."""
+    L = max(len(seqs[i].tokens) for i in idx)
     ids, pos, cu, pred, tgt, sid, adv, rlp = [], [], [0], [], [], [], [], []
     for k, i in enumerate(idx):
         s = seqs[i]
-        off = cu[-1]
-        ids += s.tokens
-        pos += range(len(s.tokens))
-        cu.append(off + len(s.tokens))
+        off = k * L if padded else cu[-1]
+        ids += s.tokens + ([0] * (L - len(s.tokens)) if padded else [])
+        pos += list(range(len(s.tokens))) + ([0] * (L - len(s.tokens)) if padded else [])
+        cu.append(cu[-1] + len(s.tokens))
         pred += range(off + s.start - 1, off + len(s.tokens) - 1)
         tgt += s.tokens[s.start:]
         sid += [k] * s.n_scored
         adv += [s.advantage] * s.n_scored
         rlp += s.rollout_logprobs if s.rollout_logprobs is not None else [0.0] * s.n_scored
     t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    return MicroBatch(t(ids, torch.long), t(pos, torch.long), t(cu, torch.int32),
-                      max(len(seqs[i].tokens) for i in idx), t(pred, torch.long), t(tgt, torch.long),
+    attention_mask = None
+    ids_t, pos_t = t(ids, torch.long), t(pos, torch.long)
+    if padded:
+        ids_t, pos_t = ids_t.view(len(idx), L), pos_t.view(len(idx), L)
+        attention_mask = (torch.arange(L, device=device)[None, :] <
+                          t([len(seqs[i].tokens) for i in idx], torch.long)[:, None]).long()
+    return MicroBatch(ids_t, pos_t, t(cu, torch.int32), L, t(pred, torch.long), t(tgt, torch.long),
                       t(sid, torch.long), t(adv, torch.float32), t(rlp, torch.float32),
-                      torch.full((len(tgt),), not masked, dtype=torch.bool, device=device))
+                      torch.full((len(tgt),), not masked, dtype=torch.bool, device=device), attention_mask)
 
 
 class PolicyLogprob(nn.Module):
@@ -187,18 +207,33 @@ class PolicyLogprob(nn.Module):
 
     It is the FSDP root: inside forward, lm_head's weight is unsharded, which is why the
     fused lm_head + log-softmax runs here and not outside the module.
+
+    `logprob` picks how log-probs leave the hidden states: "fused" (linear_logprob, no
+    logits tensor), "logits" (lm_head, then the selective_logprob kernel) or "reference"
+    (lm_head, then a full fp32 log-softmax): the last two exist for the throughput ablation.
     """
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, logprob: str = "fused"):
         super().__init__()
         self.lm = lm
+        self.logprob = logprob
 
     def forward(self, mb: MicroBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        kwargs = {}
-        if self.lm.config._attn_implementation in ("flash_attention_2", VARLEN):
-            kwargs = dict(cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens,
-                          max_length_q=mb.max_len, max_length_k=mb.max_len)
-        hidden = self.lm.model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
-                               **kwargs).last_hidden_state[0]  # [T, H]
+        if mb.attention_mask is not None:  # padded [B, L]
+            hidden = self.lm.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                   position_ids=mb.position_ids).last_hidden_state.flatten(0, 1)  # [B*L, H]
+        else:
+            kwargs = {}
+            if self.lm.config._attn_implementation in ("flash_attention_2", VARLEN):
+                kwargs = dict(cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens,
+                              max_length_q=mb.max_len, max_length_k=mb.max_len)
+            hidden = self.lm.model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
+                                   **kwargs).last_hidden_state[0]  # [T, H]
         h = hidden.index_select(0, mb.pred_idx)  # [R, H]
-        return linear_logprob(h, self.lm.lm_head.weight, mb.targets, temperature, return_entropy=True)
+        weight = self.lm.lm_head.weight  # [V, H]
+        if self.logprob == "fused":
+            return linear_logprob(h, weight, mb.targets, temperature, return_entropy=True)
+        logits = h @ weight.T  # [R, V]
+        if self.logprob == "logits":
+            return selective_logprob(logits, mb.targets, temperature, return_entropy=True)
+        return reference.selective_logprob(logits.float(), mb.targets, temperature, return_entropy=True)

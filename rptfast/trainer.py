@@ -24,7 +24,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import tomllib
@@ -102,7 +102,6 @@ class Run:
     cursor: int = 0  # prompts (or pre-training sequences) consumed so far, over all ranks
     n_params: int = 0
     own_engine: bool = True
-    timer: Timer = field(default=None)
 
 
 def claim_run_dir(run_dir: Path, cfg: config.Config, resume: bool, d: Dist) -> None:
@@ -167,7 +166,7 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     def policy_from(path: str) -> PolicyLogprob:
         lm = load_policy(path, dtype=dtype, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
                          gradient_checkpointing=cfg.model.gradient_checkpointing).to(d.device)
-        return distributed.shard(PolicyLogprob(lm), lm.model.layers, d)
+        return distributed.shard(PolicyLogprob(lm, cfg.model.logprob), lm.model.layers, d)
 
     policy = policy_from(model_dir)
     ref = None
@@ -179,7 +178,7 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     task = make_task(cfg, tokenizer, t.seed)
     n_params = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the global size
     run = Run(cfg, d, run_dir, model_dir, tokenizer, task, policy, ref, optimizer, engine, logger,
-              n_params=n_params, own_engine=own_engine, timer=Timer(d.device))
+              n_params=n_params, own_engine=own_engine)
     start = 0
     if resume:
         ckpt = checkpoint.latest(run_dir)
@@ -289,9 +288,7 @@ def sync(run: Run) -> None:
 
 def rl_step(run: Run, step: int) -> dict:
     """One GRPO step; the order of sleep, wake and sync is all here."""
-    timer = run.timer = Timer(run.d.device)
-    if run.d.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.d.device)
+    timer = Timer(run.d.device)
     t0 = time.perf_counter()
     groups, stats = rollout(run, step, timer)  # engine awake, trainer out
     with timer("sleep"):
@@ -322,38 +319,39 @@ def rollout(run: Run, step: int, timer: Timer) -> tuple[list[Group], dict]:
     n_kept, tries = 0, cfg.algorithm.dynamic_sampling_tries if cfg.algorithm.dynamic_sampling else 1
     rewards_all, lengths, truncated, equal = [], [], 0, 0
     for _ in range(tries):
-        prompts = run.task.prompts(run.cursor + d.rank * per_rank, per_rank)
-        run.cursor += P
         with timer("generate"):
+            prompts = run.task.prompts(run.cursor + d.rank * per_rank, per_rank)
+            run.cursor += P
             seeds = [sample_seed(cfg.train.seed, step, p.index) for p in prompts]
             comps = run.engine.generate([p.token_ids for p in prompts], n, sampling, seeds)
         with timer("reward"):
             rewards = torch.tensor([run.task.score(prompts[c.prompt_index], c.token_ids) for c in comps])
             adv, all_equal = group_advantages(rewards, n, scale=cfg.algorithm.adv_scale, eps=cfg.algorithm.adv_eps)
-        groups = [Group(p, comps[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n], adv[i * n:(i + 1) * n],
-                        bool(all_equal[i])) for i, p in enumerate(prompts)]
-        rewards_all.append(rewards)
-        lengths += [len(c.token_ids) for c in comps]
-        truncated += sum(c.finish_reason == "length" for c in comps)
-        equal += int(all_equal.sum())
-        if not cfg.algorithm.dynamic_sampling:
-            kept = groups
-            break
-        useful = [g for g in groups if not g.all_equal]
-        everyone = sorted(i for idx in all_gather_objects([g.prompt.index for g in useful], d) for i in idx)
-        take = set(everyone[:P - n_kept])
-        kept += [g for g in useful if g.prompt.index in take]
-        n_kept += len(take)
-        if n_kept >= P:
-            break
-    r = torch.cat(rewards_all)
-    s_r, s_acc, s_n, s_len, s_trunc, s_eq, s_groups = all_sum(
-        [r.sum().item(), (r >= 1).sum().item(), r.numel(), sum(lengths), truncated, equal,
-         len(rewards_all) * per_rank], d)
-    (max_len,) = all_max([max(lengths)], d)
-    stats = {"reward": s_r / s_n, "accuracy": s_acc / s_n, "response_len": s_len / s_n,
-             "response_len_max": max_len, "truncated_frac": s_trunc / s_n, "all_equal_frac": s_eq / s_groups,
-             "groups_kept": all_sum([len(kept)], d)[0], "generated_tokens": s_len}
+            groups = [Group(p, comps[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n], adv[i * n:(i + 1) * n],
+                            bool(all_equal[i])) for i, p in enumerate(prompts)]
+            rewards_all.append(rewards)
+            lengths += [len(c.token_ids) for c in comps]
+            truncated += sum(c.finish_reason == "length" for c in comps)
+            equal += int(all_equal.sum())
+            if not cfg.algorithm.dynamic_sampling:
+                kept = groups
+                break
+            useful = [g for g in groups if not g.all_equal]
+            everyone = sorted(i for idx in all_gather_objects([g.prompt.index for g in useful], d) for i in idx)
+            take = set(everyone[:P - n_kept])
+            kept += [g for g in useful if g.prompt.index in take]
+            n_kept += len(take)
+            if n_kept >= P:
+                break
+    with timer("reward"):
+        r = torch.cat(rewards_all)
+        s_r, s_acc, s_n, s_len, s_trunc, s_eq, s_groups = all_sum(
+            [r.sum().item(), (r >= 1).sum().item(), r.numel(), sum(lengths), truncated, equal,
+             len(rewards_all) * per_rank], d)
+        (max_len,) = all_max([max(lengths)], d)
+        stats = {"reward": s_r / s_n, "accuracy": s_acc / s_n, "response_len": s_len / s_n,
+                 "response_len_max": max_len, "truncated_frac": s_trunc / s_n, "all_equal_frac": s_eq / s_groups,
+                 "groups_kept": all_sum([len(kept)], d)[0], "generated_tokens": s_len}
     return kept, stats
 
 
@@ -365,9 +363,10 @@ def sequences(groups: list[Group]) -> list[Sequence]:
 def aligned_micro_batches(run: Run, seqs: list[Sequence]) -> list[MicroBatch]:
     """Packed micro-batches; every rank runs the same number (FSDP's collectives pair up), so a
     rank with fewer pads with a masked-out dummy that contributes nothing."""
-    bins = pack(seqs, run.cfg.train.micro_batch_tokens) if seqs else []
+    padded = run.cfg.train.packing == "padded"
+    bins = pack(seqs, run.cfg.train.micro_batch_tokens, padded) if seqs else []
     (most,) = all_max([len(bins)], run.d)
-    mbs = [collate(seqs, b, run.d.device) for b in bins]
+    mbs = [collate(seqs, b, run.d.device, padded=padded) for b in bins]
     dummy = Sequence([0, 0], 1, 0.0, [0.0])
     while len(mbs) < most:
         mbs.append(collate([dummy], [0], run.d.device, masked=True))
@@ -378,10 +377,11 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
     """Mini-batch updates on the kept groups with the clipped policy loss."""
     cfg, d, a = run.cfg, run.d, run.cfg.algorithm
     T = cfg.rollout.temperature
-    seqs = sequences(groups)
     K = a.updates_per_batch
-    minis = [seqs[i::K] for i in range(K)] if K > 1 else [seqs]
-    mbs_per_mini = [aligned_micro_batches(run, m) for m in minis]
+    with timer("pack"):
+        seqs = sequences(groups)
+        minis = [seqs[i::K] for i in range(K)] if K > 1 else [seqs]
+        mbs_per_mini = [aligned_micro_batches(run, m) for m in minis]
     # old (and reference) log-probs, when they cannot come from the training forward itself
     old: dict[tuple[int, int], torch.Tensor] = {}
     ref: dict[tuple[int, int], torch.Tensor] = {}
@@ -442,18 +442,19 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
             run.optimizer.zero_grad(set_to_none=True)
             loss_total += mini_loss
             grad_norm = max(grad_norm, norm)
-    totals = dict(zip(sums, all_sum(list(sums.values()), d)))
-    n_tok = totals.pop("_n", 0) or 1
-    metrics = {k: v / n_tok for k, v in totals.items()}
-    m_sum, m_n = all_sum([mismatch_sum, mismatch_n], d)
-    (m_max,) = all_max([mismatch_max], d)
-    metrics.update({"loss": loss_total / max(1, K - skipped), "grad_norm": grad_norm, "lr": lr_at(cfg, step),
-                    "skipped": skipped, "mismatch_mean": m_sum / max(1, m_n), "mismatch_max": m_max,
-                    "trained_tokens": all_sum([trained_tokens], d)[0],
-                    "prepass_tokens": all_sum([prepass_tokens], d)[0]})
-    adv = torch.cat([g.advantages for g in groups])
-    metrics.update({"adv_mean": adv.mean().item(), "adv_std": adv.std().item() if adv.numel() > 1 else 0.0,
-                    "adv_abs_mean": adv.abs().mean().item()})
+    with timer("update"):  # the metrics' reductions are collectives: they belong to the phase
+        totals = dict(zip(sums, all_sum(list(sums.values()), d)))
+        n_tok = totals.pop("_n", 0) or 1
+        metrics = {k: v / n_tok for k, v in totals.items()}
+        m_sum, m_n = all_sum([mismatch_sum, mismatch_n], d)
+        (m_max,) = all_max([mismatch_max], d)
+        metrics.update({"loss": loss_total / max(1, K - skipped), "grad_norm": grad_norm, "lr": lr_at(cfg, step),
+                        "skipped": skipped, "mismatch_mean": m_sum / max(1, m_n), "mismatch_max": m_max,
+                        "trained_tokens": all_sum([trained_tokens], d)[0],
+                        "prepass_tokens": all_sum([prepass_tokens], d)[0]})
+        adv = torch.cat([g.advantages for g in groups])
+        metrics.update({"adv_mean": adv.mean().item(), "adv_std": adv.std().item() if adv.numel() > 1 else 0.0,
+                        "adv_abs_mean": adv.abs().mean().item()})
     if m_max > a.mismatch_warn:
         run.logger.write(f"WARNING step {step + 1}: rollout vs trainer logprob mismatch max {m_max:.3g} > "
                          f"algorithm.mismatch_warn = {a.mismatch_warn} (mean {m_sum / max(1, m_n):.3g}); "
@@ -481,15 +482,16 @@ def _clip_grad(run: Run, max_norm: float) -> float:
 def ntp_step(run: Run, step: int) -> dict:
     """Next-token loss on the task's (prompt, target) sequences: target tokens only, mean per token."""
     cfg, d = run.cfg, run.d
-    timer = run.timer = Timer(d.device)
+    timer = Timer(d.device)
     t0 = time.perf_counter()
     N = cfg.train.ntp_sequences
     per_rank = N // d.world
-    pairs = run.task.pretrain_samples(run.cursor + d.rank * per_rank, per_rank)
-    run.cursor += N
-    seqs = [Sequence(p + y, len(p)) for p, y in pairs]
-    mbs = aligned_micro_batches(run, seqs)
-    (n_targets,) = all_sum([sum(s.n_scored for s in seqs)], d)
+    with timer("pack"):
+        pairs = run.task.pretrain_samples(run.cursor + d.rank * per_rank, per_rank)
+        run.cursor += N
+        seqs = [Sequence(p + y, len(p)) for p, y in pairs]
+        mbs = aligned_micro_batches(run, seqs)
+        (n_targets,) = all_sum([sum(s.n_scored for s in seqs)], d)
     for g in run.optimizer.param_groups:
         g["lr"] = lr_at(cfg, step)
     total, trained = 0.0, 0
@@ -540,6 +542,7 @@ def finish_metrics(run: Run, metrics: dict, timer: Timer, t0: float, step: int) 
     metrics["time/step"] = dt
     for k, v in times.items():
         metrics[f"time/{k}"] = v
+        metrics[f"peak_mem_gb/{k}"] = timer.peaks[k]
     trained = metrics.get("trained_tokens", 0)
     metrics["tok_per_s"] = trained / dt
     if "generated_tokens" in metrics and times.get("generate"):
@@ -548,7 +551,7 @@ def finish_metrics(run: Run, metrics: dict, timer: Timer, t0: float, step: int) 
         metrics["tok_per_s/update"] = trained / times["update"]
     if times.get("logprobs"):
         metrics["tok_per_s/logprobs"] = metrics["prepass_tokens"] / times["logprobs"]
-    metrics["peak_mem_gb"] = peak_memory_gb(run.d.device)
+    metrics["peak_mem_gb"] = max(timer.peaks.values(), default=peak_memory_gb(run.d.device))
     peak = peak_flops(run.d.device)
     busy = times.get("update", 0.0) + times.get("logprobs", 0.0)
     if peak and busy:
