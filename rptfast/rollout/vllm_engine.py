@@ -52,6 +52,10 @@ class VLLMEngine:
             enforce_eager=enforce_eager or not self.cuda,
             logprobs_mode="processed_logprobs",
             trust_remote_code=trust_remote_code,
+            # On the CPU a seeded request whose prefill is split across steps fails ("CPU Generator
+            # does not use offset"): schedule whole prompts only, with a budget above any prompt.
+            **({} if self.cuda else {"enable_chunked_prefill": False,
+                                     "max_num_batched_tokens": max(max_model_len, 8192)}),
         )
         torch.set_num_threads = set_threads
         set_threads(threads)
