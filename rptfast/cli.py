@@ -1,4 +1,4 @@
-"""rptfast's command line: `rptfast train` (more subcommands land as they work).
+"""rptfast's command line: `rptfast train | prepare | eval | bench throughput` (more subcommands land as they work).
 
 Exit codes: 0 done, 2 bad command line or config (the message names the key and the fix).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from rptfast.config import ConfigError
 
@@ -31,6 +32,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last checkpoint")
 
+    p = sub.add_parser("prepare", help="RPT data: stream a corpus, filter positions by proxy entropy, write shards")
+    p.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
+                   help=".txt, .jsonl, .parquet files or datasets save_to_disk directories")
+    p.add_argument("--proxy", required=True, metavar="MODEL", help="small model whose top-k entropy filters positions")
+    p.add_argument("--out", required=True, metavar="DIR", help="sample store to write (an unfinished one resumes)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="policy tokenizer (default: model.path of --config, else the proxy's)")
+    p.add_argument("--config", help="TOML file or preset whose [prepare] (and [model]) sections apply")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+
+    p = sub.add_parser("eval", help="next-token accuracy on a sample store, plain and with reasoning")
+    p.add_argument("--model", required=True, metavar="M", help="HF model directory or hub name")
+    p.add_argument("--data", required=True, metavar="DIR", help="sample store written by rptfast prepare")
+    p.add_argument("--out", metavar="FILE", help="JSON results (default: DIR/eval-<model name>.json)")
+    p.add_argument("--config", help="TOML file or preset ([eval], [data], [rollout], [model] apply)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+
+    p = sub.add_parser("bench", help="profiling: `bench throughput CONFIG` (kernels: python bench/kernels.py)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("throughput", help="per-phase time, tokens/s, memory and MFU of RL steps")
+    p.add_argument("config", help="TOML file or preset name (needs model.path)")
+    p.add_argument("--steps", type=int, default=3, help="measured steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1, help="steps run first and not counted")
+    p.add_argument("--ablations", action="store_true", help="also: padded, logits paths, the other engine")
+    p.add_argument("--trl", action="store_true", help="also: the same job through TRL's GRPOTrainer")
+    p.add_argument("--trace", action="store_true", help="write a torch profiler trace beside the JSON")
+    p.add_argument("--json", type=Path, default=Path("runs/bench/throughput.json"), help="JSON report")
+    p.add_argument("--csv", type=Path, default=Path("bench/results/throughput.csv"), help="CSV to append rows to")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+
     args = parser.parse_args(argv)
     _quiet()
     try:
@@ -40,6 +71,21 @@ def main(argv: list[str] | None = None) -> int:
             from rptfast.trainer import train
 
             train(config.load(args.config, args.set), resume=args.resume)
+        elif args.command == "prepare":
+            from rptfast.data.prepare import prepare
+
+            prepare(config.load(args.config, args.set), args.corpus, args.proxy, args.out, args.tokenizer)
+        elif args.command == "bench":
+            from rptfast.throughput import run
+
+            if args.steps < 1 or args.warmup < 0:
+                raise ConfigError(f"--steps ({args.steps}) must be >= 1 and --warmup ({args.warmup}) >= 0")
+            run(args.config, args.set, args.steps, args.warmup, args.ablations, args.trl, args.trace, args.json,
+                args.csv)
+        elif args.command == "eval":
+            from rptfast.eval import run_eval
+
+            run_eval(config.load(args.config, args.set), args.model, args.data, args.out)
     except (ConfigError, FileNotFoundError) as e:
         print(f"rptfast {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""One flat tree of dataclasses: model, data, rollout, algorithm, train, log.
+"""One flat tree of dataclasses: model, data, rollout, algorithm, train, log, prepare, eval.
 
 Loaded from TOML, overridden with `--set section.key=value`, checked, and written back
 whole into the run directory. Unknown keys, wrong types and impossible values raise
@@ -76,6 +76,7 @@ class AlgorithmConfig:
     adv_eps: float = 1e-6  # added to the group std
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal, refill from next prompts
     dynamic_sampling_tries: int = 3  # at most this many generate calls per step to fill the batch
+    dynamic_sampling_from: int = 0  # RL step from which dynamic sampling is on (the RPT paper: 500)
     old_logprobs: str = "recompute"  # recompute (trainer forward before the update) | rollout (engine's)
     updates_per_batch: int = 1  # mini-batch updates per rollout batch (1 = on-policy)
     mismatch_warn: float = 0.05  # log loudly when max |rollout - trainer logprob| exceeds this
@@ -199,6 +200,7 @@ BOUNDS = {
     "algorithm.tis_cap": (lambda v: v == 0 or v >= 1, "0 (off) or a float >= 1"),
     "algorithm.adv_eps": (lambda v: v >= 0, "a float >= 0"),
     "algorithm.dynamic_sampling_tries": (lambda v: v >= 1, "an integer >= 1"),
+    "algorithm.dynamic_sampling_from": (lambda v: v >= 0, "an integer >= 0"),
     "algorithm.updates_per_batch": (lambda v: v >= 1, "an integer >= 1"),
     "algorithm.mismatch_warn": (lambda v: v > 0, "a float > 0"),
     "train.steps": (lambda v: v >= 0, "an integer >= 0"),

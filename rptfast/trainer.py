@@ -294,7 +294,8 @@ def rl_step(run: Run, step: int) -> dict:
     with timer("sleep"):
         run.engine.sleep()
         trainer_in(run)
-    metrics = update(run, groups, step, timer) if groups else {"skipped": 1}
+    # every rank joins the update when any rank kept a group (FSDP's collectives must pair up)
+    metrics = update(run, groups, step, timer) if stats["groups_kept"] else {"skipped": 1}
     with timer("offload"):
         trainer_out(run)
     with timer("sync"):
@@ -315,8 +316,9 @@ def rollout(run: Run, step: int, timer: Timer) -> tuple[list[Group], dict]:
     P, n = cfg.train.prompts_per_step, cfg.rollout.n
     per_rank = P // d.world
     sampling = SamplingConfig(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
+    dynamic = cfg.algorithm.dynamic_sampling and step - cfg.train.ntp_steps >= cfg.algorithm.dynamic_sampling_from
     kept: list[Group] = []
-    n_kept, tries = 0, cfg.algorithm.dynamic_sampling_tries if cfg.algorithm.dynamic_sampling else 1
+    n_kept, tries = 0, cfg.algorithm.dynamic_sampling_tries if dynamic else 1
     rewards_all, lengths, truncated, equal = [], [], 0, 0
     for _ in range(tries):
         with timer("generate"):
@@ -333,7 +335,7 @@ def rollout(run: Run, step: int, timer: Timer) -> tuple[list[Group], dict]:
             lengths += [len(c.token_ids) for c in comps]
             truncated += sum(c.finish_reason == "length" for c in comps)
             equal += int(all_equal.sum())
-            if not cfg.algorithm.dynamic_sampling:
+            if not dynamic:
                 kept = groups
                 break
             useful = [g for g in groups if not g.all_equal]
@@ -452,9 +454,12 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
                         "skipped": skipped, "mismatch_mean": m_sum / max(1, m_n), "mismatch_max": m_max,
                         "trained_tokens": all_sum([trained_tokens], d)[0],
                         "prepass_tokens": all_sum([prepass_tokens], d)[0]})
-        adv = torch.cat([g.advantages for g in groups])
-        metrics.update({"adv_mean": adv.mean().item(), "adv_std": adv.std().item() if adv.numel() > 1 else 0.0,
-                        "adv_abs_mean": adv.abs().mean().item()})
+        adv = torch.cat([g.advantages for g in groups]) if groups else torch.zeros(0)
+        a_n, a_sum, a_sq, a_abs = all_sum([adv.numel(), adv.sum().item(), adv.square().sum().item(),
+                                           adv.abs().sum().item()], d)
+        a_mean = a_sum / max(a_n, 1)
+        metrics.update({"adv_mean": a_mean, "adv_std": max(a_sq / max(a_n, 1) - a_mean**2, 0.0) ** 0.5,
+                        "adv_abs_mean": a_abs / max(a_n, 1)})
     if m_max > a.mismatch_warn:
         run.logger.write(f"WARNING step {step + 1}: rollout vs trainer logprob mismatch max {m_max:.3g} > "
                          f"algorithm.mismatch_warn = {a.mismatch_warn} (mean {m_sum / max(1, m_n):.3g}); "

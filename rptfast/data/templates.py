@@ -1,0 +1,89 @@
+"""Prompt templates for next-token reasoning, chosen by name (data.template).
+
+Each template is a user message with a `{context}` slot, wrapped in the policy's chat
+template with thinking on (`enable_thinking=True`: the generation prompt opens `<think>`
+where the template knows the flag), so the completion is reasoning, `</think>`, then the
+answer in `\\boxed{}`.
+
+- "v0": the paper's main template, in substance: predict the next token, reason step by
+  step over candidates, the most probable token in \\boxed{}, a leading space allowed
+  (\\boxed{ para}), no \\text{}; then "### Context" and the context.
+- "multi": the same task stated for the prefix-matching reward: the next token or the next
+  few, scored byte for byte, so predict only as far as you are sure.
+- "context_first": the context first, the instruction after it, nearest to the answer.
+
+The paper found initial accuracy differs by up to 2x between templates, hence the choice.
+
+The context is cut from the left at a token boundary so that the whole prompt (chat
+wrapping and instructions included) is at most data.max_prompt_tokens tokens: prompt ids are
+the template's tokens before the slot, the last context tokens as tokenized within the
+document, and the template's tokens after it. The cut moves right past any token that starts
+inside a multi-byte character, so the context always starts with a whole character.
+"""
+
+from __future__ import annotations
+
+from rptfast.config import ConfigError
+
+TEMPLATES = {
+    "v0": (
+        "Complete the text under \"### Context\" by predicting the next token. Think step by step: list "
+        "several candidates for the next token and weigh them. Then give the single most probable next token "
+        "inside \\boxed{}. The token may begin with a space, for example \\boxed{ para}. Do not use \\text{}."
+        "\n\n### Context\n{context}"
+    ),
+    "multi": (
+        "Continue the text under \"### Context\". Reason about what comes next, then write the next token, or "
+        "the next few tokens, inside \\boxed{} exactly as they would appear in the text, with the leading "
+        "space if there is one (for example \\boxed{ the}). The prediction is checked byte for byte and must "
+        "end where a token ends, so predict only as far as you are sure. Do not use \\text{}."
+        "\n\n### Context\n{context}"
+    ),
+    "context_first": (
+        "{context}\n\n---\nThe text above breaks off. Think about how it goes on, then give its next token "
+        "inside \\boxed{}, keeping a leading space if the token has one (for example \\boxed{ para}). "
+        "Do not use \\text{}."
+    ),
+}
+
+SLOT = "{context}"
+SENTINEL = "\u2063RPTFAST-CONTEXT\u2063"  # stands in for the context while the chat template renders
+
+
+class PromptBuilder:
+    """Prompt token ids for a context, within data.max_prompt_tokens."""
+
+    def __init__(self, tokenizer, name: str, max_prompt_tokens: int, token_bytes: list[bytes]):
+        if name not in TEMPLATES:
+            raise ConfigError(f"data.template = {name!r} is not a template; choose one of {', '.join(TEMPLATES)}")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("the policy tokenizer has no chat template; RPT prompts are chat-wrapped with "
+                              "thinking on, so use a chat (reasoning) model or add a chat_template")
+        message = TEMPLATES[name].replace(SLOT, SENTINEL)
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=True)
+        if chat.count(SENTINEL) != 1:
+            raise ConfigError(f"the policy's chat template does not keep the user message verbatim, so the "
+                              f"context slot of template {name!r} cannot be found in it")
+        pre, _, post = chat.partition(SENTINEL)
+        self.pre = tokenizer.encode(pre, add_special_tokens=False)
+        self.post = tokenizer.encode(post, add_special_tokens=False)
+        self.budget = max_prompt_tokens - len(self.pre) - len(self.post)
+        if self.budget < 1:
+            raise ConfigError(f"data.max_prompt_tokens = {max_prompt_tokens} leaves no room for the context: "
+                              f"template {name!r} with the chat wrapping takes {len(self.pre) + len(self.post)} "
+                              f"tokens; raise it")
+        self.token_bytes = token_bytes
+
+    def __call__(self, context_ids: list[int]) -> list[int]:
+        cut = len(context_ids) - min(len(context_ids), self.budget)
+        while cut < len(context_ids) - 1 and (self.token_bytes[context_ids[cut]][:1] or b"\0")[0] & 0xC0 == 0x80:
+            cut += 1  # this token starts inside a character
+        return self.pre + list(context_ids[cut:]) + self.post
+
+
+def check_lengths(max_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """A full prompt plus a full completion must fit the engine."""
+    if max_prompt_tokens + max_tokens > max_model_len:
+        raise ConfigError(f"data.max_prompt_tokens ({max_prompt_tokens}) + rollout.max_tokens ({max_tokens}) "
+                          f"exceeds rollout.max_model_len ({max_model_len}); raise max_model_len or lower the others")

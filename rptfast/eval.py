@@ -1,0 +1,184 @@
+"""`rptfast eval`: next-token accuracy on a sample store, plain and with reasoning, by difficulty.
+
+    rptfast eval --model M --data DIR [--out FILE] [--config C] [--set eval.k=8 --set eval.samples=200 ...]
+
+(a) plain: an HF forward on each sample's context tokens (as tokenized within the document,
+    no template); right when the greedy argmax of the next token is the ground truth's
+    first token. Contexts are packed (no padding), eval.batch_tokens per forward.
+(b) next-token reasoning: the context in data.template, eval.k completions per sample at
+    rollout.temperature, up to rollout.max_tokens, through the rollout engine; each scored
+    by data.reward (rptfast.reward). Random@1 is the mean reward over all completions
+    (the expected accuracy of one sample), Pass@k the share of samples with one right.
+
+Both are reported for all samples and the paper's nested splits by entropy: easy (> 0.5),
+medium (> 1.0), hard (> 1.5). The paper splits by the entropy of a larger model
+(R1-Distill-Qwen-14B); here the entropy is the one stored by `rptfast prepare`, i.e. the
+proxy's, so the splits follow the proxy. The JSON names it.
+
+The samples are eval.split ("eval": the documents prepare held out) in store order, the
+first eval.samples of them (0 = all). A table goes to the console, the numbers to a JSON
+file (--out, default DIR/eval-<model name>.json).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rptfast.config import Config, ConfigError
+from rptfast.data.filter import packed_hidden
+from rptfast.data.store import SampleStore, check_tokenizer, write_json
+from rptfast.data.templates import PromptBuilder, check_lengths
+from rptfast.data.tokens import token_bytes
+from rptfast.model import Sequence, collate, load_policy, resolve_attn, resolve_dtype
+from rptfast.reward import reward
+from rptfast.rollout import SamplingConfig, make_engine
+
+SPLITS = {"all": None, "easy": 0.5, "medium": 1.0, "hard": 1.5}  # entropy above which a sample belongs
+
+
+def split_masks(entropy: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: np.ones(len(entropy), bool) if low is None else entropy > low for name, low in SPLITS.items()}
+
+
+@torch.no_grad()
+def plain_correct(lm, contexts: list[list[int]], truths: list[int], batch_tokens: int) -> np.ndarray:
+    """[N] bool: greedy argmax after each context == its truth token; contexts packed into forwards."""
+    device = next(lm.parameters()).device
+    seqs = [Sequence(list(c) + [t], len(c)) for c, t in zip(contexts, truths)]
+    out = np.zeros(len(seqs), dtype=bool)
+    batches, used = [[]], 0
+    for i, s in enumerate(seqs):
+        if batches[-1] and used + len(s.tokens) > batch_tokens:
+            batches.append([])
+            used = 0
+        batches[-1].append(i)
+        used += len(s.tokens)
+    for idx in batches:
+        if not idx:
+            continue
+        mb = collate(seqs, idx, device)
+        hidden = packed_hidden(lm, mb)  # [T, H]
+        logits = lm.get_output_embeddings()(hidden.index_select(0, mb.pred_idx))  # [B, V]: one row per context
+        out[idx] = (logits.argmax(-1) == mb.targets).cpu().numpy()
+    return out
+
+
+def reasoning_rewards(engine, prompts: list[list[int]], score: Callable[[int, list[int]], float], k: int,
+                      sampling: SamplingConfig, seed: int) -> tuple[np.ndarray, dict[str, float]]:
+    """[N, k] rewards of k completions per prompt, and response length / truncation stats."""
+    comps = engine.generate(prompts, k, sampling, seeds=[seed + i * k for i in range(len(prompts))])
+    rewards = np.zeros((len(prompts), k))
+    for c in comps:
+        rewards[c.prompt_index, c.sample_index] = score(c.prompt_index, c.token_ids)
+    stats = {"response_len": float(np.mean([len(c.token_ids) for c in comps])),
+             "truncated_frac": float(np.mean([c.finish_reason == "length" for c in comps]))}
+    return rewards, stats
+
+
+def summarize(entropy: np.ndarray, plain: np.ndarray | None, rewards: np.ndarray | None) -> dict[str, dict]:
+    """Per split: sample count, plain accuracy, Random@1, Pass@k (None where not measured or empty)."""
+    out = {}
+    for name, mask in split_masks(entropy).items():
+        n = int(mask.sum())
+        row = {"samples": n, "plain": None, "random@1": None, "pass@k": None}
+        if n and plain is not None:
+            row["plain"] = float(plain[mask].mean())
+        if n and rewards is not None:
+            row["random@1"] = float(rewards[mask].mean())
+            row["pass@k"] = float((rewards[mask] >= 1).any(axis=1).mean())
+        out[name] = row
+    return out
+
+
+def table(splits: dict[str, dict], k: int) -> str:
+    pct = lambda v: f"{100 * v:8.2f}" if v is not None else f"{'-':>8}"  # noqa: E731
+    head = f"{'split':<8} {'entropy':>8} {'samples':>8} {'plain':>8} {'random@1':>8} {'pass@' + str(k):>8}"
+    lines = [head, "-" * len(head)]
+    for name, row in splits.items():
+        low = SPLITS[name]
+        lines.append(f"{name:<8} {'any' if low is None else '> ' + str(low):>8} {row['samples']:>8} "
+                     f"{pct(row['plain'])} {pct(row['random@1'])} {pct(row['pass@k'])}")
+    return "\n".join(lines)
+
+
+def sample_scorer(tokenizer, samples: list[dict], mode: str) -> Callable[[int, list[int]], float]:
+    def score(i: int, completion: list[int]) -> float:
+        text = tokenizer.decode(completion, skip_special_tokens=False)
+        return reward(text, samples[i]["continuation_bytes"], samples[i]["boundaries"], mode)
+    return score
+
+
+def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=None) -> dict:
+    """Evaluate `model` on the store `data`; print the table, write the JSON, return it.
+
+    `engine` lets a caller reuse a started rollout engine on the same model (tests).
+    """
+    from rptfast.data.prepare import load_tokenizer
+
+    e = cfg.eval
+    store = SampleStore(data)
+    tokenizer = load_tokenizer(model, cfg.model.trust_remote_code)
+    check_tokenizer(store, tokenizer, f"model {model!r}")
+    rows = store.rows(e.split)[:e.samples or None]
+    if len(rows) == 0:
+        raise ConfigError(f"{data} has no samples in split {e.split!r}; set --set eval.split=train (or all), "
+                          f"or prepare with prepare.eval_fraction > 0")
+    samples = [store.get(int(r)) for r in rows]
+    entropy = store.entropy[rows]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    plain = rewards = None
+    stats: dict[str, float] = {}
+    if e.plain:
+        lm = load_policy(model, dtype=dtype, attn=resolve_attn(cfg.model.attn, device),
+                         trust_remote_code=cfg.model.trust_remote_code, gradient_checkpointing=False).to(device).eval()
+        plain = plain_correct(lm, [s["context_ids"] for s in samples], [s["continuation_ids"][0] for s in samples],
+                              e.batch_tokens)
+        del lm
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if e.reasoning:
+        check_lengths(cfg.data.max_prompt_tokens, cfg.rollout.max_tokens, cfg.rollout.max_model_len)
+        build = PromptBuilder(tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, token_bytes(tokenizer))
+        own = engine is None
+        if own:
+            r = cfg.rollout
+            engine = make_engine(r.engine, model, dtype=dtype, device=device, seed=cfg.train.seed,
+                                 max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
+                                 cpu_kv_cache_gib=r.cpu_kv_cache_gib, sleep_level=r.sleep_level,
+                                 sync_bucket_mb=r.sync_bucket_mb, enforce_eager=r.enforce_eager,
+                                 trust_remote_code=cfg.model.trust_remote_code)
+        sampling = SamplingConfig(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
+        try:
+            rewards, stats = reasoning_rewards(engine, [build(s["context_ids"]) for s in samples],
+                                               sample_scorer(tokenizer, samples, cfg.data.reward), e.k, sampling,
+                                               cfg.train.seed)
+        finally:
+            if own and hasattr(engine, "close"):
+                engine.close()
+    splits = summarize(entropy, plain, rewards)
+    result = {
+        "model": model,
+        "data": str(data),
+        "split": e.split,
+        "samples": len(rows),
+        "entropy": f"top-{store.manifest['settings']['top_k']} entropy of the proxy {store.manifest['proxy']!r} "
+                   f"(the paper splits by R1-Distill-Qwen-14B's)",
+        "template": cfg.data.template if e.reasoning else None,
+        "reward": cfg.data.reward if e.reasoning else None,
+        "k": e.k if e.reasoning else None,
+        "temperature": cfg.rollout.temperature if e.reasoning else None,
+        "max_tokens": cfg.rollout.max_tokens if e.reasoning else None,
+        **stats,
+        "splits": splits,
+    }
+    path = Path(out) if out else Path(data) / f"eval-{Path(model.rstrip('/')).name}.json"
+    write_json(path, result)
+    print(f"next-token accuracy (%), model {model}, {len(rows)} samples of {data} ({e.split})")
+    print(table(splits, e.k))
+    print(f"entropy: {result['entropy']} -> {path}")
+    return result

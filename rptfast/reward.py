@@ -1,0 +1,77 @@
+"""Answer extraction and the prefix-matching reward of the RPT paper (Eq. 3).
+
+Reward, on bytes: g is the ground-truth continuation's UTF-8 bytes, L the cumulative byte
+lengths of its tokens (the valid boundaries, stored by `rptfast prepare`). A prediction y of
+byte length l earns 1 iff y == g[:l] and l is in L, else 0. A prediction may span several
+tokens but must end where a token ends. data.reward = "first_token" asks for exactly the
+first token instead (l == L[0]); the paper found the two "generally comparable".
+
+Extraction: the answer is the content of the last `\\boxed{...}` after the last `</think>`.
+- Braces nest (`\\boxed{f(x)={a}}` gives `f(x)={a}`); a backslash escapes the character after
+  it, as in LaTeX, so `\\{` and `\\}` do not open or close (`\\boxed{\\{}` gives `\\{`).
+  Content is returned verbatim: no stripping, since a leading space is part of a token.
+- No `</think>`: no answer, reward 0. The template asks for reasoning, then the answer; a
+  completion without `</think>` was cut off while reasoning (max_tokens), and the v0
+  template asks the model to list candidates while it thinks, so taking a box from the
+  reasoning would reward listing many guesses.
+- Several boxes after `</think>`: the last one. If the last one never closes (truncated),
+  no answer: the model was still writing it.
+- An empty box gives "", which earns 0 (no valid boundary has length 0).
+- `\\text{...}` is not unwrapped: the templates say not to use it, and LaTeX corpora contain
+  `\\text{` as ground truth, so unwrapping would make those answers ambiguous. The content is
+  compared literally, so `\\boxed{\\text{ para}}` earns 1 only if the text says `\\text{ para}`.
+Left out, as in the paper: a format penalty (a missing or malformed answer simply earns 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+THINK_END = "</think>"
+BOX = "\\boxed{"
+
+
+def extract_answer(text: str) -> str | None:
+    """The last \\boxed{} content after the last </think>; None when there is none."""
+    end = text.rfind(THINK_END)
+    if end < 0:
+        return None
+    answer = text[end + len(THINK_END):]
+    start = answer.rfind(BOX)
+    if start < 0:
+        return None
+    i = start + len(BOX)
+    depth, out = 1, []
+    while i < len(answer):
+        c = answer[i]
+        if c == "\\" and i + 1 < len(answer):
+            out.append(answer[i:i + 2])
+            i += 2
+            continue
+        depth += (c == "{") - (c == "}")
+        if depth == 0:
+            return "".join(out)
+        out.append(c)
+        i += 1
+    return None
+
+
+def prefix_reward(prediction: str | None, truth: bytes, boundaries: Sequence[int]) -> float:
+    """Eq. 3: 1 iff the prediction's bytes are a prefix of truth ending on a valid boundary."""
+    if prediction is None:
+        return 0.0
+    y = prediction.encode("utf-8")
+    return float(len(y) in boundaries and truth.startswith(y))
+
+
+def first_token_reward(prediction: str | None, truth: bytes, boundaries: Sequence[int]) -> float:
+    """1 iff the prediction is exactly the first ground-truth token (bytes truth[:boundaries[0]])."""
+    if prediction is None:
+        return 0.0
+    return float(prediction.encode("utf-8") == truth[:boundaries[0]])
+
+
+def reward(text: str, truth: bytes, boundaries: Sequence[int], mode: str = "prefix") -> float:
+    """Reward of a decoded completion: mode is data.reward (prefix | first_token)."""
+    score = first_token_reward if mode == "first_token" else prefix_reward
+    return score(extract_answer(text), truth, boundaries)

