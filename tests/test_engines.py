@@ -117,9 +117,10 @@ def test_seeded_batch_over_the_step_budget(vllm_engine):
     """More prompt tokens than one scheduler step takes (8192 on the CPU): seeded requests still run."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 500, (200,), generator=g).tolist() for _ in range(48)]
-    out = vllm_engine.generate(prompts, 2, SamplingConfig(temperature=1.0, max_tokens=3), seeds=list(range(48)))
+    sampling = SamplingConfig(temperature=1.0, max_tokens=3)
+    out = vllm_engine.generate(prompts, 2, sampling, seeds=list(range(48)))
     assert len(out) == 96 and all(len(c.token_ids) == 3 or c.finish_reason == "stop" for c in out)
-    again = vllm_engine.generate(prompts[40:], 2, SamplingConfig(temperature=1.0, max_tokens=3), seeds=list(range(40, 48)))
+    again = vllm_engine.generate(prompts[40:], 2, sampling, seeds=list(range(40, 48)))
     assert [c.token_ids for c in again] == [c.token_ids for c in out[80:]]
 
 
