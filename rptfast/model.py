@@ -92,6 +92,14 @@ def load_policy(path: str, *, dtype: torch.dtype, attn: str, trust_remote_code: 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    # training mode (checkpointing only recomputes there) without dropout: the engine samples
+    # from the dropout-free function, so that is the one the trainer must score
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
     return model
 
 

@@ -198,3 +198,26 @@ def test_torchrun_two_ranks_equals_one(tiny_dir, vllm_engine, tmp_path):
     two_log, one_log = rows(tmp_path / "two"), rows(tmp_path / "one")
     assert [r["reward"] for r in two_log[1:]] == [r["reward"] for r in one_log[1:]]
     assert len(two_log) == len(one_log)  # only rank 0 wrote
+
+
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "padded"])
+def test_packed_gradients_unchanged_by(tiny_dir, option):
+    """Gradient checkpointing and padded micro-batches change memory and speed, not the gradient."""
+    g = torch.Generator().manual_seed(5)
+    seqs = [Sequence(torch.randint(0, 500, (n,), generator=g).tolist(), n - k, 0.7, [-6.0] * k)
+            for n, k in [(9, 4), (14, 9), (5, 2)]]
+
+    def grads(checkpointing: bool, padded: bool):
+        lm = load_policy(tiny_dir, dtype=torch.float32, attn="sdpa", trust_remote_code=False,
+                         gradient_checkpointing=checkpointing)
+        lm.train()  # checkpointing only recomputes in training mode
+        mb = collate(seqs, [0, 1, 2], torch.device("cpu"), padded=padded)
+        logp, _ = PolicyLogprob(lm)(mb, 1.0)
+        (logp * torch.linspace(-1, 1, logp.numel())).sum().backward()
+        return logp.detach(), {n: p.grad for n, p in lm.named_parameters()}
+
+    base_lp, base = grads(False, False)
+    lp, other = grads(option == "gradient_checkpointing", option == "padded")
+    torch.testing.assert_close(lp, base_lp, rtol=1e-5, atol=1e-6)
+    for n in base:
+        torch.testing.assert_close(other[n], base[n], rtol=1e-4, atol=1e-6, msg=n)
