@@ -91,7 +91,6 @@ class Run:
     cfg: config.Config
     d: Dist
     run_dir: Path
-    model_dir: str  # what the engine loaded at start (model.path or the scratch init)
     tokenizer: object
     task: object
     policy: PolicyLogprob
@@ -177,7 +176,7 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
                            cfg.log.every)
     task = make_task(cfg, tokenizer, t.seed)
     n_params = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the global size
-    run = Run(cfg, d, run_dir, model_dir, tokenizer, task, policy, ref, optimizer, engine, logger,
+    run = Run(cfg, d, run_dir, tokenizer, task, policy, ref, optimizer, engine, logger,
               n_params=n_params, own_engine=own_engine)
     start = 0
     if resume:
