@@ -26,7 +26,7 @@ class ModelConfig:
     path: str = ""  # HF directory or hub name of the policy; "" = build from scratch (model.scratch_*)
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
-    attn: str = "auto"  # auto | flash (flash-attn varlen) | varlen (torch varlen) | sdpa (block-diagonal mask)
+    attn: str = "auto"  # auto | flash (flash-attn) | varlen (torch, CUDA) | sdpa (block-diagonal mask) | per_seq (CPU)
     gradient_checkpointing: bool = False  # recompute decoder layers in backward to save memory
     logprob: str = "fused"  # fused (lm_head + log-softmax tiled, no logits) | logits (+ kernel) | reference (torch)
     scratch_arch: str = "qwen3"  # architecture when training from scratch: qwen3 | llama
@@ -157,7 +157,7 @@ class Config:
 
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.attn": ("auto", "flash", "varlen", "sdpa"),
+    "model.attn": ("auto", "flash", "varlen", "sdpa", "per_seq"),
     "model.logprob": ("fused", "logits", "reference"),
     "train.packing": ("packed", "padded"),
     "model.scratch_arch": ("qwen3", "llama"),

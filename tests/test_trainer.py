@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rptfast import checkpoint, config, trainer
-from rptfast.model import PolicyLogprob, Sequence, collate, load_policy, pack
+from rptfast.model import PolicyLogprob, Sequence, collate, load_policy, pack, resolve_attn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,11 +61,13 @@ def test_reward_rises_and_engine_tracks_trainer(tiny_dir, vllm_engine, tmp_path)
     assert (tmp_path / "run" / "config.toml").read_text() == config.to_toml(cfg)
 
 
-def test_packed_micro_batch_equals_sequences_one_by_one(tiny_dir):
-    """Loss and every gradient of a packed micro-batch == the HF model run per sequence + reference loss."""
+@pytest.mark.parametrize("attn", ["sdpa", "per_seq"])
+def test_packed_micro_batch_equals_sequences_one_by_one(tiny_dir, attn):
+    """Loss and every gradient of a packed micro-batch == the HF model run per sequence + reference loss,
+    with the block-diagonal mask (sdpa) and with per-sequence attention (per_seq, the CPU default)."""
     torch.manual_seed(0)
-    lm = load_policy(tiny_dir, dtype=torch.float32, attn="sdpa", trust_remote_code=False,
-                     gradient_checkpointing=False)
+    lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn(attn, torch.device("cpu")),
+                     trust_remote_code=False, gradient_checkpointing=False)
     g = torch.Generator().manual_seed(3)
     seqs = []
     for n_prompt, n_resp in [(5, 3), (9, 7), (2, 1), (12, 10)]:
@@ -200,24 +202,25 @@ def test_torchrun_two_ranks_equals_one(tiny_dir, vllm_engine, tmp_path):
     assert len(two_log) == len(one_log)  # only rank 0 wrote
 
 
-@pytest.mark.parametrize("option", ["gradient_checkpointing", "padded"])
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "padded", "per_seq", "padded per_seq"])
 def test_packed_gradients_unchanged_by(tiny_dir, option):
-    """Gradient checkpointing and padded micro-batches change memory and speed, not the gradient."""
+    """Checkpointing, padded micro-batches and per-sequence attention change memory and speed, not the
+    gradient (against packed sequences under the block-diagonal mask)."""
     g = torch.Generator().manual_seed(5)
     seqs = [Sequence(torch.randint(0, 500, (n,), generator=g).tolist(), n - k, 0.7, [-6.0] * k)
-            for n, k in [(9, 4), (14, 9), (5, 2)]]
+            for n, k in [(9, 4), (14, 9), (5, 2), (9, 6)]]  # two of length 9: one batched call
 
-    def grads(checkpointing: bool, padded: bool):
-        lm = load_policy(tiny_dir, dtype=torch.float32, attn="sdpa", trust_remote_code=False,
-                         gradient_checkpointing=checkpointing)
-        lm.train()  # checkpointing only recomputes in training mode
-        mb = collate(seqs, [0, 1, 2], torch.device("cpu"), padded=padded)
+    def grads(checkpointing: bool, padded: bool, attn: str):
+        lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn(attn, torch.device("cpu")),
+                         trust_remote_code=False, gradient_checkpointing=checkpointing)
+        mb = collate(seqs, [0, 1, 2, 3], torch.device("cpu"), padded=padded)
         logp, _ = PolicyLogprob(lm)(mb, 1.0)
         (logp * torch.linspace(-1, 1, logp.numel())).sum().backward()
         return logp.detach(), {n: p.grad for n, p in lm.named_parameters()}
 
-    base_lp, base = grads(False, False)
-    lp, other = grads(option == "gradient_checkpointing", option == "padded")
+    base_lp, base = grads(False, False, "sdpa")
+    lp, other = grads(option == "gradient_checkpointing", "padded" in option,
+                      "per_seq" if "per_seq" in option else "sdpa")
     torch.testing.assert_close(lp, base_lp, rtol=1e-5, atol=1e-6)
     for n in base:
         torch.testing.assert_close(other[n], base[n], rtol=1e-4, atol=1e-6, msg=n)
