@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rptfast.config import ConfigError
@@ -17,6 +18,7 @@ def _quiet() -> None:
     """Library chatter off; rptfast prints one line per step."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*")  # raised inside vllm
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

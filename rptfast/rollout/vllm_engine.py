@@ -52,6 +52,7 @@ class VLLMEngine:
             enforce_eager=enforce_eager or not self.cuda,
             logprobs_mode="processed_logprobs",
             trust_remote_code=trust_remote_code,
+            use_tqdm_on_load=False,
             # On the CPU a seeded request whose prefill is split across steps fails ("CPU Generator
             # does not use offset"): schedule whole prompts only, with a budget above any prompt.
             **({} if self.cuda else {"enable_chunked_prefill": False,
