@@ -29,11 +29,10 @@ import numpy as np
 import torch
 
 from rptfast.config import Config, ConfigError
-from rptfast.data.filter import packed_hidden
 from rptfast.data.store import SampleStore, check_tokenizer, write_json
 from rptfast.data.templates import PromptBuilder, check_lengths
 from rptfast.data.tokens import token_bytes
-from rptfast.model import Sequence, collate, load_policy, resolve_attn, resolve_dtype
+from rptfast.model import Sequence, collate, hidden_states, load_policy, resolve_attn, resolve_dtype
 from rptfast.reward import reward
 from rptfast.rollout import SamplingConfig, make_engine
 
@@ -61,7 +60,7 @@ def plain_correct(lm, contexts: list[list[int]], truths: list[int], batch_tokens
         if not idx:
             continue
         mb = collate(seqs, idx, device)
-        hidden = packed_hidden(lm, mb)  # [T, H]
+        hidden = hidden_states(lm, mb)  # [T, H]
         logits = lm.get_output_embeddings()(hidden.index_select(0, mb.pred_idx))  # [B, V]: one row per context
         out[idx] = (logits.argmax(-1) == mb.targets).cpu().numpy()
     return out

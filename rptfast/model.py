@@ -103,12 +103,17 @@ def _per_seq_attention(module, query, key, value, attention_mask, scaling=None, 
     one batched SDPA call (RL batches repeat lengths: G completions per prompt, many cut at
     max_tokens), so the calls per layer are the distinct lengths, not the sequences.
 
-    Without cu_seqlens (a plain or right-padded [B, L] batch) it is one causal SDPA: padding
+    Without cu_seqlens, one row takes its boundaries from where the position ids restart at 0
+    (as the sdpa path does); several rows ([B, L], right-padded) get one causal SDPA: padding
     after the tokens is never attended to by them, so no mask is needed.
     """
     sdpa = torch.nn.functional.scaled_dot_product_attention
     gqa = key.shape[1] != query.shape[1]
     cu = kwargs.get("cu_seq_lens_q")
+    pos = kwargs.get("position_ids")
+    if cu is None and pos is not None and query.shape[0] == 1:
+        starts = (pos[0] == 0).nonzero()[:, 0]
+        cu = torch.cat([starts, starts.new_tensor([pos.shape[1]])])
     if cu is None:
         out = sdpa(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)  # [B, H, L, D]
         return out.transpose(1, 2), None
@@ -257,6 +262,23 @@ def collate(seqs: list[Sequence], idx: list[int], device: torch.device, masked: 
                       torch.full((len(tgt),), not masked, dtype=torch.bool, device=device), attention_mask)
 
 
+def hidden_states(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """Final hidden states of a micro-batch, flat: [T, H] packed, [B*L, H] padded (pred_idx indexes it).
+
+    The one place a forward is run on packed rows: backends that read sequence boundaries from
+    cu_seqlens get them here; sdpa finds them in the restarting position ids.
+    """
+    if mb.attention_mask is not None:  # padded [B, L]
+        return lm.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                             position_ids=mb.position_ids).last_hidden_state.flatten(0, 1)  # [B*L, H]
+    kwargs = {}
+    if lm.config._attn_implementation in ("flash_attention_2", VARLEN, PER_SEQ):
+        kwargs = dict(cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens,
+                      max_length_q=mb.max_len, max_length_k=mb.max_len)
+    return lm.base_model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
+                         **kwargs).last_hidden_state[0]  # [T, H]
+
+
 class PolicyLogprob(nn.Module):
     """Wraps the HF model so that one forward returns log-probs of scored tokens.
 
@@ -274,18 +296,8 @@ class PolicyLogprob(nn.Module):
         self.logprob = logprob
 
     def forward(self, mb: MicroBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if mb.attention_mask is not None:  # padded [B, L]
-            hidden = self.lm.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                   position_ids=mb.position_ids).last_hidden_state.flatten(0, 1)  # [B*L, H]
-        else:
-            kwargs = {}
-            if self.lm.config._attn_implementation in ("flash_attention_2", VARLEN, PER_SEQ):
-                kwargs = dict(cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens,
-                              max_length_q=mb.max_len, max_length_k=mb.max_len)
-            hidden = self.lm.model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
-                                   **kwargs).last_hidden_state[0]  # [T, H]
-        h = hidden.index_select(0, mb.pred_idx)  # [R, H]
-        weight = self.lm.lm_head.weight  # [V, H]
+        h = hidden_states(self.lm, mb).index_select(0, mb.pred_idx)  # [R, H]
+        weight = self.lm.get_output_embeddings().weight  # [V, H]
         if self.logprob == "fused":
             return linear_logprob(h, weight, mb.targets, temperature, return_entropy=True)
         logits = h @ weight.T  # [R, V]

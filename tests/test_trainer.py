@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rptfast import checkpoint, config, trainer
-from rptfast.model import PolicyLogprob, Sequence, collate, load_policy, pack, resolve_attn
+from rptfast.model import PolicyLogprob, Sequence, collate, hidden_states, load_policy, pack, resolve_attn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,3 +224,15 @@ def test_packed_gradients_unchanged_by(tiny_dir, option):
     torch.testing.assert_close(lp, base_lp, rtol=1e-5, atol=1e-6)
     for n in base:
         torch.testing.assert_close(other[n], base[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_per_seq_attention_finds_boundaries_in_position_ids(tiny_dir):
+    """A caller that packs rows but passes no cu_seqlens (only restarting positions) is still exact."""
+    lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn("per_seq", torch.device("cpu")),
+                     trust_remote_code=False, gradient_checkpointing=False)
+    seqs = [Sequence(list(range(1 + i, 8 + 3 * i)), 2) for i in range(3)]
+    mb = collate(seqs, [0, 1, 2], torch.device("cpu"))
+    with torch.no_grad():
+        with_cu = hidden_states(lm, mb)
+        without = lm.base_model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None]).last_hidden_state[0]
+    torch.testing.assert_close(without, with_cu, rtol=1e-5, atol=1e-6)

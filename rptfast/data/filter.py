@@ -32,7 +32,7 @@ import torch
 
 from rptfast.data.tokens import char_starts
 from rptfast.kernels import topk_entropy
-from rptfast.model import VARLEN, MicroBatch, Sequence, collate, load_policy, resolve_attn
+from rptfast.model import Sequence, collate, hidden_states, load_policy, resolve_attn
 
 LOGIT_ELEMENTS = 1 << 27  # logits materialised at once: rows x vocab (256 MiB in bf16)
 POSITION_FATES = ("short_context", "mid_character", "low_entropy", "over_cap", "kept")
@@ -49,16 +49,6 @@ def windows(n: int, window: int) -> list[tuple[int, int, int]]:
         out.append((s, min(s + 2 * half, n), half))
         s += half
     return out
-
-
-def packed_hidden(lm, mb: MicroBatch) -> torch.Tensor:
-    """Final hidden states [T, H] of a packed row (sequence boundaries from position ids or cu_seqlens)."""
-    kwargs = {}
-    if lm.config._attn_implementation in ("flash_attention_2", VARLEN):
-        kwargs = dict(cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens,
-                      max_length_q=mb.max_len, max_length_k=mb.max_len)
-    return lm.base_model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
-                         **kwargs).last_hidden_state[0]
 
 
 class Proxy:
@@ -92,7 +82,7 @@ class Proxy:
             return
         seqs = [Sequence(docs[d][s:e], first) for d, s, e, first in batch]
         mb = collate(seqs, list(range(len(seqs))), self.device)
-        h = packed_hidden(self.lm, mb).index_select(0, mb.pred_idx)  # [R, H]: the state before each scored token
+        h = hidden_states(self.lm, mb).index_select(0, mb.pred_idx)  # [R, H]: the state before each scored token
         head = self.lm.get_output_embeddings()
         rows = max(1, LOGIT_ELEMENTS // self.vocab)
         ent = torch.cat([topk_entropy(head(h[i:i + rows]), self.top_k)  # [r, V] -> [r]
