@@ -411,8 +411,11 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
             mini_loss = 0.0
             for j, mb in enumerate(mbs):
                 logp, ent = run.policy(mb, T)
-                with torch.no_grad():
-                    diff = (logp.detach() - mb.rollout_logprobs).abs()[mb.mask]
+                # rollout vs trainer on the same tokens, with the weights the rollout used: the
+                # pre-pass values, or this forward while no mini-batch has updated the weights yet
+                before = old.get((i, j), logp.detach() if i == 0 else None)
+                if before is not None:
+                    diff = (before - mb.rollout_logprobs).abs()[mb.mask]
                     if diff.numel():
                         mismatch_sum += diff.sum().item()
                         mismatch_max = max(mismatch_max, diff.max().item())
