@@ -171,9 +171,8 @@ def csv_row(name: str, variant: str, res: dict, ratio: float | None, note: str =
 
 def run(config_name: str, overrides: list[str], steps: int, warmup: int, with_ablations: bool, with_trl: bool,
         trace: bool, json_path: Path, csv_path: Path) -> dict:
+    overrides = [*overrides, "train.ntp_steps=0"]  # RL steps only
     cfg = config.load(config_name, overrides)
-    if cfg.train.ntp_steps:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ntp_steps=0))  # RL steps only
     if not cfg.model.path:
         raise config.ConfigError("bench throughput needs model.path (a model to load); the from-scratch model of "
                                  "the parity preset is made by `rptfast train`: pass --set model.path=DIR")
@@ -188,7 +187,6 @@ def run(config_name: str, overrides: list[str], steps: int, warmup: int, with_ab
         print("ablations (ratio of step time to the default, same run; > 1 is slower):")
         for variant, sets in ablations(cfg):
             vcfg = config.load(config_name, overrides + sets)
-            vcfg = dataclasses.replace(vcfg, train=dataclasses.replace(vcfg.train, ntp_steps=0))
             reuse = engine if not any(s.startswith("rollout.engine") for s in sets) else None
             res, _ = measure(vcfg, steps, warmup, engine=reuse)
             ratio = res["step_s"] / default["step_s"]

@@ -23,7 +23,9 @@ exact for the char tokenizer of the parity task, close for BPE).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import time
 
 import torch
@@ -91,9 +93,6 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--out-dir", default="runs/trl-peer")
     args = ap.parse_args()
-    import importlib.util
-    import os
-
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cfg = config.load(args.config)
