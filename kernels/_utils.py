@@ -6,11 +6,13 @@ TRITON_INTERPRET=1, where they go to the Triton kernels run by Triton's interpre
 the kernels without a GPU).
 """
 
+import functools
 import math
 import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. at import; it is read here at import
 # too, so that a value set later cannot send CPU tensors to kernels that were compiled for CUDA.
@@ -26,6 +28,11 @@ CPU_TILE_ELEMENTS = 1 << 22
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
+# Floor for log-probabilities and centred logits in products with a probability: an -inf logit has p = 0
+# and log p = -inf, and 0 * -inf is NaN; clamped to the most negative fp32, the product is 0, as the limit
+# p log p -> 0 says. Used the same way by the torch paths (torch.finfo(dtype).min).
+LOG_FLOOR = tl.constexpr(-3.4028234663852886e38)
+
 
 def use_triton(t: torch.Tensor) -> bool:
     """True when `t` goes to the Triton kernels (compiled on CUDA, interpreted under TRITON_INTERPRET=1)."""
@@ -39,6 +46,22 @@ def vocab_block(vocab: int) -> int:
 
 def vocab_warps(block: int) -> int:
     return 8 if block >= 4096 else 4
+
+
+@functools.lru_cache
+def is_hopper(device: torch.device) -> bool:
+    """True on a CUDA device of compute capability 9.x or later (cached: a driver query, not a sync)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def backward_warps(block: int, device: torch.device) -> int:
+    """Warps for the kernels that write a gradient row (read x, write dx, with little math in between).
+
+    On Hopper a full 8192-element block takes 32 warps: 8 elements (one 16-byte bf16 vector) per thread,
+    so each SM keeps 4x as many loads in flight as with 8 warps; elsewhere, and for smaller blocks, the
+    forward's count. Untuned: confirm with bench/kernels.py on the GPU.
+    """
+    return 32 if block >= MAX_BLOCK_V and is_hopper(device) else vocab_warps(block)
 
 
 def cpu_rows(n_cols: int) -> int:
@@ -63,8 +86,22 @@ def check_logits(logits: torch.Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} has an empty vocabulary (V=0); it needs V >= 1")
 
 
+def check_ids(ids: torch.Tensor, ok: torch.Tensor, message: str) -> None:
+    """Raises ValueError(message) unless the bool tensor `ok` is all true, without a host sync on CUDA.
+
+    On the CPU the flag is read back (free: nothing to wait for). On CUDA reading it would block the
+    stream and break CUDA-graph capture on every call, so it becomes a device-side assert instead:
+    a bad id still stops the process (CUDA error "device-side assert triggered", naming this message
+    when CUDA_LAUNCH_BLOCKING=1), before the kernel that would read out of bounds runs.
+    """
+    if ids.is_cuda:
+        torch._assert_async(ok.all(), message)
+    elif not bool(ok.all()):
+        raise ValueError(message)
+
+
 def check_targets(targets: torch.Tensor, n_rows: int, vocab: int, device: torch.device) -> None:
-    """Shape, dtype, device and range [0, vocab). The range check reads one flag back (a device sync)."""
+    """Shape, dtype, device and range [0, vocab) (on CUDA a device-side assert, not a sync: see check_ids)."""
     if not isinstance(targets, torch.Tensor) or targets.dim() != 1 or targets.shape[0] != n_rows:
         shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ValueError(f"targets must be a 1-D tensor of length N={n_rows}, got {shape}")
@@ -72,10 +109,12 @@ def check_targets(targets: torch.Tensor, n_rows: int, vocab: int, device: torch.
         raise ValueError(f"targets has dtype {targets.dtype}; pass token ids as int64 (or int32)")
     if targets.device != device:
         raise ValueError(f"targets is on {targets.device} but the logits are on {device}; move it there")
-    if n_rows and bool(((targets < 0) | (targets >= vocab)).any()):
-        raise ValueError(
+    if n_rows:
+        check_ids(
+            targets,
+            (targets >= 0) & (targets < vocab),
             f"targets has ids outside [0, {vocab}); every position needs a real token id "
-            "(use 0 at masked positions and mask the result)"
+            "(use 0 at masked positions and mask the result)",
         )
 
 

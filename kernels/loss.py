@@ -23,17 +23,19 @@ import triton
 import triton.language as tl
 
 from ._utils import (
+    backward_warps,
+    check_ids,
     check_logits,
     check_targets,
     check_temperature,
     compute_dtype,
     use_triton,
     vocab_block,
-    vocab_warps,
 )
 from .logprob import (
     _softmax_stats,
     _write_logprob_grad,
+    _write_zero_row,
     selective_logprob_backward,
     selective_logprob_forward,
 )
@@ -163,40 +165,59 @@ def _fused_policy_loss_kernel(
     TIS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """One row: logsumexp pass, the token's loss and d loss / d logp, then d loss / d logits in place."""
+    """One row: logsumexp pass, the token's loss and d loss / d logp, then d loss / d logits in place.
+
+    A masked row (w == 0) is not read at all: zeros are written (and logp = loss = 0). A row whose
+    d loss / d logp is 0 (clipped, or dual-clipped) skips the gradient pass's read the same way.
+    """
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
-    lse, _ = _softmax_stats(row_ptr, V, inv_temp, False, BLOCK_V)
-    target = tl.load(targets_ptr + row)
-    logp = tl.load(row_ptr + target).to(tl.float32) * inv_temp - lse
-    old = tl.load(old_ptr + row).to(tl.float32)
-    adv = tl.load(adv_ptr + row).to(tl.float32)
     weight = tl.load(weight_ptr + row)
-    ref = old  # unused unless KL
-    if KL:
-        ref = tl.load(ref_ptr + row).to(tl.float32)
-    rollout = old  # unused unless TIS
-    if TIS:
-        rollout = tl.load(rollout_ptr + row).to(tl.float32)
-    loss, dlogp = _token_loss(
-        logp,
-        old,
-        adv,
-        weight,
-        ref,
-        rollout,
-        eps_low,
-        eps_high,
-        dual_clip,
-        kl_coef,
-        tis_cap,
-        DUAL_CLIP,
-        KL,
-        TIS,
-    )
-    tl.store(logp_ptr + row, logp)
-    tl.store(loss_ptr + row, loss)
-    _write_logprob_grad(row_ptr, row_ptr, V, target, lse, 0.0, dlogp, 0.0, inv_temp, False, BLOCK_V)
+    if weight != 0.0:
+        target = tl.load(targets_ptr + row)
+        # The race fix: the target logit is loaded BEFORE the log-sum-exp pass, not after it. The pass ends
+        # with cross-warp reductions (a barrier each), so every warp holds this value before any warp leaves
+        # the pass and starts overwriting the row with the gradient; loaded after the pass, a late warp
+        # could read a gradient already stored there (the sm_90 PTX had no barrier in between). Chosen
+        # over Liger's tl.debug_barrier() after the pass: no extra barrier per row, and the scalar load's
+        # latency hides behind the pass instead of stalling between the two passes.
+        z_target = tl.load(row_ptr + target).to(tl.float32) * inv_temp
+        lse, _ = _softmax_stats(row_ptr, V, inv_temp, False, BLOCK_V)
+        logp = z_target - lse
+        old = tl.load(old_ptr + row).to(tl.float32)
+        adv = tl.load(adv_ptr + row).to(tl.float32)
+        ref = old  # unused unless KL
+        if KL:
+            ref = tl.load(ref_ptr + row).to(tl.float32)
+        rollout = old  # unused unless TIS
+        if TIS:
+            rollout = tl.load(rollout_ptr + row).to(tl.float32)
+        loss, dlogp = _token_loss(
+            logp,
+            old,
+            adv,
+            weight,
+            ref,
+            rollout,
+            eps_low,
+            eps_high,
+            dual_clip,
+            kl_coef,
+            tis_cap,
+            DUAL_CLIP,
+            KL,
+            TIS,
+        )
+        tl.store(logp_ptr + row, logp)
+        tl.store(loss_ptr + row, loss)
+        if dlogp != 0.0:
+            _write_logprob_grad(row_ptr, row_ptr, V, target, lse, 0.0, dlogp, 0.0, inv_temp, False, BLOCK_V)
+        else:
+            _write_zero_row(row_ptr, V, BLOCK_V)
+    else:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(loss_ptr + row, 0.0)
+        _write_zero_row(row_ptr, V, BLOCK_V)
 
 
 def _token_loss_torch(logp, old, adv, weight, ref, rollout, eps_low, eps_high, dual_clip, kl_coef, tis_cap):
@@ -295,13 +316,17 @@ class PolicyLossFunction(torch.autograd.Function):
 def token_weights(
     mask: torch.Tensor,
     seq_ids: torch.Tensor | None,
-    n_seqs: int,
+    n_seqs: int | torch.Tensor,
     aggregation: str,
     normalizer: float | torch.Tensor | None,
     max_len: int | None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """w [N] such that loss = sum_t w_t * l_t reproduces the aggregation; 0 on masked tokens."""
+    """w [N] such that loss = sum_t w_t * l_t reproduces the aggregation; 0 on masked tokens.
+
+    n_seqs (S) may be a 0-d device tensor: nothing here reads a value back to the host, so the loss can
+    be captured in a CUDA graph and never stalls the stream.
+    """
     m = mask.to(dtype)  # [N]
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(device=m.device, dtype=dtype)
@@ -310,8 +335,14 @@ def token_weights(
     seqs = normalizer if normalizer is not None else n_seqs
     if aggregation == "seq-mean-token-sum-norm":
         return m / (max_len * seqs)
-    counts = torch.zeros(n_seqs, dtype=dtype, device=m.device).index_add_(0, seq_ids, m)  # [S] tokens kept
-    return m / (counts[seq_ids].clamp(min=1) * seqs)
+    # kept tokens of each token's sequence without an [S] buffer (whose size S would have to be read back):
+    # sort the ids, count kept tokens by prefix sums, and look each token's id range up in the sorted ids
+    sorted_ids, order = seq_ids.sort()  # [N]
+    kept = torch.nn.functional.pad(mask[order].to(torch.int64).cumsum(0), (1, 0))  # [N + 1] kept before each
+    lo = torch.searchsorted(sorted_ids, seq_ids, side="left")  # [N]
+    hi = torch.searchsorted(sorted_ids, seq_ids, side="right")  # [N]
+    counts = (kept[hi] - kept[lo]).to(dtype)  # [N] kept tokens in the token's sequence
+    return m / (counts.clamp(min=1) * seqs)
 
 
 @torch.no_grad()
@@ -452,9 +483,8 @@ def _prepare(
         if seq_ids.device != device:
             raise ValueError(f"seq_ids is on {seq_ids.device} but {lead} is on {device}; move it there")
         if seq_ids.numel():
-            if int(seq_ids.min()) < 0:
-                raise ValueError("seq_ids has negative ids; ids must be in [0, S)")
-            n_seqs = int(seq_ids.max()) + 1
+            check_ids(seq_ids, seq_ids >= 0, "seq_ids has negative ids; ids must be in [0, S)")
+            n_seqs = seq_ids.max() + 1  # 0-d, stays on the device (S only scales the weights)
         seq_ids = seq_ids.contiguous()
 
     flat = lambda t: None if t is None else t.reshape(-1).contiguous()
@@ -623,7 +653,7 @@ def fused_policy_loss_from_logits(
                 1.0 / temperature,
                 **_kernel_flags(opts),
                 BLOCK_V=block,
-                num_warps=vocab_warps(block),
+                num_warps=backward_warps(block, buf.device),
             )
     else:
         logp, lse, _ = selective_logprob_forward(buf, targets, temperature, False)

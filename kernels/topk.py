@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_logits, cpu_rows, unit_stride_rows, use_triton, vocab_block, vocab_warps
+from ._utils import LOG_FLOOR, check_logits, cpu_rows, unit_stride_rows, use_triton, vocab_block, vocab_warps
 
 
 @triton.jit
@@ -41,7 +41,9 @@ def _topk_entropy_kernel(logits_ptr, stride_row, out_ptr, V, k, K: tl.constexpr,
             x = tl.where(offs == at, float("-inf"), x)
     keep = slots < k
     m = tl.max(tl.where(keep, best, float("-inf")), axis=0)
-    shifted = tl.where(keep, best - m, 0.0)
+    # kept -inf values (rows with fewer than k finite logits, e.g. top-k processed ones) have q = 0; the
+    # floor turns their 0 * -inf into 0 (see LOG_FLOOR)
+    shifted = tl.where(keep, tl.maximum(best - m, LOG_FLOOR), 0.0)
     e = tl.where(keep, tl.exp(shifted), 0.0)
     s = tl.sum(e, axis=0)
     # H = -sum q log q with q = e / s and log q = shifted - log s
@@ -52,7 +54,9 @@ def topk_entropy(logits: torch.Tensor, k: int = 16) -> torch.Tensor:
     """logits [N, V] (bf16/fp16/fp32; fp64 on the CPU torch path) -> fp32 [N]: entropy of softmax over
     each row's k largest logits (ties broken arbitrarily: equal values give the same entropy).
 
-    1 <= k <= V. Rows must be unit-stride along V (else one contiguous copy). No gradient.
+    1 <= k <= V. Rows must be unit-stride along V (else one contiguous copy). No gradient. -inf logits
+    count as probability 0 (a row with fewer than k finite logits has the entropy of those); a row of
+    only -inf logits gives NaN.
     """
     check_logits(logits)
     n_rows, vocab = logits.shape
@@ -78,6 +82,6 @@ def topk_entropy(logits: torch.Tensor, k: int = 16) -> torch.Tensor:
     step = cpu_rows(vocab)
     for start in range(0, n_rows, step):
         top = logits[start : start + step].topk(k, dim=-1).values.float()  # [n, k]
-        logq = torch.log_softmax(top, dim=-1)
+        logq = torch.log_softmax(top, dim=-1).clamp_(min=torch.finfo(torch.float32).min)  # -inf: see LOG_FLOOR
         out[start : start + step] = -(logq.exp() * logq).sum(-1)
     return out

@@ -1,0 +1,231 @@
+"""-inf logits, non-finite masked rows, the in-place backward and padded row strides, on every path.
+
+Real models produce -inf logits (masked vocabularies, top-k/top-p processed logits): they are exact zeros
+of the distribution. The gold replaces them by -1e4 in fp64, where exp(-1e4 / T - lse) underflows to
+exactly 0, so p, p log p and every gradient term there are exactly 0, as the -inf semantics say, and
+the reference needs no special case. Masked rows may hold anything (NaN, inf): their gradient must be
+exactly 0 and the other rows must not change by a single bit.
+"""
+
+import pytest
+import torch
+from kernel_checks import DEVICE, SLOW, assert_close, gen, randint, randn
+from rptfast.kernels import fused_policy_loss_from_logits, policy_loss, reference, selective_logprob, topk_entropy
+
+NEG = float("-inf")
+
+
+def masked_vocab(n: int, v: int, seed: int, dtype) -> torch.Tensor:
+    """Logits whose first vocabulary block (8192 ids, MAX_BLOCK_V) and last 1000 ids are -inf."""
+    x = randn(n, v, seed=seed, scale=3.0, dtype=dtype)
+    x[:, :8192] = NEG
+    x[:, -1000:] = NEG
+    return x
+
+
+def top_k_processed(n: int, v: int, k: int, seed: int, dtype) -> torch.Tensor:
+    """Logits where all but k random ids per row are -inf (what top-k sampling leaves)."""
+    x = randn(n, v, seed=seed, scale=3.0, dtype=dtype)
+    keep = torch.rand(n, v, generator=gen(seed + 1)).argsort(dim=1)[:, :k].to(DEVICE)  # [N, k]
+    return torch.full_like(x, NEG).scatter_(1, keep, x.gather(1, keep))
+
+
+def finite_targets(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """One random id per row among the row's finite logits."""
+    score = torch.rand(x.shape, generator=gen(seed)).to(DEVICE).masked_fill(~torch.isfinite(x), -1.0)
+    return score.argmax(dim=1)
+
+
+def gold_logits(x: torch.Tensor, dtype) -> torch.Tensor:
+    return x.to(dtype).masked_fill(torch.isneginf(x), -1e4)
+
+
+def _selective(fn, logits, targets, temperature, g_logp, g_ent, **kwargs):
+    x = logits.detach().clone().requires_grad_()
+    y = x * 1  # a non-leaf, so that an in-place backward writes into y, not into a leaf's storage
+    logp, ent = fn(y, targets, temperature, return_entropy=True, **kwargs)
+    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    return logp, ent, x.grad
+
+
+CASES = [("masked vocab", 5, 20000), ("top-k processed", 6, 9000)] + ([] if SLOW else [("masked vocab", 2, 262144)])
+
+
+@pytest.mark.parametrize("case,n,v", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_logprob_with_inf_logits(case, n, v, dtype):
+    logits = masked_vocab(n, v, 1, dtype) if case == "masked vocab" else top_k_processed(n, v, 20, 1, dtype)
+    targets = finite_targets(logits, 2)
+    g_logp, g_ent = randn(n, seed=3), randn(n, seed=4)
+    ours = _selective(selective_logprob, logits, targets, 0.8, g_logp, g_ent)
+    gold = _selective(
+        reference.selective_logprob, gold_logits(logits, torch.float64), targets, 0.8, g_logp.double(), g_ent.double()
+    )
+    base = _selective(
+        reference.selective_logprob, gold_logits(logits, dtype), targets, 0.8, g_logp.to(dtype), g_ent.to(dtype)
+    )
+    for name, a, g, b in zip(("logprob", "entropy", "grad"), ours, gold, base, strict=True):
+        assert_close(a, g, b, what=f"{name} {case} n={n} v={v} {dtype}")
+    assert (ours[2][torch.isneginf(logits)] == 0).all(), "an -inf logit must get an exactly zero gradient"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_with_inf_logits(dtype):
+    n, v = 7, 20000
+    logits = masked_vocab(n, v, 5, dtype)
+    logits[::2] = top_k_processed(n, v, 30, 6, dtype)[::2]
+    targets = finite_targets(logits, 7)
+    old, adv, mask = randn(n, seed=8) - 9.0, randn(n, seed=9), randn(n, seed=10) > -0.8
+    options = dict(temperature=0.9, kl_coef=0.05, ref_logprobs=old + 0.1)
+
+    def run(fn, x, dt):
+        x = x.detach().clone().requires_grad_()
+        cast = lambda t: t.to(dt) if t.is_floating_point() else t
+        loss, _ = fn(x, targets, cast(old), cast(adv), mask, **dict(options, ref_logprobs=cast(old + 0.1)))
+        loss.backward()
+        return loss.detach(), x.grad
+
+    buf = logits.clone()
+    loss, _ = fused_policy_loss_from_logits(buf, targets, old, adv, mask, **options)
+    gold = run(reference.policy_loss_from_logits, gold_logits(logits, torch.float64), torch.float64)
+    base = run(reference.policy_loss_from_logits, gold_logits(logits, dtype), dtype)
+    assert_close(loss, gold[0], base[0], what=f"loss {dtype}", dtype=torch.float32)
+    assert_close(buf, gold[1], base[1], what=f"grad {dtype}")
+    assert (buf[torch.isneginf(logits)] == 0).all()
+
+
+def test_topk_entropy_with_fewer_than_k_finite_logits():
+    """k=16 over rows with 5 finite logits (top-k processed with a smaller k), and over a masked vocabulary."""
+    for x in (top_k_processed(9, 3000, 5, 11, torch.float32), masked_vocab(3, 12000, 12, torch.float32)):
+        ours = topk_entropy(x, 16)
+        gold = reference.topk_entropy(gold_logits(x, torch.float64), 16)
+        base = reference.topk_entropy(gold_logits(x, torch.float32), 16)
+        assert_close(ours, gold, base, what="topk entropy with -inf", dtype=torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+def test_masked_rows_with_nan_and_inf_get_zero_gradient():
+    """Masked rows holding NaN, +inf or only -inf: zero gradient rows, and every other row bit-identical to
+    a run where those rows hold ordinary values, for selective_logprob + policy_loss and the fused loss."""
+    n, v = 9, 3001
+    clean = randn(n, v, seed=20, scale=2.0)
+    targets = randint(v, n, seed=21)
+    old, adv = randn(n, seed=22) - 8.0, randn(n, seed=23)
+    mask = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    mask[[1, 4, 6]] = False
+    dirty = clean.clone()
+    dirty[1] = float("nan")
+    dirty[4, ::7] = float("inf")
+    dirty[6] = NEG
+
+    def composed(x):
+        x = x.clone().requires_grad_()
+        loss, _ = policy_loss(selective_logprob(x, targets, 1.2), old, adv, mask)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    def fused(x):
+        buf = x.clone()
+        return fused_policy_loss_from_logits(buf, targets, old, adv, mask, temperature=1.2)[0], buf
+
+    for fn in (composed, fused):
+        loss_clean, grad_clean = fn(clean)
+        loss_dirty, grad_dirty = fn(dirty)
+        assert torch.isfinite(loss_dirty) and torch.equal(loss_dirty, loss_clean), fn.__name__
+        assert (grad_dirty[~mask] == 0).all() and torch.isfinite(grad_dirty).all(), fn.__name__
+        assert torch.equal(grad_dirty[mask], grad_clean[mask]), fn.__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward(dtype):
+    """Same gradient as the default backward, bit for bit, written into the logits' own storage."""
+    n, v, h = 13, 4099, 16
+    hidden = randn(n, h, seed=30, dtype=dtype)
+    weight = randn(v, h, seed=31, scale=0.5, dtype=dtype)
+    targets = randint(v, n, seed=32)
+    g_logp, g_ent = randn(n, seed=33), randn(n, seed=34)
+    g_logp[[2, 7]] = 0.0  # masked rows: zeros, nothing read
+    g_ent[[2, 7]] = 0.0
+    results = []
+    for inplace in (False, True):
+        hd = hidden.clone().requires_grad_()
+        logits = hd @ weight.t()  # [N, V]
+        seen = []
+        logits.register_hook(lambda g, seen=seen: seen.append((g.data_ptr(), g.clone())))
+        logp, ent = selective_logprob(logits, targets, 0.9, return_entropy=True, inplace_backward=inplace)
+        ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+        assert (seen[0][0] == logits.data_ptr()) == inplace, "the in-place gradient must live in the logits' storage"
+        results.append((seen[0][1], hd.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert (results[1][0][[2, 7]] == 0).all()
+
+
+def test_inplace_backward_refuses_logits_that_another_node_saved():
+    """A second consumer that saved the logits would read a gradient: autograd raises instead."""
+    x = randn(4, 300, seed=40).requires_grad_()
+    logits = x * 1
+    targets = randint(300, 4, seed=41)
+    squares = logits.pow(2).sum()  # pow saves logits; made first, so its backward runs after selective_logprob's
+    loss = selective_logprob(logits, targets, inplace_backward=True).sum() + squares
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_padded_row_stride_with_odd_vocab():
+    """V % 16 != 0 (50257) inside a row stride of 50272, as a padded lm_head leaves it: the same results
+    as contiguous rows, bit for bit (the full-block loads are unmasked, the tail masked)."""
+    n, v, stride = 3, 50257, 50272
+    wide = randn(n, stride, seed=50, scale=3.0)
+    targets = randint(v, n, seed=51)
+    dense = wide[:, :v].contiguous()
+    for x in (wide[:, :v], dense):
+        assert x.stride(0) == (stride if x is not dense else v)
+    a = _selective(selective_logprob, wide[:, :v], targets, 1.0, randn(n, seed=52), randn(n, seed=53))
+    b = _selective(selective_logprob, dense, targets, 1.0, randn(n, seed=52), randn(n, seed=53))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    old, adv, mask = randn(n, seed=54) - 10.0, randn(n, seed=55), randn(n, seed=56) > -1
+    buf = wide.clone()
+    loss_a, _ = fused_policy_loss_from_logits(buf[:, :v], targets, old, adv, mask)
+    loss_b, _ = fused_policy_loss_from_logits(dense, targets, old, adv, mask)
+    assert torch.equal(loss_a, loss_b) and torch.equal(buf[:, :v], dense) and torch.equal(buf[:, v:], wide[:, v:])
+
+
+def test_sparse_unsorted_sequence_ids():
+    """seq_ids out of order and with ids that own no token (empty sequences count): the sync-free
+    per-sequence token counts match the reference's loop over sequences."""
+    n = 40
+    seq_ids = torch.tensor([7, 2, 2, 9, 0, 7] * 6 + [2, 9, 9, 0], device=DEVICE)
+    logp = randn(n, seed=60) - 3.0
+    old, adv, mask = logp + randn(n, seed=61, scale=0.5), randn(n, seed=62), randn(n, seed=63) > -0.5
+    for aggregation in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        options = dict(aggregation=aggregation, seq_ids=seq_ids, max_len=11)
+        x, gx = logp.clone().requires_grad_(), logp.double().requires_grad_()
+        loss, _ = policy_loss(x, old, adv, mask, **options)
+        gold, _ = reference.policy_loss(gx, old.double(), adv.double(), mask, **options)
+        loss.backward()
+        gold.backward()
+        torch.testing.assert_close(loss.double(), gold, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(x.grad.double(), gx.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host syncs exist only on CUDA (on the CPU nothing waits)")
+def test_no_host_sync_in_the_loss_path():
+    """selective_logprob forward + backward, policy_loss with seq_ids and the fused loss never read a
+    device value back to the host (CUDA-graph capturable; the stream never stalls)."""
+    n, v = 64, 4099
+    logits = randn(n, v, seed=70, dtype=torch.bfloat16).requires_grad_()
+    targets = randint(v, n, seed=71)
+    seq_ids = torch.arange(n, device=DEVICE) // 8
+    old, adv, mask = randn(n, seed=72) - 8.0, randn(n, seed=73), randn(n, seed=74) > 0
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logp = selective_logprob(logits, targets, 0.9)
+        loss, _ = policy_loss(logp, old, adv, mask, aggregation="seq-mean-token-mean", seq_ids=seq_ids)
+        loss.backward()
+        fused_policy_loss_from_logits(
+            logits.detach().clone(), targets, old, adv, mask, aggregation="seq-mean-token-mean", seq_ids=seq_ids
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
