@@ -4,7 +4,8 @@ Torch, plainly (reference.selective_logprob): log_softmax in fp32 writes an fp32
 its backward another; at N=32768, V=151936 that is 20 GB each.
 Here: the forward reads the logits once (N*V elements) with an online logsumexp over vocabulary
 blocks and writes three floats per row (logprob, logsumexp, entropy); the backward reads the logits
-once more and writes the gradient once, in the logits dtype.
+once more and writes the gradient once, in the logits dtype (into the logits' own storage with
+inplace_backward=True), and skips the read for rows whose upstream gradient is 0.
 
 Left out, on purpose: ignore_index (every target must be a real token id; mask the result instead),
 label smoothing and z-loss (the RL loss uses neither), fp64 in the Triton kernels (the torch path

@@ -594,7 +594,9 @@ def fused_policy_loss_from_logits(
     This is valid when the op that produced the logits does not save its output for its own
     backward (a matmul does not; tanh soft-capping does, and autograd then raises on the changed
     version counter rather than compute a wrong gradient). Traffic: the logits are read twice and
-    written once; memory: O(N) floats.
+    written once, except masked rows (written with zeros, never read, so NaN or inf there cannot leak)
+    and rows whose d loss / d logp is 0 (read once); memory: O(N) floats. No host sync: bad targets or
+    seq_ids stop a CUDA run through a device-side assert.
     """
     check_logits(logits)
     if logits.stride(1) != 1:
