@@ -103,7 +103,7 @@ def test_topk_entropy_with_fewer_than_k_finite_logits():
         assert_close(ours, gold, base, what="topk entropy with -inf", dtype=torch.float32)
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")  # the junk rows' forward
 def test_masked_rows_with_nan_and_inf_get_zero_gradient():
     """Masked rows holding NaN, +inf or only -inf: zero gradient rows, and every other row bit-identical to
