@@ -46,6 +46,27 @@ def tile_rows(n_rows: int, vocab: int, elem_size: int, device: torch.device) -> 
     return max(1, min(rows, n_rows))
 
 
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """hidden [N, H] and weight [V, H]: 2-D, same H, dtype and device, a kernel dtype, V >= 1."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor ([N, H] for hidden, [V, H] for weight)")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden is [N, {hidden.shape[1]}] but weight is [V, {weight.shape[1]}]; "
+            "weight must be the lm_head weight [V, H] (not transposed)"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one to the other")
+    allowed = KERNEL_DTYPES if use_triton(hidden) else KERNEL_DTYPES + (torch.float64,)
+    if hidden.dtype not in allowed:
+        raise ValueError(f"hidden/weight have dtype {hidden.dtype}; pass bf16, fp16 or fp32")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight on {weight.device}; move them together")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has V=0 rows; it needs a vocabulary of at least one token")
+
+
 class LinearLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, return_entropy):
@@ -118,23 +139,7 @@ def linear_logprob(
     not apply (every matmul writes into a buffer): cast hidden and weight to the dtype you want.
     Pass the full (unsharded) lm_head weight.
     """
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor ([N, H] for hidden, [V, H] for weight)")
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden is [N, {hidden.shape[1]}] but weight is [V, {weight.shape[1]}]; "
-            "weight must be the lm_head weight [V, H] (not transposed)"
-        )
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one to the other")
-    allowed = KERNEL_DTYPES if use_triton(hidden) else KERNEL_DTYPES + (torch.float64,)
-    if hidden.dtype not in allowed:
-        raise ValueError(f"hidden/weight have dtype {hidden.dtype}; pass bf16, fp16 or fp32")
-    if hidden.device != weight.device:
-        raise ValueError(f"hidden is on {hidden.device} but weight on {weight.device}; move them together")
-    if weight.shape[0] == 0:
-        raise ValueError("weight has V=0 rows; it needs a vocabulary of at least one token")
+    check_linear_inputs(hidden, weight)
     check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)
     temperature = check_temperature(temperature)
     return LinearLogprobFunction.apply(hidden, weight, targets.contiguous(), temperature, bool(return_entropy))
