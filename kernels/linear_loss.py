@@ -140,7 +140,7 @@ def _filter_blocks(tile: torch.Tensor, dlogp: torch.Tensor, temperature: float, 
     n, v = tile.shape
     nb, vb = triton.cdiv(n, FILTER_ROWS), triton.cdiv(v, FILTER_COLS)
     thresh = (dlogp.abs() * (eps / temperature)).to(torch.float32)[:, None]  # [n, 1]
-    hot = tile.abs().to(torch.float32) >= thresh  # [n, V]
+    hot = tile.abs().to(torch.float32) > thresh  # [n, V]; rows with dlogp = 0 are all cold
     hot = torch.nn.functional.pad(hot, (0, vb * FILTER_COLS - v, 0, nb * FILTER_ROWS - n))
     keep = hot.view(nb, FILTER_ROWS, vb, FILTER_COLS).any(dim=3).any(dim=1)  # [nb, vb]
     full = keep.repeat_interleave(FILTER_ROWS, 0)[:n].repeat_interleave(FILTER_COLS, 1)[:, :v]  # [n, V]
