@@ -374,6 +374,57 @@ class Bench:
         )  # fmt: skip
 
 
+def peaked_lm_head(n, h, v, spread, device, dtype, seed=0):
+    """hidden [n, H], weight [V, H], targets [n] whose logits look like a language model's: a Gaussian
+    background of std `spread` over the vocabulary, plus 5 plausible tokens per row 8 to 14 nats above
+    the background's mean, drawn from a Zipf law over token ids (BPE ids are roughly frequency-sorted, so
+    likely tokens cluster at low ids); the target is one of the plausible tokens. Top-1 probability
+    about 0.4-0.6, entropy about 1-2 nats."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5  # rows nearly orthogonal, norm ~1
+    ranks = torch.arange(1, v + 1, dtype=torch.float64)
+    plausible = torch.multinomial(ranks**-1.1, n * 5, replacement=True, generator=g).view(n, 5)  # [n, 5]
+    boost = 14.0 - 1.5 * torch.arange(5, dtype=torch.float64) + torch.randn(n, 5, generator=g, dtype=torch.float64)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64) * spread  # background logits ~ N(0, spread)
+    w = weight[plausible]  # [n, 5, H]
+    gram = w @ w.transpose(1, 2) + 1e-9 * torch.eye(5, dtype=torch.float64)  # [n, 5, 5] (repeats: regularised)
+    coef = torch.linalg.solve(gram, boost - (w @ hidden[:, :, None])[..., 0])  # [n, 5]
+    hidden += (coef[:, None, :] @ w)[:, 0]  # the 5 plausible logits set to their boosts exactly
+    targets = plausible[torch.arange(n), torch.randint(0, 2, (n,), generator=g)]
+    return hidden.to(device, dtype), weight.to(device, dtype), targets.to(device)
+
+
+def grad_filter_study(device: torch.device, tiny: bool) -> list[dict]:
+    """Gradient filtering on real-shaped peaked distributions: the share of gradient blocks it zeroes, and
+    the error of grad_hidden / grad_weight against fp64 with and without it (max error relative to the
+    largest gold value, and the relative Frobenius error). On-policy (ratio 1), so that no token crosses a
+    clip boundary through rounding alone (that would switch its whole gradient on or off)."""
+    n, h, v = (64, 128, 4000) if tiny else (256, 256, 151936)
+    rows = []
+    for spread in (1.0, 1.5, 2.0, 3.0):
+        hidden, weight, targets = peaked_lm_head(n, h, v, spread, device, torch.bfloat16)
+        adv = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(device)
+        mask = torch.ones(n, dtype=torch.bool, device=device)
+        gold_h, gold_w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+        reference.linear_policy_loss(gold_h, gold_w, targets, None, adv.double(), mask)[0].backward()
+        logp = reference.linear_logprob(hidden.double(), weight.double(), targets)
+        row = dict(spread=spread, shape=f"{n}x{h}x{v}", top1=logp.exp().mean().item())
+        for filt in (False, True):
+            a, b = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            loss, metrics, _, entropy = linear_policy_loss(a, b, targets, None, adv, mask, grad_filter=filt)
+            loss.backward()
+            tag = "filtered" if filt else "exact"
+            if filt:
+                row["filtered_frac"] = metrics["grad_filtered_frac"].item()
+            row["entropy"] = entropy.mean().item()
+            for name, ours, gold in (("grad_hidden", a.grad, gold_h.grad), ("grad_weight", b.grad, gold_w.grad)):
+                diff = ours.double() - gold
+                row[f"{name}_{tag}_max"] = diff.abs().max().item() / gold.abs().max().item()
+                row[f"{name}_{tag}_fro"] = (diff.norm() / gold.norm()).item()
+        rows.append(row)
+    return rows
+
+
 def judge_targets(rows: list[dict]) -> list[dict]:
     """DESIGN.md's performance targets, judged on the full-size GPU rows."""
 
@@ -428,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (always on a CPU)")
     parser.add_argument("--csv", type=Path, default=ROOT / "bench" / "results" / "kernels.csv")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--filter-study", action="store_true",
+                        help="only the gradient filtering study (error vs fp64, share of blocks zeroed)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -438,6 +491,12 @@ def main(argv: list[str] | None = None) -> None:
         print("# CPU run: tiny sizes through the torch paths; these numbers mean nothing about the kernels.")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("# TRITON_INTERPRET=1: Triton kernels run in the interpreter; timings are meaningless.")
+    if args.filter_study:
+        study = grad_filter_study(device, args.tiny)
+        for r in study:
+            print("  ".join(f"{k}={fmt(val, 4)}" for k, val in r.items()))
+        print(json.dumps({"device": device_name, "commit": git_commit(), "filter_study": study}))
+        return
     copy_gbps, mm_tflops = roofline(device, tiny)
     print(f"# {device_name}: copy {copy_gbps:.1f} GB/s (read + write), bf16 matmul {mm_tflops:.1f} TFLOP/s")
 

@@ -17,12 +17,14 @@ The target's +dlogp / T term (the one-hot part of d logp / d logits) goes throug
 index_add in fp32 rather than through the bf16 tile, so the tile holds only the dense -p part, which is
 what gradient filtering looks at. The backward only scales the saved gradients by grad_output.
 
-FLOPs: three matmuls, 6*N*H*V, against 8*N*H*V for the two-step path. Bytes beyond the matmuls'
-operands: the tile is written by matmul 1, read and written once by the row pass, read by matmuls 2
-and 3 (about 4 tile passes of 2*rows*V bytes each, as the two-step backward alone costs), and
-grad_weight's fp32 accumulator is read and written once per tile (8*V*H bytes per tile, against 4*V*H
-for the bf16 one it replaces: the price of one rounding instead of one per tile).
-Memory beyond inputs and gradients: one tile, the fp32 [V, H] accumulator, O(N) floats.
+FLOPs: three matmuls, 6*N*H*V, against 8*N*H*V for the two-step path. Bytes, in passes over the bf16
+logits (2*N*V bytes each): matmul 1 writes the tile, the row pass reads it twice and writes it once,
+matmuls 2 and 3 read it: 6 passes, against 7 for the two-step path (which writes it twice). grad_weight's
+fp32 accumulator is read and written once per tile (8*V*H bytes, against 4*V*H for the bf16 one the
+two-step path rounds per tile), so the fused path uses tiles CUDA_TILE_SCALE times larger: at N=32768,
+H=4096, V=151936, 10 tiles move 50 GB of accumulator against the two-step path's 43 x 2.5 = 107 GB.
+Memory beyond inputs and gradients: one tile (1 GiB on CUDA), the fp32 [V, H] accumulator (4*V*H
+bytes), O(N) floats; the gradients are held from the forward to the backward.
 
 Gradient filtering (grad_filter=True, CCE-style; off by default, see docs/performance.md): blocks of
 FILTER_ROWS x FILTER_COLS of the tile whose softmax values are all below bf16 resolution
@@ -46,6 +48,11 @@ from ._utils import check_targets, check_temperature, compute_dtype, cpu_rows, u
 from .lm_head import check_linear_inputs, tile_rows
 from .logprob import _softmax_stats, selective_logprob_forward
 from .loss import _kernel_flags, _prepare, _token_loss, policy_loss_forward, policy_metrics
+
+# CUDA tile budget, in multiples of lm_head.CUDA_TILE_BYTES (1 GiB: ~3456 rows at V=151936 in bf16). Each
+# tile reads and writes the fp32 grad_weight accumulator once (8*V*H bytes, 5 GB at H=4096), and the
+# GEMM that does it has K = rows: with 768-row tiles it would be bound by that traffic, not by its FLOPs.
+CUDA_TILE_SCALE = 4
 
 # Gradient filtering granularity: a block of rows x vocabulary columns is skipped as a whole, as a
 # block-sparse backward matmul would skip it (one output tile of a typical Triton matmul).
@@ -174,7 +181,7 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         acc = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None  # [V, H]
         filtered = torch.zeros(2, dtype=torch.int64)  # blocks zeroed, blocks seen
         eps = filter_eps(hidden.dtype)
-        rows = tile_rows(n_rows, vocab, hidden.element_size(), hidden.device)
+        rows = tile_rows(n_rows, vocab, hidden.element_size(), hidden.device, CUDA_TILE_SCALE)
         buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)  # [rows, V]
         inv_temp = 1.0 / temperature
         for start in range(0, n_rows, rows):

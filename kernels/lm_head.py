@@ -36,10 +36,11 @@ from .logprob import selective_logprob_backward, selective_logprob_forward
 CUDA_TILE_BYTES = 256 << 20
 
 
-def tile_rows(n_rows: int, vocab: int, elem_size: int, device: torch.device) -> int:
-    """Rows per tile: the [rows, V] logits tile fits the budget (CUDA: a multiple of 128 rows)."""
+def tile_rows(n_rows: int, vocab: int, elem_size: int, device: torch.device, cuda_scale: int = 1) -> int:
+    """Rows per tile: the [rows, V] logits tile fits the budget, cuda_scale x CUDA_TILE_BYTES on CUDA (there
+    a multiple of 128 rows)."""
     if device.type == "cuda":
-        rows = CUDA_TILE_BYTES // (vocab * elem_size)
+        rows = cuda_scale * CUDA_TILE_BYTES // (vocab * elem_size)
         rows = rows // 128 * 128 if rows >= 128 else max(rows, 1)
     else:
         rows = max(CPU_TILE_ELEMENTS // vocab, 1)
