@@ -309,6 +309,10 @@ def check(cfg: Config) -> Config:
     if cfg.rollout.max_tokens >= cfg.rollout.max_model_len:
         raise ConfigError(f"rollout.max_tokens ({cfg.rollout.max_tokens}) must be below rollout.max_model_len "
                           f"({cfg.rollout.max_model_len}) to leave room for the prompt")
+    m = cfg.model
+    if m.grad_filter and not (m.fused_loss and m.logprob == "fused" and cfg.algorithm.updates_per_batch == 1):
+        raise ConfigError("model.grad_filter only acts in the fused loss (model.fused_loss = true, model.logprob = "
+                          "'fused', algorithm.updates_per_batch = 1); set model.grad_filter = false")
     return cfg
 
 
