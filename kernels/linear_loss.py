@@ -183,7 +183,7 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         eps = filter_eps(hidden.dtype)
         rows = tile_rows(n_rows, vocab, hidden.element_size(), hidden.device, CUDA_TILE_SCALE)
         if grad_filter:  # filter blocks at the same rows on every device: tiles of whole FILTER_ROWS blocks
-            rows = min(max(rows // FILTER_ROWS, 1) * FILTER_ROWS, n_rows)
+            rows = max(1, min(max(rows // FILTER_ROWS, 1) * FILTER_ROWS, n_rows))
         buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)  # [rows, V]
         inv_temp = 1.0 / temperature
         for start in range(0, n_rows, rows):
