@@ -374,17 +374,16 @@ class Bench:
         )  # fmt: skip
 
 
-def peaked_lm_head(n, h, v, spread, device, dtype, seed=0):
+def peaked_lm_head(n, h, v, spread, top, device, dtype, seed=0):
     """hidden [n, H], weight [V, H], targets [n] whose logits look like a language model's: a Gaussian
-    background of std `spread` over the vocabulary, plus 5 plausible tokens per row 8 to 14 nats above
-    the background's mean, drawn from a Zipf law over token ids (BPE ids are roughly frequency-sorted, so
-    likely tokens cluster at low ids); the target is one of the plausible tokens. Top-1 probability
-    about 0.4-0.6, entropy about 1-2 nats."""
+    background of std `spread` over the vocabulary, plus 5 plausible tokens per row top, top - 1.5, ...
+    nats above the background's mean (+- 1), drawn from a Zipf law over token ids (BPE ids are roughly
+    frequency-sorted, so likely tokens cluster at low ids); the target is one of the two likeliest."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5  # rows nearly orthogonal, norm ~1
     ranks = torch.arange(1, v + 1, dtype=torch.float64)
     plausible = torch.multinomial(ranks**-1.1, n * 5, replacement=True, generator=g).view(n, 5)  # [n, 5]
-    boost = 14.0 - 1.5 * torch.arange(5, dtype=torch.float64) + torch.randn(n, 5, generator=g, dtype=torch.float64)
+    boost = top - 1.5 * torch.arange(5, dtype=torch.float64) + torch.randn(n, 5, generator=g, dtype=torch.float64)
     hidden = torch.randn(n, h, generator=g, dtype=torch.float64) * spread  # background logits ~ N(0, spread)
     w = weight[plausible]  # [n, 5, H]
     gram = w @ w.transpose(1, 2) + 1e-9 * torch.eye(5, dtype=torch.float64)  # [n, 5, 5] (repeats: regularised)
@@ -401,14 +400,14 @@ def grad_filter_study(device: torch.device, tiny: bool) -> list[dict]:
     clip boundary through rounding alone (that would switch its whole gradient on or off)."""
     n, h, v = (64, 128, 4000) if tiny else (128, 256, 151936)
     rows = []
-    for spread in (1.0, 2.0, 3.0):
-        hidden, weight, targets = peaked_lm_head(n, h, v, spread, device, torch.bfloat16)
+    for spread, top in ((1.0, 14.0), (2.0, 14.0), (1.0, 20.0), (2.0, 20.0)):
+        hidden, weight, targets = peaked_lm_head(n, h, v, spread, top, device, torch.bfloat16)
         adv = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(device)
         mask = torch.ones(n, dtype=torch.bool, device=device)
         gold_h, gold_w = hidden.double().requires_grad_(), weight.double().requires_grad_()
         reference.linear_policy_loss(gold_h, gold_w, targets, None, adv.double(), mask)[0].backward()
         logp = reference.linear_logprob(hidden.double(), weight.double(), targets)
-        row = dict(spread=spread, shape=f"{n}x{h}x{v}", top1=logp.exp().mean().item())
+        row = dict(spread=spread, top=top, shape=f"{n}x{h}x{v}", target_p=logp.exp().mean().item())
         for filt in (False, True):
             a, b = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
             loss, metrics, _, entropy = linear_policy_loss(a, b, targets, None, adv, mask, grad_filter=filt)
