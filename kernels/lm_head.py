@@ -8,9 +8,8 @@ tile: the matmul again (recompute instead of storing N*V logits), the selective_
 writes d logits over the same buffer in place, then grad_hidden = d logits @ weight and
 grad_weight += d logits.T @ hidden. Memory beyond the inputs and gradients: one tile plus O(N)
 floats, flat in N. FLOPs: forward one matmul (2*N*H*V), backward three, so forward + backward is
-about 4x the forward, above DESIGN.md's 3.2x: meeting that needs CCE-style gradient filtering
-(skipping vocabulary tiles whose softmax is below bf16 resolution), which changes the numerics and
-is left for a decision made on measurements.
+about 4x the forward, above DESIGN.md's 3.2x. When the loss is known before the forward (on-policy
+batches), linear_loss.linear_policy_loss makes the gradient while the logits are live: three matmuls.
 
 Left out, on purpose: a bias (lm_heads have none), and a single Triton kernel doing the matmul and
 the online logsumexp together (CCE-style): cuBLAS reaches the matmul rate today, and the tile round
