@@ -35,6 +35,7 @@ from rptfast.kernels import (
     fused_policy_loss_from_logits,
     group_advantages,
     linear_logprob,
+    linear_policy_loss,
     policy_loss,
     reference,
     selective_logprob,
@@ -44,7 +45,8 @@ from rptfast.kernels import (
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = [
     "date", "commit", "device", "kernel", "shape", "dtype", "phase", "ms", "rate", "unit", "roofline_pct",
-    "eager_ms", "x_eager", "compile_ms", "x_compile", "liger_ms", "x_liger", "peak_extra_mb", "note",
+    "eager_ms", "x_eager", "compile_ms", "x_compile", "twostep_ms", "x_twostep", "liger_ms", "x_liger",
+    "peak_extra_mb", "note",
 ]  # fmt: skip
 
 
@@ -88,16 +90,33 @@ def roofline(device: torch.device, tiny: bool) -> tuple[float, float]:
 
 
 def liger_baselines() -> dict:
-    """Liger-Kernel losses that compute the same quantity (sum of -logprob), if Liger imports."""
+    """Liger-Kernel losses that compute the same quantity, if Liger imports: the sum of -logprob (its fused
+    CE), and the GRPO loss (triton_grpo_loss, on logits from a plain lm_head matmul). Liger computes
+    gradients in its forward, so it is only compared on the full (forward + backward) rows."""
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
     except ImportError:
         return {}
     ce, flce = LigerCrossEntropyLoss(reduction="sum"), LigerFusedLinearCrossEntropyLoss(reduction="sum")
-    return {
+    out = {
         "selective_logprob": lambda logits, targets: ce(logits, targets),
         "linear_logprob": lambda hidden, weight, targets: flce(weight, hidden, targets),
     }
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    except ImportError:
+        return out
+
+    def grpo(hidden, weight, targets, old, ref, adv, mask, beta, eps_low, eps_high):
+        # Liger takes [B, L + 1, V] logits (the last position predicts nothing) and one advantage per sequence
+        logits = torch.cat([hidden, hidden[-1:]]) @ weight.T  # [N + 1, V]
+        per_token = triton_grpo_loss(logits[None], old[None], ref[None], targets[None], adv[:1], mask[None].int(),
+                                     temperature=1.0, beta=beta, eps_low=eps_low, eps_high=eps_high, inplace=True)
+        per_token = per_token[0] if isinstance(per_token, tuple) else per_token
+        return (per_token * mask).sum() / mask.sum()
+
+    out["linear_policy_loss"] = grpo
+    return out
 
 
 class Bench:
@@ -144,13 +163,14 @@ class Bench:
         out["bwd"] = bwd
         return out
 
-    def record(self, kernel, shape, dtype, phase, ours, baselines, work, unit, peak_mb, note=""):
-        """One row: `work` is bytes (unit GB/s) or FLOPs (unit TFLOP/s) for the phase."""
+    def record(self, kernel, shape, dtype, phase, ours, baselines, work, unit, peak_mb, note="", roof=None):
+        """One row: `work` is bytes (unit GB/s) or FLOPs (unit TFLOP/s) for the phase; `roof` overrides the
+        run's roofline (e.g. the matmul rate measured at the kernel's own shapes)."""
         ms, err = self._try(ours)
         if ms is None:
             raise RuntimeError(f"{kernel} {phase} failed: {err}")
         rate = work / ms / 1e6 if unit == "GB/s" else work / ms / 1e9
-        roof = self.copy_gbps if unit == "GB/s" else self.mm_tflops
+        roof = roof or (self.copy_gbps if unit == "GB/s" else self.mm_tflops)
         row = dict(
             kernel=kernel, shape=shape, dtype=str(dtype).removeprefix("torch."), phase=phase, ms=ms,
             rate=rate, unit=unit, roofline_pct=100 * rate / roof, peak_extra_mb=peak_mb,
@@ -189,7 +209,7 @@ class Bench:
             baselines = {
                 "eager": eager[phase],
                 "compile": comp.get(phase),
-                "liger": liger_fn and liger[phase],
+                "liger": liger[phase] if liger_fn and phase == "full" else None,
             }
             full_peak = peak if phase == "full" else None
             self.record("selective_logprob", f"{n}x{v}", dtype, phase, ours[phase], baselines, work, "GB/s", full_peak)
@@ -246,7 +266,7 @@ class Bench:
             baselines = {
                 "eager": eager[phase],
                 "compile": comp.get(phase),
-                "liger": liger_fn and liger[phase],
+                "liger": liger[phase] if liger_fn and phase == "full" else None,
             }
             full_peak = peak if phase == "full" else None
             self.record(
@@ -260,6 +280,53 @@ class Bench:
                 "TFLOP/s",
                 full_peak,
             )
+        hidden.grad = weight.grad = None
+
+    def run_linear_policy_loss(self, n, h, v, dtype, compile_here):
+        """Full step only: the fused loss makes its gradient in the forward, so a forward row would time
+        the whole work and a backward row nothing. Roofline: the lm_head matmul at these very shapes;
+        the work counted is the three matmuls any implementation needs (6NHV), so the two-step path's
+        fourth matmul (the recompute) shows as a lower rate."""
+        hidden = torch.randn(n, h, device=self.device, dtype=dtype).requires_grad_()
+        weight = (torch.randn(v, h, device=self.device) * h**-0.5).to(dtype).requires_grad_()
+        targets = torch.randint(0, v, (n,), device=self.device)
+        old = reference.linear_logprob(hidden.detach()[:1], weight.detach(), targets[:1]).float().mean()
+        old = old + 0.3 * torch.randn(n, device=self.device)  # ratios around 1: some clipped
+        ref = old + 0.1 * torch.randn(n, device=self.device)
+        adv = torch.randn(n, device=self.device)
+        mask = torch.rand(n, device=self.device) > 0.1
+        options = dict(kl_coef=0.04, ref_logprobs=ref, eps_low=0.2, eps_high=0.28)
+
+        def step_of(fn):
+            def step():
+                hidden.grad = weight.grad = None
+                fn(hidden, weight, targets, old, adv, mask, **options)[0].backward()
+
+            return step
+
+        def two_step(a, b, t, o, ad, m, **kw):
+            return policy_loss(linear_logprob(a, b, t), o, ad, m, **kw)
+
+        comp_fn = self.compiled(reference.linear_policy_loss) if compile_here else None
+        liger_fn = self.liger.get("linear_policy_loss")
+
+        def liger():
+            hidden.grad = weight.grad = None
+            liger_fn(hidden, weight, targets, old, ref, adv, mask, 0.04, 0.2, 0.28).backward()
+
+        logits = torch.empty(n, v, device=self.device, dtype=dtype)  # [N, V], freed after the roofline
+        mm_ms = timeit(lambda: torch.mm(hidden.detach(), weight.detach().t(), out=logits), self.device)
+        logits = None
+        mm_tflops = 2 * n * h * v / mm_ms / 1e9
+        grads_mb = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
+        peak = peak_extra_mb(step_of(linear_policy_loss), self.device)
+        peak = None if peak is None else peak - grads_mb
+        self.record(
+            "linear_policy_loss", f"{n}x{h}x{v}", dtype, "full", step_of(linear_policy_loss),
+            {"eager": step_of(reference.linear_policy_loss), "compile": step_of(comp_fn) if comp_fn else None,
+             "twostep": step_of(two_step), "liger": liger if liger_fn else None},
+            6 * n * h * v, "TFLOP/s", peak, f"lm_head matmul at this shape: {mm_tflops:.3g} TFLOP/s", roof=mm_tflops,
+        )  # fmt: skip
         hidden.grad = weight.grad = None
 
     def run_policy_loss(self, n, compile_here):
@@ -305,6 +372,56 @@ class Bench:
              "compile": (lambda: comp_fn(logits, 16)) if comp_fn else None},
             logits.numel() * logits.element_size(), "GB/s", None,
         )  # fmt: skip
+
+
+def peaked_lm_head(n, h, v, spread, top, device, dtype, seed=0):
+    """hidden [n, H], weight [V, H], targets [n] whose logits look like a language model's: a Gaussian
+    background of std `spread` over the vocabulary, plus 5 plausible tokens per row top, top - 1.5, ...
+    nats above the background's mean (+- 1), drawn from a Zipf law over token ids (BPE ids are roughly
+    frequency-sorted, so likely tokens cluster at low ids); the target is one of the two likeliest."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5  # rows nearly orthogonal, norm ~1
+    ranks = torch.arange(1, v + 1, dtype=torch.float64)
+    plausible = torch.multinomial(ranks**-1.1, n * 5, replacement=True, generator=g).view(n, 5)  # [n, 5]
+    boost = top - 1.5 * torch.arange(5, dtype=torch.float64) + torch.randn(n, 5, generator=g, dtype=torch.float64)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64) * spread  # background logits ~ N(0, spread)
+    w = weight[plausible]  # [n, 5, H]
+    gram = w @ w.transpose(1, 2) + 1e-9 * torch.eye(5, dtype=torch.float64)  # [n, 5, 5] (repeats: regularised)
+    coef = torch.linalg.solve(gram, boost - (w @ hidden[:, :, None])[..., 0])  # [n, 5]
+    hidden += (coef[:, None, :] @ w)[:, 0]  # the 5 plausible logits set to their boosts exactly
+    targets = plausible[torch.arange(n), torch.randint(0, 2, (n,), generator=g)]
+    return hidden.to(device, dtype), weight.to(device, dtype), targets.to(device)
+
+
+def grad_filter_study(device: torch.device, tiny: bool) -> list[dict]:
+    """Gradient filtering on real-shaped peaked distributions: the share of gradient blocks it zeroes, and
+    the error of grad_hidden / grad_weight against fp64 with and without it (max error relative to the
+    largest gold value, and the relative Frobenius error). On-policy (ratio 1), so that no token crosses a
+    clip boundary through rounding alone (that would switch its whole gradient on or off)."""
+    n, h, v = (64, 128, 4000) if tiny else (128, 256, 151936)
+    rows = []
+    for spread, top in ((1.0, 14.0), (2.0, 14.0), (1.0, 20.0), (2.0, 20.0)):
+        hidden, weight, targets = peaked_lm_head(n, h, v, spread, top, device, torch.bfloat16)
+        adv = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(device)
+        mask = torch.ones(n, dtype=torch.bool, device=device)
+        gold_h, gold_w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+        reference.linear_policy_loss(gold_h, gold_w, targets, None, adv.double(), mask)[0].backward()
+        logp = reference.linear_logprob(hidden.double(), weight.double(), targets)
+        row = dict(spread=spread, top=top, shape=f"{n}x{h}x{v}", target_p=logp.exp().mean().item())
+        for filt in (False, True):
+            a, b = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            loss, metrics, _, entropy = linear_policy_loss(a, b, targets, None, adv, mask, grad_filter=filt)
+            loss.backward()
+            tag = "filtered" if filt else "exact"
+            if filt:
+                row["filtered_frac"] = metrics["grad_filtered_frac"].item()
+            row["entropy"] = entropy.mean().item()
+            for name, ours, gold in (("grad_hidden", a.grad, gold_h.grad), ("grad_weight", b.grad, gold_w.grad)):
+                diff = ours.double() - gold
+                row[f"{name}_{tag}_max"] = diff.abs().max().item() / gold.abs().max().item()
+                row[f"{name}_{tag}_fro"] = (diff.norm() / gold.norm()).item()
+        rows.append(row)
+    return rows
 
 
 def judge_targets(rows: list[dict]) -> list[dict]:
@@ -361,6 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (always on a CPU)")
     parser.add_argument("--csv", type=Path, default=ROOT / "bench" / "results" / "kernels.csv")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--filter-study", action="store_true",
+                        help="only the gradient filtering study (error vs fp64, share of blocks zeroed)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -371,6 +490,12 @@ def main(argv: list[str] | None = None) -> None:
         print("# CPU run: tiny sizes through the torch paths; these numbers mean nothing about the kernels.")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("# TRITON_INTERPRET=1: Triton kernels run in the interpreter; timings are meaningless.")
+    if args.filter_study:
+        study = grad_filter_study(device, args.tiny)
+        for r in study:
+            print("  ".join(f"{k}={fmt(val, 4)}" for k, val in r.items()))
+        print(json.dumps({"device": device_name, "commit": git_commit(), "filter_study": study}))
+        return
     copy_gbps, mm_tflops = roofline(device, tiny)
     print(f"# {device_name}: copy {copy_gbps:.1f} GB/s (read + write), bf16 matmul {mm_tflops:.1f} TFLOP/s")
 
@@ -382,6 +507,7 @@ def main(argv: list[str] | None = None) -> None:
         bench.run_selective_logprob(64, 1000, bf16, True)
         bench.run_fused_loss(64, 1000, bf16, True)
         bench.run_linear_logprob(64, 64, 1000, bf16, True)
+        bench.run_linear_policy_loss(64, 64, 1000, bf16, True)
         bench.run_policy_loss(4096, True)
         bench.run_group_advantages(64, 8, True)
         bench.run_topk_entropy(64, 1000, bf16, True)
@@ -392,18 +518,20 @@ def main(argv: list[str] | None = None) -> None:
             bench.run_fused_loss(32768, v, bf16, compile_here=v == 151936)
         for n, h, v in ((8192, 4096, 151936), (32768, 4096, 151936), (32768, 2048, 128256)):
             bench.run_linear_logprob(n, h, v, bf16, compile_here=(n, h) == (32768, 4096))
+            bench.run_linear_policy_loss(n, h, v, bf16, compile_here=(n, h) == (32768, 4096))
         bench.run_policy_loss(1 << 20, True)
         bench.run_group_advantages(1024, 16, True)
         bench.run_topk_entropy(8192, 151936, bf16, True)
 
     header = ["kernel", "shape", "phase", "ms", "rate", "%roof", "eager", "x eager", "compile", "x comp",
-              "liger", "x liger", "peak MiB", "note"]  # fmt: skip
+              "2-step", "x 2-step", "liger", "x liger", "peak MiB", "note"]  # fmt: skip
     table = [header]
     for r in bench.rows:
         table.append([
             r["kernel"], r["shape"], r["phase"], fmt(r["ms"], 3), f"{r['rate']:.1f} {r['unit']}",
             fmt(r["roofline_pct"], 1), fmt(r.get("eager_ms"), 3), fmt(r.get("x_eager")),
-            fmt(r.get("compile_ms"), 3), fmt(r.get("x_compile")), fmt(r.get("liger_ms"), 3),
+            fmt(r.get("compile_ms"), 3), fmt(r.get("x_compile")), fmt(r.get("twostep_ms"), 3),
+            fmt(r.get("x_twostep")), fmt(r.get("liger_ms"), 3),
             fmt(r.get("x_liger")), fmt(r["peak_extra_mb"], 1), r["note"],
         ])  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -422,6 +550,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     new_file = not args.csv.exists() or args.csv.stat().st_size == 0
+    if not new_file:
+        with args.csv.open() as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:
+            sys.exit(f"{args.csv} has the columns of an older bench/kernels.py; move it aside or pass --csv NEW.csv")
     with args.csv.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         if new_file:

@@ -6,6 +6,7 @@ interpreter. reference.py holds the plain torch versions that tests and benchmar
 """
 
 from .advantages import group_advantages
+from .linear_loss import linear_policy_loss
 from .lm_head import linear_logprob
 from .logprob import selective_logprob
 from .loss import fused_policy_loss_from_logits, policy_loss
@@ -15,6 +16,7 @@ __all__ = [
     "fused_policy_loss_from_logits",
     "group_advantages",
     "linear_logprob",
+    "linear_policy_loss",
     "policy_loss",
     "selective_logprob",
     "topk_entropy",

@@ -8,9 +8,8 @@ tile: the matmul again (recompute instead of storing N*V logits), the selective_
 writes d logits over the same buffer in place, then grad_hidden = d logits @ weight and
 grad_weight += d logits.T @ hidden. Memory beyond the inputs and gradients: one tile plus O(N)
 floats, flat in N. FLOPs: forward one matmul (2*N*H*V), backward three, so forward + backward is
-about 4x the forward, above DESIGN.md's 3.2x: meeting that needs CCE-style gradient filtering
-(skipping vocabulary tiles whose softmax is below bf16 resolution), which changes the numerics and
-is left for a decision made on measurements.
+about 4x the forward, above DESIGN.md's 3.2x. When the loss is known before the forward (on-policy
+batches), linear_loss.linear_policy_loss makes the gradient while the logits are live: three matmuls.
 
 Left out, on purpose: a bias (lm_heads have none), and a single Triton kernel doing the matmul and
 the online logsumexp together (CCE-style): cuBLAS reaches the matmul rate today, and the tile round
@@ -36,14 +35,36 @@ from .logprob import selective_logprob_backward, selective_logprob_forward
 CUDA_TILE_BYTES = 256 << 20
 
 
-def tile_rows(n_rows: int, vocab: int, elem_size: int, device: torch.device) -> int:
-    """Rows per tile: the [rows, V] logits tile fits the budget (CUDA: a multiple of 128 rows)."""
+def tile_rows(n_rows: int, vocab: int, elem_size: int, device: torch.device, cuda_scale: int = 1) -> int:
+    """Rows per tile: the [rows, V] logits tile fits the budget, cuda_scale x CUDA_TILE_BYTES on CUDA (there
+    a multiple of 128 rows)."""
     if device.type == "cuda":
-        rows = CUDA_TILE_BYTES // (vocab * elem_size)
+        rows = cuda_scale * CUDA_TILE_BYTES // (vocab * elem_size)
         rows = rows // 128 * 128 if rows >= 128 else max(rows, 1)
     else:
         rows = max(CPU_TILE_ELEMENTS // vocab, 1)
     return max(1, min(rows, n_rows))
+
+
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """hidden [N, H] and weight [V, H]: 2-D, same H, dtype and device, a kernel dtype, V >= 1."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor ([N, H] for hidden, [V, H] for weight)")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden is [N, {hidden.shape[1]}] but weight is [V, {weight.shape[1]}]; "
+            "weight must be the lm_head weight [V, H] (not transposed)"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one to the other")
+    allowed = KERNEL_DTYPES if use_triton(hidden) else KERNEL_DTYPES + (torch.float64,)
+    if hidden.dtype not in allowed:
+        raise ValueError(f"hidden/weight have dtype {hidden.dtype}; pass bf16, fp16 or fp32")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight on {weight.device}; move them together")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has V=0 rows; it needs a vocabulary of at least one token")
 
 
 class LinearLogprobFunction(torch.autograd.Function):
@@ -118,23 +139,7 @@ def linear_logprob(
     not apply (every matmul writes into a buffer): cast hidden and weight to the dtype you want.
     Pass the full (unsharded) lm_head weight.
     """
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor ([N, H] for hidden, [V, H] for weight)")
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden is [N, {hidden.shape[1]}] but weight is [V, {weight.shape[1]}]; "
-            "weight must be the lm_head weight [V, H] (not transposed)"
-        )
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one to the other")
-    allowed = KERNEL_DTYPES if use_triton(hidden) else KERNEL_DTYPES + (torch.float64,)
-    if hidden.dtype not in allowed:
-        raise ValueError(f"hidden/weight have dtype {hidden.dtype}; pass bf16, fp16 or fp32")
-    if hidden.device != weight.device:
-        raise ValueError(f"hidden is on {hidden.device} but weight on {weight.device}; move them together")
-    if weight.shape[0] == 0:
-        raise ValueError("weight has V=0 rows; it needs a vocabulary of at least one token")
+    check_linear_inputs(hidden, weight)
     check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)
     temperature = check_temperature(temperature)
     return LinearLogprobFunction.apply(hidden, weight, targets.contiguous(), temperature, bool(return_entropy))

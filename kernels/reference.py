@@ -130,6 +130,24 @@ def policy_loss_from_logits(
     return policy_loss(logprobs, old_logprobs, advantages, mask, **loss_options)
 
 
+def linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    **loss_options,
+):
+    """policy_loss of linear_logprob(hidden, weight, targets, temperature), flat [N] layout;
+    old_logprobs=None: the log-probs themselves, detached (on-policy)."""
+    logprobs = linear_logprob(hidden, weight, targets, temperature)
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    return policy_loss(logprobs, old, advantages, mask, **loss_options)
+
+
 def topk_entropy(logits: torch.Tensor, k: int = 16) -> torch.Tensor:
     """Entropy of softmax over the k largest logits of each row."""
     top = logits.topk(k, dim=-1).values  # [N, k]

@@ -29,6 +29,8 @@ class ModelConfig:
     attn: str = "auto"  # auto | flash (flash-attn) | varlen (torch, CUDA) | sdpa (block-diagonal mask) | per_seq (CPU)
     gradient_checkpointing: bool = False  # recompute decoder layers in backward to save memory
     logprob: str = "fused"  # fused (lm_head + log-softmax tiled, no logits) | logits (+ kernel) | reference (torch)
+    fused_loss: bool = True  # logprob = fused, updates_per_batch = 1: the loss's gradient made in the lm_head pass
+    grad_filter: bool = False  # fused_loss: zero gradient blocks with softmax < 2^-12 (CCE-style; docs/performance.md)
     scratch_arch: str = "qwen3"  # architecture when training from scratch: qwen3 | llama
     scratch_layers: int = 2  # decoder layers when training from scratch
     scratch_heads: int = 2  # attention heads (head_dim 64) when training from scratch
@@ -307,6 +309,10 @@ def check(cfg: Config) -> Config:
     if cfg.rollout.max_tokens >= cfg.rollout.max_model_len:
         raise ConfigError(f"rollout.max_tokens ({cfg.rollout.max_tokens}) must be below rollout.max_model_len "
                           f"({cfg.rollout.max_model_len}) to leave room for the prompt")
+    m = cfg.model
+    if m.grad_filter and not (m.fused_loss and m.logprob == "fused" and cfg.algorithm.updates_per_batch == 1):
+        raise ConfigError("model.grad_filter only acts in the fused loss (model.fused_loss = true, model.logprob = "
+                          "'fused', algorithm.updates_per_batch = 1); set model.grad_filter = false")
     return cfg
 
 

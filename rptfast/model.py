@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rptfast.kernels import linear_logprob, reference, selective_logprob
+from rptfast.kernels import linear_logprob, linear_policy_loss, reference, selective_logprob
 
 VARLEN = "rptfast_varlen"  # torch.nn.attention.varlen on CUDA
 PER_SEQ = "rptfast_per_seq"  # causal SDPA on each packed sequence in turn (the CPU default)
@@ -295,9 +295,14 @@ class PolicyLogprob(nn.Module):
         self.lm = lm
         self.logprob = logprob
 
-    def forward(self, mb: MicroBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, mb: MicroBatch, temperature: float, loss: dict | None = None) -> tuple[torch.Tensor, ...]:
+        """(logp [R], entropy [R]) of the scored tokens; with `loss` (linear_policy_loss's options, the
+        token tensors included), linear_policy_loss's (loss, metrics, logp, entropy) instead, the
+        gradient made in this pass (logprob = "fused" only)."""
         h = hidden_states(self.lm, mb).index_select(0, mb.pred_idx)  # [R, H]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
+        if loss is not None:
+            return linear_policy_loss(h, weight, mb.targets, temperature=temperature, **loss)
         if self.logprob == "fused":
             return linear_logprob(h, weight, mb.targets, temperature, return_entropy=True)
         logits = h @ weight.T  # [R, V]

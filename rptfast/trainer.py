@@ -399,6 +399,8 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
                     if run.ref is not None:
                         ref[i, j] = run.ref(mb, T)[0]
                         prepass_tokens += mb.n_tokens
+    # on-policy batches get the loss and its gradient in the lm_head pass (linear_policy_loss): one matmul less
+    fused = cfg.model.fused_loss and cfg.model.logprob == "fused" and K == 1
     sums: dict[str, float] = {}
     skipped, trained_tokens, grad_norm, loss_total = 0, 0, 0.0, 0.0
     with timer("update"):
@@ -410,7 +412,18 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
             normalizer = norm_tokens if a.aggregation == "token-mean" else norm_seqs
             mini_loss = 0.0
             for j, mb in enumerate(mbs):
-                logp, ent = run.policy(mb, T)
+                options = dict(eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip or None,
+                               ref_logprobs=ref.get((i, j)), kl_coef=a.kl_coef,
+                               rollout_logprobs=mb.rollout_logprobs if a.tis_cap else None, tis_cap=a.tis_cap or None,
+                               aggregation=a.aggregation, seq_ids=mb.seq_ids, normalizer=normalizer,
+                               max_len=cfg.rollout.max_tokens)
+                if fused:  # old log-probs: the engine's, or (None) this forward's own
+                    old_lp = mb.rollout_logprobs if a.old_logprobs == "rollout" else None
+                    loss, m, logp, ent = run.policy(mb, T, loss=dict(
+                        old_logprobs=old_lp, advantages=mb.advantages, mask=mb.mask,
+                        grad_filter=cfg.model.grad_filter, **options))
+                else:
+                    logp, ent = run.policy(mb, T)
                 # rollout vs trainer on the same tokens, with the weights the rollout used: the
                 # pre-pass values, or this forward while no mini-batch has updated the weights yet
                 before = old.get((i, j), logp.detach() if i == 0 else None)
@@ -420,13 +433,9 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
                         mismatch_sum += diff.sum().item()
                         mismatch_max = max(mismatch_max, diff.max().item())
                         mismatch_n += diff.numel()
-                old_lp = mb.rollout_logprobs if a.old_logprobs == "rollout" else old.get((i, j), logp.detach())
-                loss, m = policy_loss(
-                    logp, old_lp, mb.advantages, mb.mask, eps_low=a.eps_low, eps_high=a.eps_high,
-                    dual_clip=a.dual_clip or None, ref_logprobs=ref.get((i, j)), kl_coef=a.kl_coef,
-                    rollout_logprobs=mb.rollout_logprobs if a.tis_cap else None, tis_cap=a.tis_cap or None,
-                    aggregation=a.aggregation, seq_ids=mb.seq_ids, normalizer=normalizer,
-                    max_len=cfg.rollout.max_tokens)
+                if not fused:
+                    old_lp = mb.rollout_logprobs if a.old_logprobs == "rollout" else old.get((i, j), logp.detach())
+                    loss, m = policy_loss(logp, old_lp, mb.advantages, mb.mask, **options)
                 # FSDP averages gradients over ranks; the loss is already normalised by the global
                 # count, so scale by the world size to get the gradient of the global sum.
                 (loss * d.world).backward()

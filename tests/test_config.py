@@ -34,6 +34,7 @@ def test_toml_file_and_override(tmp_path):
     ({"train": {"steps": 2, "warmup_steps": 5}}, [], "train.warmup_steps"),  # impossible combination
     ({"rollout": {"max_tokens": 512, "max_model_len": 256}}, [], "rollout.max_tokens"),
     ({"algorithm": {"dual_clip": 0.5}}, [], "algorithm.dual_clip"),
+    ({"model": {"grad_filter": True}, "algorithm": {"updates_per_batch": 2}}, [], "model.grad_filter"),
     ({}, ["train.lr"], "train.lr"),                                   # --set without a value
     ({"train": {"steps": True}}, [], "train.steps"),                  # bool is not an int
 ])

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from rptfast.kernels import reference
+from rptfast.kernels import policy_loss, reference
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rptfast import checkpoint, config, trainer
+from rptfast import checkpoint, config, model, trainer
 from rptfast.model import PolicyLogprob, Sequence, collate, hidden_states, load_policy, pack, resolve_attn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,15 +132,15 @@ def test_kill_and_resume_is_bitwise(tiny_dir, vllm_engine, tmp_path, monkeypatch
 
 
 def test_nan_loss_skips_update(tiny_dir, vllm_engine, tmp_path, monkeypatch):
-    real = trainer.policy_loss
+    real = model.linear_policy_loss  # the loss of on-policy batches (model.fused_loss)
     calls = {"n": 0}
 
     def nan_on_second_step(*args, **kwargs):
-        loss, m = real(*args, **kwargs)
+        loss, *rest = real(*args, **kwargs)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 2 else loss), m
+        return (loss * float("nan") if calls["n"] == 2 else loss), *rest
 
-    monkeypatch.setattr(trainer, "policy_loss", nan_on_second_step)
+    monkeypatch.setattr(model, "linear_policy_loss", nan_on_second_step)
     cfg = make_cfg(tiny_dir, tmp_path / "run", train__steps=3, train__micro_batch_tokens=512)
     trainer.train(cfg, engine=vllm_engine)
     steps = [r for r in rows(tmp_path / "run") if r.get("phase") == "rl"]
@@ -224,6 +224,45 @@ def test_packed_gradients_unchanged_by(tiny_dir, option):
     torch.testing.assert_close(lp, base_lp, rtol=1e-5, atol=1e-6)
     for n in base:
         torch.testing.assert_close(other[n], base[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("old", ["on-policy", "rollout"])
+def test_fused_loss_gradients_equal_two_step(tiny_dir, old):
+    """The trainer's fused path (linear_policy_loss inside PolicyLogprob) and its fallback (linear_logprob, then
+    policy_loss) give the same loss, metrics and parameter gradients."""
+    g = torch.Generator().manual_seed(6)
+    shapes = [(9, 4, 0.7), (14, 9, -1.2), (5, 2, 0.3), (9, 6, -0.4)]  # (tokens, scored, advantage)
+    seqs = [Sequence(torch.randint(0, 500, (n,), generator=g).tolist(), n - k, adv,
+                     (-torch.rand(k, generator=g) * 6).tolist()) for n, k, adv in shapes]
+    mb = collate(seqs, [0, 1, 2, 3], torch.device("cpu"))
+    rollout = mb.rollout_logprobs
+    options = dict(eps_low=0.2, eps_high=0.28, dual_clip=3.0, ref_logprobs=rollout + 0.05, kl_coef=0.1,
+                   aggregation="seq-mean-token-mean", seq_ids=mb.seq_ids, normalizer=4.0, max_len=16)
+    old_lp = None if old == "on-policy" else rollout
+
+    def run(fused: bool):
+        lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn("per_seq", torch.device("cpu")),
+                         trust_remote_code=False, gradient_checkpointing=False)
+        policy = PolicyLogprob(lm)
+        if fused:
+            loss, m, logp, _ = policy(mb, 0.9, loss=dict(old_logprobs=old_lp, advantages=mb.advantages,
+                                                         mask=mb.mask, **options))
+        else:
+            logp, _ = policy(mb, 0.9)
+            loss, m = policy_loss(logp, logp.detach() if old_lp is None else old_lp, mb.advantages, mb.mask,
+                                  **options)
+        loss.backward()
+        return loss.detach(), m, logp.detach(), {n: p.grad for n, p in lm.named_parameters()}
+
+    fused, two = run(True), run(False)
+    torch.testing.assert_close(fused[0], two[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fused[2], two[2], rtol=1e-5, atol=1e-6)
+    assert fused[1].keys() == two[1].keys()
+    for k in two[1]:
+        torch.testing.assert_close(fused[1][k], two[1][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert sum(gr.abs().sum() for gr in two[3].values()) > 0
+    for n in two[3]:
+        torch.testing.assert_close(fused[3][n], two[3][n], rtol=1e-4, atol=1e-6)
 
 
 def test_per_seq_attention_finds_boundaries_in_position_ids(tiny_dir):

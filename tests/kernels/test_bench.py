@@ -23,7 +23,7 @@ def test_tiny_benchmark_writes_json_and_csv(tmp_path):
     assert summary["tiny"] and summary["copy_gbps"] > 0 and summary["matmul_tflops"] > 0
     kernels = {r["kernel"] for r in summary["rows"]}
     assert kernels == {
-        "selective_logprob", "fused_policy_loss_from_logits", "linear_logprob", "policy_loss",
+        "selective_logprob", "fused_policy_loss_from_logits", "linear_logprob", "linear_policy_loss", "policy_loss",
         "group_advantages", "topk_entropy",
     }  # fmt: skip
     assert all(r["ms"] > 0 and r["eager_ms"] > 0 for r in summary["rows"])

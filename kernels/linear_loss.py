@@ -1,0 +1,300 @@
+"""The clipped policy loss straight from hidden states and the lm_head, its gradient made in the forward.
+
+Torch, plainly (reference.linear_policy_loss): logits = hidden @ weight.T [N, V], log_softmax, gather,
+policy_loss, then autograd: the [N, V] logits, an fp32 log-softmax and its gradient all exist at once.
+Two-step here (linear_logprob + policy_loss): flat memory, but four matmuls (logits, the logits again
+in the backward, grad_hidden, grad_weight), and grad_weight rounded to bf16 once per row tile.
+
+Here: the per-token loss weights are known before the forward (token_weights folds the aggregation and
+the normalizer in), so d loss / d logits can be written while each tile of logits is live. Per tile
+of rows:
+    tile        = h @ weight.T                          matmul 1, into a reused [rows, V] buffer
+    one pass    : logsumexp and entropy, logp, the token loss and d loss / d logp, then
+                  tile <- -dlogp * p / T in place       (the Triton kernel below; torch on the CPU)
+    grad_hidden = tile @ weight + (dlogp / T) * weight[targets]          matmul 2
+    grad_weight += tile.T @ h, then += (dlogp / T) * h at the targets    matmul 3, fp32 accumulator
+The target's +dlogp / T term (the one-hot part of d logp / d logits) goes through a gather and an
+index_add in fp32 rather than through the bf16 tile, so the tile holds only the dense -p part, which is
+what gradient filtering looks at. The backward only scales the saved gradients by grad_output.
+
+FLOPs: three matmuls, 6*N*H*V, against 8*N*H*V for the two-step path. Bytes, in passes over the bf16
+logits (2*N*V bytes each): matmul 1 writes the tile, the row pass reads it twice and writes it once,
+matmuls 2 and 3 read it: 6 passes, against 7 for the two-step path (which writes it twice). grad_weight's
+fp32 accumulator is read and written once per tile (8*V*H bytes, against 4*V*H for the bf16 one the
+two-step path rounds per tile), so the fused path uses tiles CUDA_TILE_SCALE times larger: at N=32768,
+H=4096, V=151936, 10 tiles move 50 GB of accumulator against the two-step path's 43 x 2.5 = 107 GB.
+Memory beyond inputs and gradients: one tile (1 GiB on CUDA), the fp32 [V, H] accumulator (4*V*H
+bytes), O(N) floats; the gradients are held from the forward to the backward.
+
+Gradient filtering (grad_filter=True, CCE-style; off by default, see docs/performance.md): blocks of
+FILTER_ROWS x FILTER_COLS of the tile whose softmax values are all below bf16 resolution
+(finfo(bf16).eps / 32 = 2^-12, CCE's threshold) are zeroed before matmuls 2 and 3. The target term is
+never filtered. This implements the numerics of filtering and counts the blocks it would skip; the
+speed needs a block-sparse matmul for 2 and 3 (cuBLAS cannot skip blocks), left out until a GPU
+measurement says the filtered fraction at real shapes pays for it.
+
+Left out, on purpose: a bias (lm_heads have none); gradients to anything but hidden and weight (the
+old, reference and rollout log-probs and the advantages are data); the two-step path's differentiable
+logp and entropy (they come back detached, for metrics: an entropy bonus needs the two-step path);
+a single Triton kernel fusing the matmuls with the row pass (cuBLAS reaches the matmul rate; the tile
+round trip is about 4 tile passes, 10-20% of the matmul time at H = 4096-2048 on an H100).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import check_targets, check_temperature, compute_dtype, cpu_rows, use_triton, vocab_block, vocab_warps
+from .lm_head import check_linear_inputs, tile_rows
+from .logprob import _softmax_stats, selective_logprob_forward
+from .loss import _kernel_flags, _prepare, _token_loss, policy_loss_forward, policy_metrics
+
+# CUDA tile budget, in multiples of lm_head.CUDA_TILE_BYTES (1 GiB: ~3456 rows at V=151936 in bf16). Each
+# tile reads and writes the fp32 grad_weight accumulator once (8*V*H bytes, 5 GB at H=4096), and the
+# GEMM that does it has K = rows: with 768-row tiles it would be bound by that traffic, not by its FLOPs.
+CUDA_TILE_SCALE = 4
+
+# Gradient filtering granularity: a block of rows x vocabulary columns is skipped as a whole, as a
+# block-sparse backward matmul would skip it (one output tile of a typical Triton matmul).
+FILTER_ROWS = 64
+FILTER_COLS = 128
+
+
+def filter_eps(dtype: torch.dtype) -> float:
+    """Softmax values below this are below the resolution of a gradient in `dtype` (2^-12 for bf16)."""
+    return torch.finfo(torch.bfloat16 if dtype in (torch.float32, torch.float64) else dtype).eps / 32
+
+
+@triton.jit
+def _linear_loss_rows_kernel(
+    tile_ptr,
+    stride_row,
+    targets_ptr,
+    old_ptr,
+    adv_ptr,
+    weight_ptr,
+    ref_ptr,
+    rollout_ptr,
+    logp_ptr,
+    entropy_ptr,
+    loss_ptr,
+    dlogp_ptr,
+    V,
+    inv_temp,
+    eps_low,
+    eps_high,
+    dual_clip,
+    kl_coef,
+    tis_cap,
+    ON_POLICY: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    KL: tl.constexpr,
+    TIS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One row of logits: logsumexp + entropy pass, the token's loss, then -dlogp * p / T in place."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = tile_ptr + row * stride_row
+    lse, entropy = _softmax_stats(row_ptr, V, inv_temp, True, BLOCK_V)
+    target = tl.load(targets_ptr + row)
+    logp = tl.load(row_ptr + target).to(tl.float32) * inv_temp - lse
+    old = logp  # on-policy: the old log-probs are this forward's own, detached
+    if not ON_POLICY:
+        old = tl.load(old_ptr + row).to(tl.float32)
+    adv = tl.load(adv_ptr + row).to(tl.float32)
+    weight = tl.load(weight_ptr + row)
+    ref = old  # unused unless KL
+    if KL:
+        ref = tl.load(ref_ptr + row).to(tl.float32)
+    rollout = old  # unused unless TIS
+    if TIS:
+        rollout = tl.load(rollout_ptr + row).to(tl.float32)
+    loss, dlogp = _token_loss(
+        logp, old, adv, weight, ref, rollout, eps_low, eps_high, dual_clip, kl_coef, tis_cap, DUAL_CLIP, KL, TIS
+    )
+    tl.store(logp_ptr + row, logp)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(loss_ptr + row, loss)
+    tl.store(dlogp_ptr + row, dlogp)
+    scale = -dlogp * inv_temp
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        in_row = cols < V
+        z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) * inv_temp
+        tl.store(row_ptr + cols, (scale * tl.exp(z - lse)).to(tile_ptr.dtype.element_ty), mask=in_row)
+
+
+def _rows_torch(tile, targets, old, adv, weight, opts, temperature):
+    """Torch twin of the row kernel, on the CPU: (logp, entropy, loss, dlogp) [n]; tile <- -dlogp * p / T."""
+    logp, lse, entropy = selective_logprob_forward(tile, targets, temperature, True)
+    loss, dlogp = policy_loss_forward(logp, logp if old is None else old, adv, weight, opts)
+    inv_temp = 1.0 / temperature
+    step = cpu_rows(tile.shape[1])
+    for start in range(0, tile.shape[0], step):
+        rows = slice(start, start + step)
+        p = (tile[rows].to(lse.dtype) * inv_temp - lse[rows, None]).exp_()  # [r, V] fp32 sub-tile
+        tile[rows] = p.mul_(-dlogp[rows, None] * inv_temp)
+    return logp, entropy, loss, dlogp
+
+
+def _filter_blocks(tile: torch.Tensor, dlogp: torch.Tensor, temperature: float, eps: float) -> tuple[int, int]:
+    """Zeroes the FILTER_ROWS x FILTER_COLS blocks of tile (= -dlogp * p / T) where every p < eps.
+
+    p is read back from the tile as |tile| * T / |dlogp| (rows with dlogp = 0 are zero already).
+    Returns (blocks zeroed, blocks in all).
+    """
+    n, v = tile.shape
+    nb, vb = triton.cdiv(n, FILTER_ROWS), triton.cdiv(v, FILTER_COLS)
+    thresh = (dlogp.abs() * (eps / temperature)).to(torch.float32)[:, None]  # [n, 1]
+    hot = tile.abs().to(torch.float32) > thresh  # [n, V]; rows with dlogp = 0 are all cold
+    hot = torch.nn.functional.pad(hot, (0, vb * FILTER_COLS - v, 0, nb * FILTER_ROWS - n))
+    keep = hot.view(nb, FILTER_ROWS, vb, FILTER_COLS).any(dim=3).any(dim=1)  # [nb, vb]
+    full = keep.repeat_interleave(FILTER_ROWS, 0)[:n].repeat_interleave(FILTER_COLS, 1)[:, :v]  # [n, V]
+    tile.mul_(full)
+    return int((~keep).sum()), nb * vb
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with fp32 (or fp64) accumulation and no rounding of the product to a's dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _rows(t: torch.Tensor | None, chunk: slice) -> torch.Tensor | None:
+    return None if t is None else t[chunk]
+
+
+class LinearPolicyLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, old, adv, tok_weight, opts, temperature, grad_filter):
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        acc_dtype = compute_dtype(hidden.dtype)
+        logp = torch.empty(n_rows, dtype=acc_dtype, device=hidden.device)  # [N]
+        entropy, loss_tok, dlogp = (torch.empty_like(logp) for _ in range(3))  # [N] each
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        acc = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None  # [V, H]
+        filtered = torch.zeros(2, dtype=torch.int64)  # blocks zeroed, blocks seen
+        eps = filter_eps(hidden.dtype)
+        rows = tile_rows(n_rows, vocab, hidden.element_size(), hidden.device, CUDA_TILE_SCALE)
+        if grad_filter:  # filter blocks at the same rows on every device: tiles of whole FILTER_ROWS blocks
+            rows = max(1, min(max(rows // FILTER_ROWS, 1) * FILTER_ROWS, n_rows))
+        buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)  # [rows, V]
+        inv_temp = 1.0 / temperature
+        for start in range(0, n_rows, rows):
+            chunk = slice(start, start + rows)
+            h = hidden[chunk]  # [n, H]
+            tile = torch.mm(h, weight.t(), out=buf[: h.shape[0]])  # [n, V]
+            if use_triton(tile):
+                ref = opts["ref"] if opts["ref"] is not None else adv
+                rollout = opts["rollout"] if opts["rollout"] is not None else adv
+                block = vocab_block(vocab)
+                _linear_loss_rows_kernel[(h.shape[0],)](
+                    tile, tile.stride(0), targets[chunk], adv if old is None else old[chunk], adv[chunk],
+                    tok_weight[chunk], ref[chunk], rollout[chunk], logp[chunk], entropy[chunk], loss_tok[chunk],
+                    dlogp[chunk], vocab, inv_temp, **_kernel_flags(opts), ON_POLICY=old is None,
+                    BLOCK_V=block, num_warps=vocab_warps(block),
+                )  # fmt: skip
+            else:
+                chunk_opts = {**opts, "ref": _rows(opts["ref"], chunk), "rollout": _rows(opts["rollout"], chunk)}
+                args = (targets[chunk], _rows(old, chunk), adv[chunk], tok_weight[chunk], chunk_opts, temperature)
+                out = _rows_torch(tile, *args)
+                logp[chunk], entropy[chunk], loss_tok[chunk], dlogp[chunk] = out
+            if grad_filter:
+                filtered += torch.tensor(_filter_blocks(tile, dlogp[chunk], temperature, eps))
+            coef = (dlogp[chunk] * inv_temp)[:, None]  # [n, 1] the one-hot term of d loss / d logits
+            if need_hidden:
+                gh = torch.zeros(h.shape, dtype=acc_dtype, device=h.device)  # [n, H]
+                _accumulate(gh, tile, weight)
+                gh += coef * weight.index_select(0, targets[chunk]).to(acc_dtype)
+                grad_hidden[chunk] = gh
+            if need_weight:
+                _accumulate(acc, tile.t(), h)
+                acc.index_add_(0, targets[chunk], coef * h.to(acc_dtype))
+        ctx.save_for_backward(grad_hidden, None if acc is None else acc.to(weight.dtype))
+        ctx.mark_non_differentiable(logp, entropy, filtered)
+        return loss_tok.sum(), logp, entropy, filtered
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # out of place: a retained graph may be backpropagated again (benchmarks do)
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        return scale(grad_hidden), scale(grad_weight), None, None, None, None, None, None, None
+
+
+def linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    rollout_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = None,
+    aggregation: str = "token-mean",
+    seq_ids: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    max_len: int | None = None,
+    grad_filter: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """policy_loss(linear_logprob(hidden, weight, targets, temperature), ...) in one pass over the vocabulary.
+
+    hidden [N, H] and weight [V, H] (the full lm_head weight, not transposed) as linear_logprob takes
+    them; targets and every token tensor flat [N] (the packed layout); the loss options are
+    policy_loss's. old_logprobs=None means on-policy: the old log-probs are this forward's own,
+    detached (ratio 1), as the trainer uses with one update per batch.
+    grad_filter zeroes the gradient blocks whose softmax is below bf16 resolution (CCE-style).
+
+    Returns (loss, metrics, logp, entropy): loss a 0-d fp32 tensor whose gradient flows to hidden and
+    weight (computed in the forward, so a second backward through it is not supported); metrics as
+    policy_loss's, plus grad_filtered_frac (the share of gradient blocks zeroed) with grad_filter;
+    logp and entropy [N] fp32, detached.
+    """
+    check_linear_inputs(hidden, weight)
+    n_rows = hidden.shape[0]
+    check_targets(targets, n_rows, weight.shape[0], hidden.device)
+    if not isinstance(advantages, torch.Tensor) or advantages.shape != (n_rows,):
+        raise ValueError(
+            f"advantages must be a flat tensor of shape ({n_rows},), one value per row of hidden; "
+            "the fused linear loss takes the packed [N] layout"
+        )
+    temperature = check_temperature(temperature)
+    old, adv, m, tok_weight, opts = _prepare(
+        advantages,
+        old_logprobs,
+        advantages,
+        mask,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        ref_logprobs=ref_logprobs,
+        kl_coef=kl_coef,
+        rollout_logprobs=rollout_logprobs,
+        tis_cap=tis_cap,
+        aggregation=aggregation,
+        seq_ids=seq_ids,
+        normalizer=normalizer,
+        max_len=max_len,
+        weight_dtype=compute_dtype(hidden.dtype),
+        lead="advantages",
+    )
+    loss, logp, entropy, filtered = LinearPolicyLossFunction.apply(
+        hidden, weight, targets.contiguous(), old, adv, tok_weight, opts, temperature, bool(grad_filter)
+    )
+    metrics = policy_metrics(logp, logp if old is None else old, adv, m, opts)
+    if grad_filter:
+        metrics["grad_filtered_frac"] = filtered[0].float() / filtered[1].clamp(min=1).float()
+    return loss, metrics, logp, entropy

@@ -1,0 +1,189 @@
+import pytest
+import torch
+from kernel_checks import DEVICE, SLOW, assert_close, randint, randn
+from rptfast.kernels import _utils as kernel_utils
+from rptfast.kernels import linear_logprob, linear_policy_loss, policy_loss, reference
+from rptfast.kernels import linear_loss as linear_loss_module
+from rptfast.kernels import lm_head as lm_head_module
+
+# (N, H, V): one token; V not a multiple of any block; V > 65536 with few rows; 423 rows (19 in the interpreter)
+SHAPES = [(1, 16, 7), (37, 64, 1000), (5, 8, 70001), (423, 32, 517)]
+if SLOW:  # the interpreter runs a program per row at a few ms per block: small shapes, one case for the large V
+    SHAPES = [(1, 16, 7), (19, 32, 517), (3, 8, 70001)]
+OPTIONS = {
+    "on-policy": dict(on_policy=True),
+    "clip+kl+dual": dict(dual_clip=3.0, kl_coef=0.05, ref=True, eps_high=0.28),
+    "tis+seq-mean": dict(tis=True, aggregation="seq-mean-token-mean"),
+}
+DTYPES = [torch.float32, torch.bfloat16]
+CASES = [(c, s, d) for c in OPTIONS for s in SHAPES for d in DTYPES]
+if SLOW:  # the large vocabulary once: on-policy, fp32
+    CASES = [(c, s, d) for c, s, d in CASES if s[2] < 65536 or (c == "on-policy" and d == torch.float32)]
+
+
+def _data(n, h, v, dtype, seed, temperature=0.8):
+    hidden = randn(n, h, seed=seed + 1, dtype=dtype)
+    weight = randn(v, h, seed=seed + 2, scale=h**-0.5 * 3, dtype=dtype)
+    targets = randint(v, n, seed=seed + 3)
+    logp = reference.linear_logprob(hidden.double(), weight.double(), targets, temperature).float()
+    old = logp + randn(n, seed=seed + 4, scale=0.3)  # ratios around 1: some clipped, some not
+    adv = randn(n, seed=seed + 5)
+    mask = randn(n, seed=seed + 6) > -1.0  # ~16% masked
+    seq_ids = torch.sort(randint(max(1, n // 4), n, seed=seed + 7)).values
+    return hidden, weight, targets, old, adv, mask, seq_ids
+
+
+def _kwargs(opts, old, seq_ids, temperature=0.8):
+    kw = dict(temperature=temperature, eps_high=opts.get("eps_high", 0.2), dual_clip=opts.get("dual_clip"))
+    if opts.get("ref"):
+        kw.update(ref_logprobs=old - 0.1, kl_coef=opts["kl_coef"])
+    if opts.get("tis"):
+        kw.update(rollout_logprobs=old + 0.2, tis_cap=1.5)
+    if "aggregation" in opts:
+        kw.update(aggregation=opts["aggregation"], seq_ids=seq_ids)
+    return kw
+
+
+def _cast(kw, dtype):
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+
+
+def _grads(fn, hidden, weight, *args, **kw):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    out = fn(h, w, *args, **kw)
+    loss = out[0]
+    loss.backward()
+    return loss, h.grad, w.grad, out
+
+
+def _two_step(h, w, targets, old, adv, mask, *, temperature, **kw):
+    logp = linear_logprob(h, w, targets, temperature)
+    return policy_loss(logp, logp.detach() if old is None else old, adv, mask, **kw)
+
+
+@pytest.mark.parametrize("case,shape,dtype", CASES)
+def test_matches_two_step_and_fp64(case, shape, dtype):
+    opts, (n, h, v) = OPTIONS[case], shape
+    hidden, weight, targets, old, adv, mask, seq_ids = _data(n, h, v, dtype, seed=n + v)
+    old_arg = None if opts.get("on_policy") else old
+    kw = _kwargs(opts, old, seq_ids)
+    ours = _grads(linear_policy_loss, hidden, weight, targets, old_arg, adv, mask, **kw)
+    two = _grads(_two_step, hidden, weight, targets, old_arg, adv, mask, **kw)
+    gold_old = None if old_arg is None else old.double()
+    gold = _grads(reference.linear_policy_loss, hidden.double(), weight.double(), targets, gold_old,
+                  adv.double(), mask, **_cast(kw, torch.float64))  # fmt: skip
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype and ours[2].dtype == dtype
+    what = f"{case} n={n} h={h} v={v} {dtype}"
+    for i, name in enumerate(("loss", "grad_hidden", "grad_weight")):
+        assert_close(ours[i], gold[i], two[i], what=f"{name} {what}", dtype=dtype)
+    # the detached logp, entropy and metrics agree with the two-step path's
+    logp, ent = linear_logprob(hidden, weight, targets, 0.8, return_entropy=True)
+    torch.testing.assert_close(ours[3][2], logp, rtol=0, atol=1e-5 * max(1.0, logp.abs().max().item()))
+    torch.testing.assert_close(ours[3][3], ent, rtol=0, atol=1e-5 * max(1.0, ent.abs().max().item()))
+    for k, val in two[3][1].items():
+        assert ours[3][1][k].item() == pytest.approx(val.item(), abs=1e-5, rel=1e-4), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_row_tiles(monkeypatch, dtype):
+    """Tiles of a few rows, so grad_weight accumulates (in fp32) over many of them."""
+    monkeypatch.setattr(kernel_utils, "CPU_TILE_ELEMENTS", 3 * 300)
+    monkeypatch.setattr(lm_head_module, "CPU_TILE_ELEMENTS", 3 * 300)
+    monkeypatch.setattr(lm_head_module, "CUDA_TILE_BYTES", 3 * 300 * 4)
+    hidden, weight, targets, old, adv, mask, seq_ids = _data(13 if SLOW else 61, 48, 300, dtype, seed=10)
+    kw = _kwargs(OPTIONS["clip+kl+dual"], old, seq_ids, temperature=1.0)
+    ours = _grads(linear_policy_loss, hidden, weight, targets, old, adv, mask, **kw)
+    two = _grads(_two_step, hidden, weight, targets, old, adv, mask, **kw)
+    gold = _grads(reference.linear_policy_loss, hidden.double(), weight.double(), targets, old.double(),
+                  adv.double(), mask, **_cast(kw, torch.float64))  # fmt: skip
+    for i, name in enumerate(("loss", "grad_hidden", "grad_weight")):
+        assert_close(ours[i], gold[i], two[i], what=f"{name} many tiles {dtype}", dtype=dtype)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batches_sum_to_the_batch(aggregation):
+    """With the global normalizer, micro-batch losses and gradients add up to the whole batch's."""
+    n, h, v = (24, 16, 300) if SLOW else (90, 32, 1000)
+    hidden, weight, targets, old, adv, mask, seq_ids = _data(n, h, v, torch.float32, seed=50)
+    seq_ids = torch.arange(n, device=DEVICE) // 6  # sequences of 6 tokens, cut at multiples of 6 below
+    normalizer = float(mask.sum()) if aggregation == "token-mean" else float(n // 6)
+    kw = dict(aggregation=aggregation, normalizer=normalizer, kl_coef=0.05, ref_logprobs=old - 0.1)
+    whole = _grads(linear_policy_loss, hidden, weight, targets, old, adv, mask, seq_ids=seq_ids, **kw)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    total = 0.0
+    for part in (slice(0, 12), slice(12, n - 6), slice(n - 6, n)):
+        ids = seq_ids[part] - seq_ids[part][0]
+        kw_part = {**kw, "ref_logprobs": kw["ref_logprobs"][part]}
+        data = (targets[part], old[part], adv[part], mask[part])
+        loss = linear_policy_loss(h[part], w, *data, seq_ids=ids, **kw_part)[0]
+        loss.backward()
+        total += loss.item()
+    assert total == pytest.approx(whole[0].item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(h.grad, whole[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, whole[2], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_filter_error_is_bounded():
+    """Peaked rows (a few large logits): filtering zeroes most blocks; what it drops is below eps per entry."""
+    n, h, v = (64, 32, 4000) if SLOW else (200, 32, 4000)
+    hidden, weight, targets, old, adv, mask, _ = _data(n, h, v, torch.float32, seed=60)
+    weight = weight * 0.3
+    hot = randint(v, 8, seed=61)
+    weight[hot] *= 30  # 8 tokens take most of the probability mass in every row
+    targets[: n // 2] = hot[randint(8, n // 2, seed=62)]
+    exact = _grads(linear_policy_loss, hidden, weight, targets, old, adv, mask)
+    filt = _grads(linear_policy_loss, hidden, weight, targets, old, adv, mask, grad_filter=True)
+    frac = filt[3][1]["grad_filtered_frac"].item()
+    assert 0.3 < frac < 1.0, f"filtered fraction {frac}"
+    assert filt[0].item() == exact[0].item()  # the forward is untouched
+    # each dropped entry of d loss / d logits is below eps * |dlogp| (T = 1), so grad_hidden moves by at most
+    # eps * |dlogp_r| * sum_v |W[v, j]| at (r, j)
+    logp = linear_logprob(hidden, weight, targets).detach().requires_grad_()
+    (dlogp,) = torch.autograd.grad(policy_loss(logp, old, adv, mask)[0], logp)
+    eps = linear_loss_module.filter_eps(torch.float32)
+    bound = eps * dlogp.abs()[:, None] * weight.abs().sum(0)[None, :]  # [N, H]
+    change = (filt[1] - exact[1]).abs()
+    assert change.max() > 0 and (change <= bound * 1.01 + 1e-7).all(), (change - bound).max().item()
+    gold = _grads(reference.linear_policy_loss, hidden.double(), weight.double(), targets, old.double(),
+                  adv.double(), mask)  # fmt: skip
+    rel = (filt[1].double() - gold[1]).abs().max().item() / gold[1].abs().max().item()
+    assert rel < 2**-8, f"filtered grad_hidden is off by {rel:.3g} of its largest value (more than one bf16 ulp)"
+
+
+def test_grad_filter_keeps_flat_rows():
+    """Flat distributions have no block below eps: filtering changes nothing."""
+    hidden, weight, targets, old, adv, mask, _ = _data(40, 16, 300, torch.float32, seed=70)
+    exact = _grads(linear_policy_loss, hidden, weight * 0.01, targets, old, adv, mask)
+    filt = _grads(linear_policy_loss, hidden, weight * 0.01, targets, old, adv, mask, grad_filter=True)
+    assert filt[3][1]["grad_filtered_frac"].item() == 0.0
+    assert torch.equal(filt[1], exact[1]) and torch.equal(filt[2], exact[2])
+
+
+def test_only_weight_needs_grad():
+    hidden, weight, targets, old, adv, mask, _ = _data(9, 16, 50, torch.float32, seed=80)
+    w = weight.clone().requires_grad_()
+    linear_policy_loss(hidden, w, targets, None, adv, mask)[0].backward()
+    gold_w = weight.double().requires_grad_()
+    reference.linear_policy_loss(hidden.double(), gold_w, targets, None, adv.double(), mask)[0].backward()
+    torch.testing.assert_close(w.grad.double(), gold_w.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(adv=lambda a: a[:-1]), r"advantages must be a flat tensor of shape \(5,\)"),
+        (dict(old=lambda o: o[:-1]), "old_logprobs has shape"),
+        (dict(w=lambda w: w.t()), "not transposed"),
+        (dict(t=lambda t: t + 40), r"outside \[0, 40\)"),
+        (dict(kw=dict(kl_coef=0.1)), "kl_coef > 0 needs ref_logprobs"),
+        (dict(kw=dict(temperature=0.0)), "temperature"),
+    ],
+)
+def test_bad_inputs_raise(change, match):
+    h, w, t = randn(5, 8, seed=90), randn(40, 8, seed=91), randint(40, 5, seed=92)
+    old, adv, mask = randn(5, seed=93), randn(5, seed=94), randn(5, seed=95) > 0
+    f = lambda key, x: change[key](x) if key in change else x  # noqa: E731
+    with pytest.raises(ValueError, match=match):
+        linear_policy_loss(f("h", h), f("w", w), f("t", t), f("old", old), f("adv", adv), mask, **change.get("kw", {}))
