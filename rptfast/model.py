@@ -302,6 +302,9 @@ class PolicyLogprob(nn.Module):
         h = hidden_states(self.lm, mb).index_select(0, mb.pred_idx)  # [R, H]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
         if loss is not None:
+            if self.logprob != "fused":
+                raise ValueError(f"the fused loss needs model.logprob = 'fused', not {self.logprob!r}; "
+                                 "set model.fused_loss = false for the logits ablations")
             return linear_policy_loss(h, weight, mb.targets, temperature=temperature, **loss)
         if self.logprob == "fused":
             return linear_logprob(h, weight, mb.targets, temperature, return_entropy=True)
