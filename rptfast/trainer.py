@@ -24,10 +24,10 @@ import hashlib
 import math
 import os
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
 import torch
 
 from rptfast import checkpoint, config, distributed
