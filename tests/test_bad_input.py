@@ -1,7 +1,7 @@
 """Bad input across train, prepare, eval and bench: exit 2, one line naming the key or path, no traceback.
 
 Each case runs `rptfast.cli.main` in-process (every one fails before an engine starts, so
-they take seconds); three go through a subprocess to prove the process exit code itself.
+they take seconds); one goes through a subprocess to prove the process exit code itself.
 """
 
 import json
@@ -219,16 +219,11 @@ def test_bench_bad_inputs(tiny_dir, tmp_path, capsys):
         expect_exit_2(capsys, argv, *names)
 
 
-@pytest.mark.parametrize("argv, name", [
-    (["train", "BINARY"], "not UTF-8"),
-    (["train", "GOOD", "--set", "train.lr=inf"], "train.lr"),
-    (["prepare", "--corpus", "GOOD", "--proxy", "./no-proxy", "--out", "OUT"], "--proxy"),
-])
-def test_exit_code_2_from_the_process(tiny_dir, tmp_path, argv, name):
-    subs = {"BINARY": write(tmp_path / "b.toml", b"\xff\xfe\x00\x01"),
-            "GOOD": write(tmp_path / "g.toml", base_toml(tiny_dir, tmp_path / "run")), "OUT": str(tmp_path / "o")}
-    r = subprocess.run([sys.executable, "-m", "rptfast", *[subs.get(a, a) for a in argv]], capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def test_exit_code_2_from_the_process(tiny_dir, tmp_path):
+    """One case through a real process (its start-up costs ~20 s on this CPU): the exit status itself."""
+    cfg = write(tmp_path / "g.toml", base_toml(tiny_dir, tmp_path / "run"))
+    r = subprocess.run([sys.executable, "-m", "rptfast", "train", cfg, "--set", "train.lr=inf"], capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
-    assert name in r.stderr.strip().splitlines()[-1]
+    assert "train.lr" in r.stderr.strip().splitlines()[-1]
