@@ -122,11 +122,12 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, extra: dic
     return final
 
 
-def latest(run_dir: Path, say: Callable[[str], None] = print, check: bool = True) -> Path | None:
+def latest(run_dir: Path, say: Callable[[str], None] = print, check: bool = True, main: bool = True) -> Path | None:
     """The newest intact checkpoint (a `.tmp` directory is an interrupted write, never read).
 
     With `check`, each is verified against its manifest, newest first; a damaged one is renamed
-    to `<name>.damaged` (kept for inspection, never read again) and the previous one is tried.
+    (by the `main` rank only) to `<name>.damaged`, kept for inspection and never read again, and
+    the previous one is tried.
     """
     done = sorted((run_dir / "checkpoints").glob("step_*[0-9]"), reverse=True)
     if not check:
@@ -135,8 +136,9 @@ def latest(run_dir: Path, say: Callable[[str], None] = print, check: bool = True
         problem = verify(ckpt)
         if problem is None:
             return ckpt
-        shutil.rmtree(ckpt.with_name(ckpt.name + ".damaged"), ignore_errors=True)
-        ckpt.rename(ckpt.with_name(ckpt.name + ".damaged"))
+        if main:
+            shutil.rmtree(ckpt.with_name(ckpt.name + ".damaged"), ignore_errors=True)
+            ckpt.rename(ckpt.with_name(ckpt.name + ".damaged"))
         say(f"WARNING checkpoint {ckpt} is damaged ({problem}); renamed to {ckpt.name}.damaged, "
             f"falling back to the previous one")
     return None
