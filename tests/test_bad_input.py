@@ -131,8 +131,7 @@ def test_train_bad_inputs(tiny_dir, tmp_path, broken, capsys):
         t0 = time.perf_counter()
         expect_exit_2(capsys, argv, *names)
         assert time.perf_counter() - t0 < 30, argv  # checked before work (an engine start or hub retries)
-    assert not (tmp_path / "fresh").exists() or not (tmp_path / "fresh" / "config.json").exists()
-    assert len(cases) >= 20
+    assert not (tmp_path / "fresh" / "config.toml").exists()  # a refused --resume claims nothing
 
 
 def test_train_refuses_a_locked_run_dir(tiny_dir, tmp_path, capsys):

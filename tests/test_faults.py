@@ -17,6 +17,7 @@ from test_trainer import make_cfg, rows
 
 from rptfast import checkpoint, cli, config, trainer
 from rptfast.errors import NonFiniteError
+from rptfast.metrics import MetricsLogger
 
 
 def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
@@ -176,3 +177,21 @@ def test_sigkill_and_resume_is_bitwise(tiny_dir, tmp_path):
     assert_same_weights(whole, tmp_path / "killed" / "final")
     assert_no_duplicate_steps(tmp_path / "killed", 4)
     assert all(math.isfinite(r["loss"]) for r in rows(tmp_path / "killed") if "loss" in r)
+
+
+def test_metrics_restart_drops_rows_after_the_checkpoint_and_torn_lines(tmp_path, capsys):
+    m = MetricsLogger(tmp_path, True, 5, progress=False, tensorboard=False, every=1)
+    for step in range(5):
+        m.log(step, {"loss": 0.5 + step})
+    m.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # the line a SIGKILL tore
+    m = MetricsLogger(tmp_path, True, 5, progress=False, tensorboard=False, every=1)
+    m.restart_at(2)
+    m.log(3, {"loss": -1.0})
+    m.close()
+    assert [(r["step"], r["loss"]) for r in rows(tmp_path)] == [(0, 0.5), (1, 1.5), (2, 2.5), (3, -1.0)]
+    m = MetricsLogger(tmp_path, True, 5, progress=False, tensorboard=False, every=1)
+    m.restart_at(0)  # a fresh start in a reused directory
+    m.close()
+    assert rows(tmp_path) == []
