@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{verdict}  {t['target']}: {fmt(t['value'])}")
 
     stamp = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         commit=git_commit(),
         device=device_name,
     )

@@ -1,6 +1,8 @@
 """rptfast's command line: `rptfast train | prepare | eval | bench throughput` (more subcommands land as they work).
 
-Exit codes: 0 done, 2 bad command line or config (the message names the key and the fix).
+Exit codes: 0 done; 2 bad command line, config, path or input file (one line that names the key or path
+and the fix); 3 training stopped on non-finite numbers (the last complete checkpoint is intact).
+Anything else is a bug in rptfast and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from rptfast.config import ConfigError
+from rptfast.errors import EXIT_NONFINITE, EXIT_USER, ConfigError, NonFiniteError, UserError, check_writable_dir
 
 
 def _quiet() -> None:
@@ -82,16 +84,28 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.steps < 1 or args.warmup < 0:
                 raise ConfigError(f"--steps ({args.steps}) must be >= 1 and --warmup ({args.warmup}) >= 0")
+            for flag, path in (("--json", args.json), ("--csv", args.csv)):
+                if path.is_dir():
+                    raise ConfigError(f"{flag} {str(path)!r} is a directory; give a file path")
+                check_writable_dir(path.parent, f"{flag} {str(path)!r}: its directory")
             run(args.config, args.set, args.steps, args.warmup, args.ablations, args.trl, args.trace, args.json,
                 args.csv)
         elif args.command == "eval":
             from rptfast.eval import run_eval
 
             run_eval(config.load(args.config, args.set), args.model, args.data, args.out)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"rptfast {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        print(f"rptfast {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER
+    except NonFiniteError as e:
+        print(f"rptfast {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
+        return EXIT_NONFINITE
     return 0
+
+
+def _one_line(e: Exception) -> str:
+    """Library text quoted inside a message may hold newlines; the report stays one line."""
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

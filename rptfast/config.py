@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import tomllib
+from rptfast.errors import ConfigError, FileFormatError, PathError
 
-
-class ConfigError(ValueError):
-    """A bad config value or command line: the message names the key and the fix."""
+MAX_INT = 2**31 - 1  # any count, length or size beyond this is a typo, not a setting
+MAX_SEED = 2**63 - 1  # torch.manual_seed and vLLM take 64-bit seeds
 
 
 @dataclass
@@ -101,7 +102,8 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warmup steps
     schedule: str = "constant"  # constant | cosine (to 10% of lr) after warmup
     seed: int = 0  # run seed: weights of scratch models, data order, sampling seeds
-    out_dir: str = "runs/default"  # run directory
+    out_dir: str = "runs/default"  # run directory (locked while a run uses it)
+    max_skipped: int = 3  # stop (exit 3) after this many consecutive updates skipped for non-finite numbers
     ckpt_every: int = 0  # checkpoint every K steps (and at the end); 0 = only at the end
     keep_ckpts: int = 2  # keep the last K checkpoints
     offload_optimizer: bool = True  # CUDA: optimizer state to pinned CPU memory while the engine runs
@@ -219,6 +221,9 @@ BOUNDS = {
     "train.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
     "train.ckpt_every": (lambda v: v >= 0, "an integer >= 0"),
     "train.keep_ckpts": (lambda v: v >= 1, "an integer >= 1"),
+    "train.max_skipped": (lambda v: v >= 1, "an integer >= 1"),
+    "train.seed": (lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+    "prepare.seed": (lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
     "train.eval_every": (lambda v: v >= 0, "an integer >= 0"),
     "train.eval_prompts": (lambda v: v >= 1, "an integer >= 1"),
     "log.every": (lambda v: v >= 1, "an integer >= 1"),
@@ -245,7 +250,19 @@ def _unknown(kind: str, key: str, known: list[str]) -> ConfigError:
 
 
 def _coerce(key: str, value, typ: type, from_cli: bool):
-    """Check (TOML) or parse (--set) one value against the field's type."""
+    """Check (TOML) or parse (--set) one value against the field's type, then refuse nonsense:
+    a non-finite float, an integer past MAX_INT (seeds: MAX_SEED), a control character in a string."""
+    value = _typed(key, value, typ, from_cli)
+    if typ is float and not math.isfinite(value):
+        raise ConfigError(f"{key} = {value!r} is not a finite number; give a finite value, e.g. {key}={_example(typ)}")
+    if typ is int and abs(value) > (MAX_SEED if key.endswith(".seed") else MAX_INT):
+        raise ConfigError(f"{key} = {value} is beyond any sensible value (at most {MAX_INT:,}); check for a typo")
+    if typ is str and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ConfigError(f"{key} = {value!r} holds a control character; remove it")
+    return value
+
+
+def _typed(key: str, value, typ: type, from_cli: bool):
     if from_cli:
         text = value
         try:
@@ -294,9 +311,20 @@ def check(cfg: Config) -> Config:
                           f"which only the parity task has; set it to 0 for data.task = {cfg.data.task!r}")
     if cfg.train.steps + cfg.train.ntp_steps == 0:
         raise ConfigError("train.steps and train.ntp_steps are both 0: nothing to train")
-    if cfg.rollout.max_tokens + 1 > cfg.train.micro_batch_tokens:
-        raise ConfigError(f"train.micro_batch_tokens ({cfg.train.micro_batch_tokens}) is smaller than one "
-                          f"completion (rollout.max_tokens = {cfg.rollout.max_tokens}); raise it")
+    if not cfg.train.out_dir.strip():
+        raise ConfigError("train.out_dir is empty; give the run directory, e.g. --set train.out_dir=runs/mine")
+    prompt_key, prompt = longest_prompt(cfg)
+    r = cfg.rollout
+    if cfg.data.task == "parity" and r.max_tokens < cfg.data.parity_d + 1:
+        raise ConfigError(f"rollout.max_tokens ({r.max_tokens}) cannot hold the parity chain of data.parity_d + 1 = "
+                          f"{cfg.data.parity_d + 1} tokens; raise it")
+    if prompt + r.max_tokens > cfg.train.micro_batch_tokens:
+        raise ConfigError(f"train.micro_batch_tokens ({cfg.train.micro_batch_tokens}) is smaller than one sequence: "
+                          f"prompt ({prompt_key} -> {prompt} tokens) + rollout.max_tokens ({r.max_tokens}); "
+                          f"raise it to at least {prompt + r.max_tokens}")
+    if prompt + r.max_tokens > r.max_model_len:
+        raise ConfigError(f"prompt ({prompt_key} -> {prompt} tokens) + rollout.max_tokens ({r.max_tokens}) exceeds "
+                          f"rollout.max_model_len ({r.max_model_len}); raise max_model_len or lower the others")
     if cfg.train.warmup_steps > max(cfg.train.steps, cfg.train.ntp_steps):
         raise ConfigError(f"train.warmup_steps ({cfg.train.warmup_steps}) exceeds train.steps "
                           f"({cfg.train.steps}); lower the warmup or raise the steps")
@@ -314,6 +342,15 @@ def check(cfg: Config) -> Config:
         raise ConfigError("model.grad_filter only acts in the fused loss (model.fused_loss = true, model.logprob = "
                           "'fused', algorithm.updates_per_batch = 1); set model.grad_filter = false")
     return cfg
+
+
+def longest_prompt(cfg: Config) -> tuple[str, int]:
+    """(the key that sets it, the longest prompt of the task in tokens)."""
+    if cfg.data.task == "parity":
+        return "data.parity_d + 1", cfg.data.parity_d + 1  # d bits and "="
+    if cfg.data.task == "first_token":
+        return "data.prompt_len", cfg.data.prompt_len
+    return "data.max_prompt_tokens", cfg.data.max_prompt_tokens
 
 
 def get(cfg: Config, key: str):
@@ -363,11 +400,17 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if not p.is_file():
         names = sorted(x.name.removesuffix(".toml") for x in resources.files("rptfast.configs").iterdir()
                        if x.name.endswith(".toml"))
-        raise ConfigError(f"config file {str(path)!r} does not exist; give a TOML path or a preset: {', '.join(names)}")
+        what = "is a directory, not a file" if p.is_dir() else "does not exist"
+        raise PathError(f"config file {str(path)!r} {what}; give a TOML path or a preset: {', '.join(names)}")
     try:
-        tree = tomllib.loads(p.read_text())
+        tree = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        raise FileFormatError(f"config file {str(path)!r} is not valid TOML ({e}); fix the line it names") from None
+    except UnicodeDecodeError as e:
+        raise FileFormatError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}); "
+                              f"give a TOML file") from None
+    except OSError as e:
+        raise PathError(f"config file {str(path)!r} cannot be read ({e.strerror}); check its permissions") from None
     return from_dict(tree, overrides)
 
 

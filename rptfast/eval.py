@@ -32,9 +32,10 @@ from rptfast.config import Config, ConfigError
 from rptfast.data.store import SampleStore, check_tokenizer, write_json
 from rptfast.data.templates import PromptBuilder, check_lengths
 from rptfast.data.tokens import token_bytes
+from rptfast.errors import PathError, check_writable_dir
 from rptfast.model import Sequence, collate, hidden_states, load_policy, resolve_attn, resolve_dtype
 from rptfast.reward import reward
-from rptfast.rollout import SamplingConfig, make_engine
+from rptfast.rollout import SamplingConfig, check_model_dir, make_engine
 
 SPLITS = {"all": None, "easy": 0.5, "medium": 1.0, "hard": 1.5}  # entropy above which a sample belongs
 
@@ -119,9 +120,20 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
     from rptfast.data.prepare import load_tokenizer
 
     e = cfg.eval
+    # everything that can fail is checked before the first forward
+    check_model_dir(model, cfg.rollout.max_model_len if e.reasoning else None, key="--model")
+    if e.reasoning:
+        check_lengths(cfg.data.max_prompt_tokens, cfg.rollout.max_tokens, cfg.rollout.max_model_len)
+    path = Path(out) if out else Path(data) / f"eval-{Path(model.rstrip('/')).name}.json"
+    if path.is_dir():
+        raise PathError(f"--out {str(path)!r} is a directory; give a JSON file path")
+    check_writable_dir(path.parent, f"--out {str(path)!r}: its directory")
     store = SampleStore(data)
     tokenizer = load_tokenizer(model, cfg.model.trust_remote_code)
     check_tokenizer(store, tokenizer, f"model {model!r}")
+    if e.reasoning and tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer of --model {model!r} has no EOS token, so completions never end; set "
+                          f"eos_token in its tokenizer_config.json")
     rows = store.rows(e.split)[:e.samples or None]
     if len(rows) == 0:
         raise ConfigError(f"{data} has no samples in split {e.split!r}; set --set eval.split=train (or all), "
@@ -141,7 +153,6 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if e.reasoning:
-        check_lengths(cfg.data.max_prompt_tokens, cfg.rollout.max_tokens, cfg.rollout.max_model_len)
         build = PromptBuilder(tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, token_bytes(tokenizer))
         own = engine is None
         if own:
@@ -175,7 +186,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         **stats,
         "splits": splits,
     }
-    path = Path(out) if out else Path(data) / f"eval-{Path(model.rstrip('/')).name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)
     print(f"next-token accuracy (%), model {model}, {len(rows)} samples of {data} ({e.split})")
     print(table(splits, e.k))

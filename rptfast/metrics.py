@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -67,7 +68,7 @@ class Timer:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, main: bool, total_steps: int, progress: bool, tensorboard: bool, every: int):
-        self.main, self.every = main, every
+        self.main, self.every, self.run_dir = main, every, run_dir
         self.jsonl = (run_dir / "metrics.jsonl").open("a") if main else None
         self.bar = None
         if main and progress and sys.stderr.isatty():
@@ -80,6 +81,33 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(run_dir / "tb"))
             except ImportError:
                 pass
+
+    def restart_at(self, step: int) -> None:
+        """Keep only rows up to `step` (the checkpoint a run resumes from; 0 for a fresh start in a
+        reused directory): rows a killed run wrote after its checkpoint are redone, not duplicated.
+        metrics.jsonl is rewritten under a temp name (a torn last line goes too); TensorBoard
+        drops its events after `step` through purge_step."""
+        if not self.main:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        self.jsonl.close()
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line torn by a kill
+                continue
+            if step > 0 and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line + "\n")
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self.jsonl = path.open("a")
+        if self.tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=step + 1 if step else 0)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.main:

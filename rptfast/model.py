@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rptfast.errors import ConfigError, FileFormatError, PathError
 from rptfast.kernels import linear_logprob, linear_policy_loss, reference, selective_logprob
 
 VARLEN = "rptfast_varlen"  # torch.nn.attention.varlen on CUDA
@@ -53,12 +54,12 @@ def resolve_attn(name: str, device: torch.device) -> str:
         name = "flash" if flash else "varlen" if varlen else "sdpa" if device.type == "cuda" else "per_seq"
     if name == "flash":
         if not flash:
-            raise RuntimeError("model.attn = 'flash' needs CUDA and flash-attn (pip install flash-attn); "
+            raise ConfigError("model.attn = 'flash' needs CUDA and flash-attn (pip install flash-attn); "
                                "use model.attn = 'auto'")
         return "flash_attention_2"
     if name == "varlen":
         if not varlen:
-            raise RuntimeError("model.attn = 'varlen' needs CUDA and torch.nn.attention.varlen (torch >= 2.10); "
+            raise ConfigError("model.attn = 'varlen' needs CUDA and torch.nn.attention.varlen (torch >= 2.10); "
                                "use model.attn = 'auto'")
         _register(VARLEN, _varlen_attention())
         return VARLEN
@@ -133,14 +134,18 @@ def _per_seq_attention(module, query, key, value, attention_mask, scaling=None, 
 def load_policy(path: str, *, dtype: torch.dtype, attn: str, trust_remote_code: bool,
                 gradient_checkpointing: bool):
     """An HF causal LM from a directory or hub name, with the attention backend set."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
                                                      trust_remote_code=trust_remote_code)
+    except SafetensorError as e:
+        raise FileFormatError(f"cannot load model {path!r}: a weights file is corrupt ({e}); download or save "
+                              f"the model again") from None
     except OSError as e:
-        raise FileNotFoundError(f"cannot load model {path!r}: {e}. Give a HF model directory or a hub name "
-                                f"(model.path)") from None
+        raise PathError(f"cannot load model {path!r}: {e}. Give a HF model directory or a hub name "
+                        f"(model.path)") from None
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -20,18 +20,20 @@ What it leaves out of the textbook, on purpose:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import math
 import os
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
 import torch
 
 from rptfast import checkpoint, config, distributed
 from rptfast.distributed import Dist, all_gather_objects, all_max, all_sum, full_tensors
+from rptfast.errors import NonFiniteError, check_writable_dir
 from rptfast.kernels import group_advantages, policy_loss
 from rptfast.metrics import MetricsLogger, Timer, peak_flops, peak_memory_gb
 from rptfast.model import (
@@ -50,7 +52,13 @@ from rptfast.tasks import Prompt, make_task
 
 
 class RunDirError(config.ConfigError):
-    """The run directory holds another run, or --resume has nothing to resume."""
+    """The run directory holds another run, is in use, or --resume has nothing to resume."""
+
+
+# config keys that may differ on --resume: a larger train.steps extends a finished run (with
+# schedule = "cosine" the remaining steps follow the curve of the new length); the log keys only
+# change what is printed. Anything else would make the resumed run a different run.
+RESUME_MAY_DIFFER = ("train.steps", "log.progress", "log.every", "log.tensorboard")
 
 
 def sample_seed(run_seed: int, step: int, index: int) -> int:
@@ -103,21 +111,50 @@ class Run:
     own_engine: bool = True
 
 
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on `run_dir/.lock` (held open until the run ends; the OS drops it when the
+    process dies, even on SIGKILL), or a RunDirError naming the process that holds it."""
+    check_writable_dir(run_dir, "train.out_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = (run_dir / ".lock").open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunDirError(f"run directory {str(run_dir)!r} is in use by another rptfast process (pid {holder}); "
+                          f"wait for it to finish, or set train.out_dir to another directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def claim_run_dir(run_dir: Path, cfg: config.Config, resume: bool, d: Dist) -> None:
-    """Refuse a directory that holds another run; on --resume, insist the config is the same."""
+    """Refuse a directory that holds another run; on --resume, insist the config is the same but for
+    RESUME_MAY_DIFFER. A directory whose run never reached a checkpoint (a start that failed, or
+    a run killed before its first checkpoint) holds nothing to resume, so a fresh start reuses it."""
     path = run_dir / "config.toml"
     text = config.to_toml(cfg)
-    if path.exists():
-        if not resume:
-            raise RunDirError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue "
-                              f"it, or set train.out_dir to a new directory")
-        old = config.flat(config.from_dict(tomllib.loads(path.read_text())))
-        changed = [k for k, v in config.flat(cfg).items() if old[k] != v]
+    started = checkpoint.latest(run_dir, check=False) is not None or (run_dir / "final").exists()
+    if path.exists() and not resume and started:
+        raise RunDirError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue "
+                          f"it, or set train.out_dir to a new directory")
+    if resume:
+        if not path.exists() or not started:
+            raise RunDirError(f"--resume: {str(run_dir)!r} holds no checkpoint to resume; start it without "
+                              f"--resume (the directory is reused)")
+        try:
+            old = config.flat(config.from_dict(tomllib.loads(path.read_text(encoding="utf-8"))))
+        except (config.ConfigError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise RunDirError(f"--resume: {str(path)!r} is damaged ({e}); restore it or start a new run") from None
+        changed = [k for k, v in config.flat(cfg).items() if old[k] != v and k not in RESUME_MAY_DIFFER]
         if changed:
             raise RunDirError(f"--resume with a different config than the run in {str(run_dir)!r}: "
-                              f"{', '.join(changed)} differ; resume with the same config")
-    elif resume:
-        raise RunDirError(f"--resume: {str(run_dir)!r} holds no run (no config.toml); drop --resume")
+                              f"{', '.join(changed)} differ; resume with the same config (only "
+                              f"{', '.join(RESUME_MAY_DIFFER)} may change)")
     distributed.barrier(d)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,11 +183,14 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     model_dir = cfg.model.path
     if not model_dir:
         model_dir = str(run_dir / "init")
-        if d.main and not (run_dir / "init" / "config.json").exists():
-            write_scratch_model(run_dir / "init", cfg.model, t.seed)
+        if d.main and not (resume and (run_dir / "init" / "config.json").exists()):
+            write_scratch_model(run_dir / "init", cfg.model, t.seed)  # a reused directory may hold another's
         distributed.barrier(d)
-    check_model_dir(model_dir)
+    check_model_dir(model_dir, cfg.rollout.max_model_len)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise config.ConfigError(f"the tokenizer of model.path {model_dir!r} has no EOS token, so completions "
+                                 f"never end; set eos_token in its tokenizer_config.json")
     own_engine = engine is None
     if own_engine:
         r = cfg.rollout
@@ -180,12 +220,17 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
               n_params=n_params, own_engine=own_engine)
     start = 0
     if resume:
-        ckpt = checkpoint.latest(run_dir)
+        ckpt = checkpoint.latest(run_dir, say=logger.write, main=d.main)
         if ckpt is None:
-            raise RunDirError(f"--resume: no complete checkpoint in {str(run_dir / 'checkpoints')!r}")
+            raise RunDirError(f"--resume: no intact checkpoint in {str(run_dir / 'checkpoints')!r}; start a new "
+                              f"run (without --resume: the directory is reused)")
         state = checkpoint.load(ckpt, policy.lm, optimizer, d)
         start, run.cursor = state["step"], state["cursor"]
+        if start > t.ntp_steps + t.steps:
+            raise RunDirError(f"--resume: the checkpoint is at step {start}, past train.ntp_steps + train.steps "
+                              f"= {t.ntp_steps + t.steps}; raise train.steps to extend the run")
         logger.write(f"resumed from {ckpt} at step {start}")
+    logger.restart_at(start)  # rows a killed run logged after its checkpoint are redone, not duplicated
     return run, start
 
 
@@ -200,9 +245,16 @@ def train(cfg: config.Config, resume: bool = False, engine=None) -> Path:
     `engine` lets a caller reuse a started engine (tests, notebooks): its weights are
     replaced by the policy's at the start, so it may hold anything of the same shape.
     """
-    run, start = build(cfg, resume, engine)
+    lock = lock_run_dir(Path(cfg.train.out_dir)) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        run, start = build(cfg, resume, engine)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
     t = cfg.train
     total = t.ntp_steps + t.steps
+    skipped_in_a_row = 0
     try:
         if start < t.ntp_steps:
             run.engine.sleep()  # phase 1 does not generate, except for evaluations
@@ -219,6 +271,11 @@ def train(cfg: config.Config, resume: bool = False, engine=None) -> Path:
             if t.eval_every and done % t.eval_every == 0 or done == total or done == t.ntp_steps:
                 metrics.update(evaluate(run, done))
             run.logger.log(done, metrics)
+            skipped_in_a_row = skipped_in_a_row + 1 if metrics.get("skipped") else 0
+            if skipped_in_a_row >= t.max_skipped:
+                raise NonFiniteError(f"{skipped_in_a_row} updates in a row skipped for non-finite loss or gradient "
+                                     f"(train.max_skipped = {t.max_skipped}) at step {done}; lower train.lr or "
+                                     f"check the data, then --resume from the last checkpoint")
             if t.ckpt_every and done % t.ckpt_every == 0 or done == total:
                 checkpoint.save(run.run_dir, done, run.policy.lm, run.optimizer,
                                 {"cursor": run.cursor}, run.d, t.keep_ckpts)
@@ -229,6 +286,8 @@ def train(cfg: config.Config, resume: bool = False, engine=None) -> Path:
         return final
     finally:
         run.logger.close()
+        if lock is not None:
+            lock.close()
         if run.d.world > 1:
             # vLLM's shutdown tears down torch.distributed too, so it goes first; in a single
             # process it is left to exit, since it would also break other engines in the process
@@ -294,7 +353,7 @@ def rl_step(run: Run, step: int) -> dict:
         run.engine.sleep()
         trainer_in(run)
     # every rank joins the update when any rank kept a group (FSDP's collectives must pair up)
-    metrics = update(run, groups, step, timer) if stats["groups_kept"] else {"skipped": 1}
+    metrics = update(run, groups, step, timer) if stats["groups_kept"] else {"skipped": 0}
     with timer("offload"):
         trainer_out(run)
     with timer("sync"):
@@ -325,6 +384,7 @@ def rollout(run: Run, step: int, timer: Timer) -> tuple[list[Group], dict]:
             run.cursor += P
             seeds = [sample_seed(cfg.train.seed, step, p.index) for p in prompts]
             comps = run.engine.generate([p.token_ids for p in prompts], n, sampling, seeds)
+            check_finite_outputs(comps, f"rollout of step {step + 1}")
         with timer("reward"):
             rewards = torch.tensor([run.task.score(prompts[c.prompt_index], c.token_ids) for c in comps])
             adv, all_equal = group_advantages(rewards, n, scale=cfg.algorithm.adv_scale, eps=cfg.algorithm.adv_eps)
@@ -452,6 +512,7 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
                                  f"update skipped, weights untouched")
                 continue
             run.optimizer.step()
+            check_finite_state(run, step)
             run.optimizer.zero_grad(set_to_none=True)
             loss_total += mini_loss
             grad_norm = max(grad_norm, norm)
@@ -483,6 +544,51 @@ def _accumulate(sums: dict, m: dict, weight: int) -> None:
     for k, v in m.items():
         sums[k] = sums.get(k, 0.0) + float(v) * weight
     sums["_n"] = sums.get("_n", 0.0) + weight
+
+
+def check_finite_state(run: Run, step: int) -> None:
+    """After an optimizer step: stop if any parameter or optimizer moment is non-finite.
+
+    One fused reduction (torch._foreach_norm: a norm per tensor, one stack, one isfinite) over
+    the local shards, and one collective. A norm that overflows float32 (entries near 1e19)
+    counts as non-finite too: such weights are already broken. On failure the run stops
+    (NonFiniteError, exit 3) instead of rolling back: a rollback needs a pre-step copy of the
+    weights and both Adam moments (3x the fp32 parameters, 12 bytes per parameter, 168 GB for a
+    14B model), while the last checkpoint is already a rollback point on disk, and the step that
+    broke the weights from finite, clipped gradients would break them again on the same data.
+    """
+    tensors = [p.detach() for p in run.policy.parameters()]
+    tensors += [v for st in run.optimizer.state.values() for v in st.values()
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    finite = bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(local)])).all())
+    (bad,) = all_max([0 if finite else 1], run.d)
+    if bad:
+        raise NonFiniteError(f"the update of step {step + 1} made weights or optimizer state non-finite "
+                             f"(train.lr = {run.cfg.train.lr:g}); nothing was saved from it: lower the learning "
+                             f"rate and --resume from the last checkpoint (or, with none, start again)")
+
+
+def check_finite_outputs(comps: list, what: str) -> None:
+    """A policy whose log-probs are non-finite produced non-finite logits: its samples are not
+    answers, and scoring them (token 0 scored as right) would report a broken model as perfect."""
+    bad = sum(not all(map(math.isfinite, c.logprobs)) for c in comps)
+    if bad:
+        raise NonFiniteError(f"{what}: {bad} of {len(comps)} completions have non-finite log-probs: the policy "
+                             f"in the engine is broken (non-finite logits); lower train.lr and --resume from the "
+                             f"last checkpoint")
+
+
+class _CheckedOutputs:
+    """The engine as a task's evaluation sees it: every completion checked by check_finite_outputs."""
+
+    def __init__(self, engine, what: str):
+        self.engine, self.what = engine, what
+
+    def generate(self, *args, **kwargs):
+        comps = self.engine.generate(*args, **kwargs)
+        check_finite_outputs(comps, self.what)
+        return comps
 
 
 def _clip_grad(run: Run, max_norm: float) -> float:
@@ -525,6 +631,7 @@ def ntp_step(run: Run, step: int) -> dict:
             run.logger.write(f"WARNING step {step + 1}: non-finite loss or grad norm; update skipped")
         else:
             run.optimizer.step()
+            check_finite_state(run, step)
         run.optimizer.zero_grad(set_to_none=True)
     metrics = {"phase": "ntp", "loss": total, "grad_norm": norm, "lr": lr_at(cfg, step), "skipped": int(skipped),
                "trained_tokens": all_sum([trained], d)[0], "prepass_tokens": 0}
@@ -541,7 +648,8 @@ def evaluate(run: Run, step: int) -> dict:
     if asleep_phase:
         trainer_out(run)
         sync(run)
-    out = run.task.evaluate(run.engine, cfg.train.eval_prompts, cfg.train.seed)
+    out = run.task.evaluate(_CheckedOutputs(run.engine, f"evaluation at step {step}"), cfg.train.eval_prompts,
+                            cfg.train.seed)
     if asleep_phase and step < cfg.train.ntp_steps:
         run.engine.sleep()
         trainer_in(run)

@@ -2,11 +2,12 @@
 
 import subprocess
 import sys
-
-import pytest
 import tomllib
 
+import pytest
+
 from rptfast import config as C
+from rptfast.errors import PathError
 
 
 def test_defaults_roundtrip_through_toml():
@@ -50,7 +51,7 @@ def test_unknown_key_suggests():
 
 
 def test_missing_file_lists_presets(tmp_path):
-    with pytest.raises(C.ConfigError, match="parity"):
+    with pytest.raises(PathError, match="parity"):
         C.load(tmp_path / "none.toml")
 
 

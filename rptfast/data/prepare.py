@@ -44,7 +44,9 @@ from rptfast.data.corpus import CorpusError, Document, documents, open_sources
 from rptfast.data.filter import POSITION_FATES, Proxy, select
 from rptfast.data.store import COLUMNS, FORMAT, SCHEMA, ShardWriter, shard_name, write_json
 from rptfast.data.tokens import fingerprint, raw_text_encoder, token_bytes
+from rptfast.errors import PathError, check_writable_dir
 from rptfast.model import resolve_dtype
+from rptfast.rollout import check_model_dir
 
 MAX_SKIP_EXAMPLES = 20  # skipped documents listed by id in the manifest
 SKIP_REASONS = {
@@ -64,14 +66,18 @@ def load_tokenizer(path: str, trust_remote_code: bool):
 
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load a tokenizer from {path!r}: {e}") from None
+    except (OSError, ValueError) as e:  # ValueError: HFValidationError for a path that is no repo id either
+        raise PathError(f"cannot load a tokenizer from {path!r}: {e}") from None
 
 
 def prepare(cfg: Config, corpus: list[str], proxy: str, out: str, tokenizer: str | None = None,
             progress: bool | None = None) -> dict:
     """Write (or finish) the sample store in `out` and return its manifest."""
     p = cfg.prepare
+    if Path(out).exists() and not Path(out).is_dir():
+        raise PathError(f"--out {out!r} is a file; give a directory for the sample store")
+    check_writable_dir(out, "--out")
+    check_model_dir(proxy, key="--proxy")
     sources = open_sources(corpus, p)
     tok_path = tokenizer or cfg.model.path or proxy
     policy_tok = load_tokenizer(tok_path, cfg.model.trust_remote_code)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rptfast.config import ConfigError
+from rptfast.errors import ConfigError, FileFormatError
 
 FORMAT = "rptfast-rpt-samples/1"
 ROW_GROUP = 256  # rows per Parquet row group: the unit the task reads at random
@@ -129,12 +129,22 @@ class SampleStore:
                                   f"`rptfast prepare` again to finish it")
             raise ConfigError(f"{str(path)!r} is not a sample store: no manifest.json; write one with "
                               f"`rptfast prepare --corpus ... --proxy ... --out {path}`")
-        self.manifest = json.loads(manifest.read_text())
+        try:
+            self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FileFormatError(f"{manifest} is not valid JSON ({e}); run the prepare again into a new --out") \
+                from None
+        if not isinstance(self.manifest, dict):
+            raise FileFormatError(f"{manifest} is not a JSON object; run the prepare again into a new --out")
         if self.manifest.get("format") != FORMAT:
             raise ConfigError(f"{manifest}: format {self.manifest.get('format')!r}, expected {FORMAT!r}; "
                               f"prepare the corpus again with this rptfast")
-        self.files = [pq.ParquetFile(self.path / s["file"]) for s in self.manifest["shards"]]
-        index = [f.read(columns=["split", "entropy"]) for f in self.files]
+        try:
+            self.files = [pq.ParquetFile(self.path / s["file"]) for s in self.manifest["shards"]]
+            index = [f.read(columns=["split", "entropy"]) for f in self.files]
+        except (pa.ArrowException, OSError) as e:  # a truncated shard: no Parquet footer
+            raise FileFormatError(f"sample store {str(path)!r} has a damaged or missing shard ({e}); prepare it "
+                                  f"again into a new --out") from None
         self.split = np.concatenate([np.asarray(t.column("split").to_pylist(), dtype=object) for t in index]
                                     or [np.empty(0, dtype=object)])  # [S]
         self.entropy = np.concatenate([t.column("entropy").to_numpy() for t in index]

@@ -13,12 +13,15 @@ over the nucleus), i.e. the distribution the trainer scores when top_p = 1.
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
+
+from rptfast.errors import ConfigError, FileFormatError, PathError
 
 
 @dataclass
@@ -51,17 +54,98 @@ class RolloutEngine(Protocol):
     def wake(self) -> None: ...
 
 
-def check_model_dir(path: str) -> None:
-    """A clear error for a local path that is not a HF model directory (hub names pass)."""
+def check_model_dir(path: str, max_model_len: int | None = None, key: str = "model.path") -> None:
+    """Before any work: `path` names a model that can be loaded, or a clear one-line error naming `key`.
+
+    A local path must be a directory with a readable config.json and safetensors files whose
+    headers match their sizes (a truncated download fails here, not inside vLLM). A hub name
+    must be in the HF cache, or the hub reachable: an offline machine fails at once rather than
+    after a minute of retries. `max_model_len` (rollout.max_model_len) must fit the model's
+    max_position_embeddings. Weights are not hashed: a bit flip inside a tensor is not caught.
+    """
     p = Path(path)
-    looks_local = p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") >= 2
-    if not looks_local:
-        return
-    if not p.is_dir():
-        raise FileNotFoundError(f"model path {path!r} does not exist; give a HF model directory "
-                                f"(config.json + weights + tokenizer) or a hub name")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model path {path!r} is not a HF model directory: it has no config.json")
+    looks_local = p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1
+    if looks_local:
+        if not p.exists():
+            raise PathError(f"{key} {path!r} does not exist; give a HF model directory (config.json + weights + "
+                            f"tokenizer) or a hub name (org/name)")
+        if not p.is_dir():
+            raise PathError(f"{key} {path!r} is a file, not a HF model directory; give the directory that holds "
+                            f"config.json")
+        if not (p / "config.json").is_file():
+            raise PathError(f"{key} {path!r} is not a HF model directory: it has no config.json")
+        config_json = p / "config.json"
+        for f in sorted(p.glob("*.safetensors")):
+            _check_safetensors(f)
+        if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+            raise PathError(f"{key} {path!r} holds no weights (*.safetensors); copy them in or give another model")
+    else:
+        config_json = _hub_config(path, key)
+    if max_model_len is not None:
+        limit = _max_positions(config_json)
+        if limit is not None and max_model_len > limit:
+            raise ConfigError(f"rollout.max_model_len ({max_model_len}) exceeds the max_position_embeddings "
+                              f"({limit}) of {key} {path!r}; lower it to at most {limit}")
+
+
+def _check_safetensors(f: Path) -> None:
+    """The 8-byte header length, the JSON header and the file size agree (the format is that simple)."""
+    size = f.stat().st_size
+    try:
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as e:
+        raise PathError(f"model file {str(f)!r} cannot be read ({e.strerror}); check its permissions") from None
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise FileFormatError(f"model file {str(f)!r} is not a valid safetensors file ({e}); "
+                              f"download or save the model again") from None
+    if 8 + n + end != size:
+        raise FileFormatError(f"model file {str(f)!r} is truncated or padded: {size} bytes, its header says "
+                              f"{8 + n + end}; download or save the model again")
+
+
+def _hub_config(name: str, key: str) -> Path:
+    """config.json of a hub model from the cache, or downloaded when the hub answers at once."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub as hub
+
+    try:
+        cached = hub.try_to_load_from_cache(name, "config.json")
+    except ValueError as e:  # HFValidationError: not a repo id
+        raise PathError(f"{key} {name!r} is neither a local directory nor a hub name ({e}); give one") from None
+    if isinstance(cached, str):
+        return Path(cached)
+    if hub.constants.HF_HUB_OFFLINE:
+        raise PathError(f"{key} {name!r} is not a local directory and not in the HF cache, and HF_HUB_OFFLINE is "
+                        f"set; download it first (huggingface-cli download {name}) or give a local directory")
+    host = urlparse(hub.constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=10).close()
+    except OSError as e:
+        raise PathError(f"{key} {name!r} is not a local directory and not in the HF cache, and {host} cannot be "
+                        f"reached ({e}); give a local directory, or connect and retry") from None
+    try:
+        return Path(hub.hf_hub_download(name, "config.json"))
+    except (OSError, ValueError) as e:
+        raise PathError(f"{key} {name!r}: no such model on the hub, or it is gated ({type(e).__name__}); "
+                        f"check the name or give a local directory") from None
+
+
+def _max_positions(config_json: Path) -> int | None:
+    try:
+        cfg = json.loads(config_json.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FileFormatError(f"{str(config_json)!r} is not valid JSON ({e}); fix or replace it") from None
+    if not isinstance(cfg, dict):
+        raise FileFormatError(f"{str(config_json)!r} is not a JSON object; fix or replace it")
+    limit = cfg.get("max_position_embeddings", (cfg.get("text_config") or {}).get("max_position_embeddings"))
+    return limit if isinstance(limit, int) else None
 
 
 def check_prompts(prompts: list[list[int]], max_model_len: int) -> None:
@@ -109,12 +193,12 @@ def make_engine(kind: str, model_path: str, *, dtype: torch.dtype, device: torch
                 sleep_level: int = 1, sync_bucket_mb: int = 256, enforce_eager: bool = False,
                 trust_remote_code: bool = False) -> RolloutEngine:
     """Build the engine named by rollout.engine ("auto": vLLM when importable, else torch)."""
-    check_model_dir(model_path)
+    check_model_dir(model_path, max_model_len)
     if kind == "auto":
         kind = "vllm" if vllm_available() else "torch"
     if kind == "vllm":
         if not vllm_available():
-            raise RuntimeError("rollout.engine = 'vllm' but vllm is not installed; "
+            raise ConfigError("rollout.engine = 'vllm' but vllm is not installed; "
                                "pip install 'rptfast[gpu]' (or [cpu]) or set rollout.engine = 'torch'")
         from rptfast.rollout.vllm_engine import VLLMEngine
         return VLLMEngine(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,

@@ -1,0 +1,228 @@
+"""Bad input across train, prepare, eval and bench: exit 2, one line naming the key or path, no traceback.
+
+Each case runs `rptfast.cli.main` in-process (every one fails before an engine starts, so
+they take seconds); one goes through a subprocess to prove the process exit code itself.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rptfast import cli, trainer
+from rptfast.data.store import FORMAT
+
+
+def base_toml(tiny_dir, out, **sections) -> str:
+    tree = {
+        "model": {"path": tiny_dir},
+        "data": {"task": "first_token", "first_token_set": 64, "prompt_len": 6},
+        "rollout": {"engine": "torch", "n": 4, "max_tokens": 2, "max_model_len": 128},
+        "train": {"steps": 1, "prompts_per_step": 4, "micro_batch_tokens": 128, "out_dir": str(out)},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    for key, value in sections.items():
+        section, name = key.split("__")
+        tree.setdefault(section, {})[name] = value
+    lines = []
+    for section, table in tree.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {'nan' if v != v else json.dumps(v)}" for k, v in table.items()]  # TOML spells NaN nan
+    return "\n".join(lines) + "\n"
+
+
+def write(path: Path, text: str | bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+def expect_exit_2(capsys, argv: list[str], *names: str) -> str:
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, err)
+    assert "Traceback" not in out + err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"rptfast {argv[0]}: error: "), line
+    for name in names:
+        assert name in line, (name, line)
+    return line
+
+
+@pytest.fixture(scope="module")
+def broken(tiny_dir, tmp_path_factory):
+    """Model directories with one defect each, made once from the tiny fixture."""
+    root = tmp_path_factory.mktemp("broken")
+
+    def copy(name):
+        d = root / name
+        shutil.copytree(tiny_dir, d)
+        return d
+
+    d = copy("truncated")
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size - 1000])
+    d = copy("garbage")
+    (d / "model.safetensors").write_bytes(b"\xff" * 64)
+    d = copy("noconfig")
+    (d / "config.json").unlink()
+    d = copy("noeos")
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc["eos_token"] = None
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("eos_token_id", None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (root / "a_file").write_text("not a directory")
+    return root
+
+
+def train_cases(tiny_dir, tmp: Path, broken: Path):
+    """(argv, names the message must hold), one per bad input."""
+    good = write(tmp / "good.toml", base_toml(tiny_dir, tmp / "run"))
+
+    def cfg(name, **sections):
+        return write(tmp / f"{name}.toml", base_toml(tiny_dir, tmp / name, **sections))
+
+    return [
+        (["train", str(tmp / "missing.toml")], ["missing.toml", "does not exist"]),
+        (["train", str(tmp)], [str(tmp), "is a directory"]),
+        (["train", write(tmp / "binary.toml", b"\x89PNG\r\n\x1a\n\xff\xfe\x00")], ["binary.toml", "not UTF-8"]),
+        (["train", write(tmp / "syntax.toml", "[train\nlr = ")], ["syntax.toml", "not valid TOML"]),
+        (["train", good, "--set", "train.lr=inf"], ["train.lr", "finite"]),
+        (["train", cfg("nan", train__lr=float("nan"))], ["train.lr", "finite"]),
+        (["train", good, "--set", "train.steps=99999999999"], ["train.steps", "sensible"]),
+        (["train", good, "--set", "train.out_dir="], ["train.out_dir", "empty"]),
+        (["train", good, "--set", "train.out_dir=  "], ["train.out_dir", "empty"]),
+        (["train", cfg("ctrl", train__out_dir="runs/a\u0007b")], ["train.out_dir", "control character"]),
+        (["train", good, "--set", "data.prompt_len=200", "--set", "rollout.max_model_len=512"],
+         ["train.micro_batch_tokens", "data.prompt_len"]),
+        (["train", good, "--set", "data.prompt_len=127", "--set", "train.micro_batch_tokens=512"],
+         ["rollout.max_model_len", "data.prompt_len"]),
+        (["train", good, "--set", "rollout.max_model_len=4096", "--set", "train.micro_batch_tokens=4096"],
+         ["rollout.max_model_len", "max_position_embeddings"]),
+        (["train", good, "--set", "data.task=parity", "--set", "model.path=", "--set", "rollout.max_tokens=4"],
+         ["rollout.max_tokens", "data.parity_d"]),
+        (["train", good, "--set", f"model.path={tmp / 'no-such-model'}"], ["no-such-model", "does not exist"]),
+        (["train", good, "--set", f"model.path={broken / 'a_file'}"], ["a_file", "is a file"]),
+        (["train", good, "--set", f"model.path={broken / 'noconfig'}"], ["noconfig", "config.json"]),
+        (["train", good, "--set", f"model.path={broken / 'truncated'}"], ["model.safetensors", "truncated"]),
+        (["train", good, "--set", f"model.path={broken / 'garbage'}"], ["model.safetensors", "not a valid"]),
+        (["train", good, "--set", f"model.path={broken / 'noeos'}"], ["noeos", "EOS"]),
+        (["train", good, "--set", f"train.out_dir={broken / 'a_file' / 'run'}"], ["train.out_dir", "a file"]),
+        (["train", good, "--set", "train.out_dir=/sys/rptfast-run"], ["train.out_dir", "cannot write"]),
+        (["train", good, "--set", "model.path=nobody-rptfast/no-such-model"], ["model.path", "HF_HUB_OFFLINE"]),
+        (["train", good, "--set", "train.frobnicate=1"], ["train.frobnicate"]),
+        (["train", good, "--set", "train.lr=fast"], ["train.lr"]),
+        (["train", good, "--resume", "--set", f"train.out_dir={tmp / 'fresh'}"], ["--resume", "no checkpoint"]),
+    ]
+
+
+def test_train_bad_inputs(tiny_dir, tmp_path, broken, capsys):
+    cases = train_cases(tiny_dir, tmp_path, broken)
+    for argv, names in cases:
+        t0 = time.perf_counter()
+        expect_exit_2(capsys, argv, *names)
+        assert time.perf_counter() - t0 < 30, argv  # checked before work (an engine start or hub retries)
+    assert not (tmp_path / "fresh" / "config.toml").exists()  # a refused --resume claims nothing
+
+
+def test_train_refuses_a_locked_run_dir(tiny_dir, tmp_path, capsys):
+    cfg = write(tmp_path / "c.toml", base_toml(tiny_dir, tmp_path / "run"))
+    held = trainer.lock_run_dir(tmp_path / "run")
+    try:
+        line = expect_exit_2(capsys, ["train", cfg], str(tmp_path / "run"), "in use", str(os.getpid()))
+        assert "--resume" not in line
+        expect_exit_2(capsys, ["train", cfg, "--resume"], "in use")
+    finally:
+        held.close()
+
+
+def parquet(path: Path, texts: list[str]) -> Path:
+    pq.write_table(pa.table({"text": texts}), path)
+    return path
+
+
+def test_prepare_bad_inputs(tiny_dir, tmp_path, broken, capsys):
+    corpus = write(tmp_path / "c.txt", "some text " * 50)
+    truncated = parquet(tmp_path / "t.parquet", ["a document of some length " * 20] * 50)
+    truncated.write_bytes(truncated.read_bytes()[:-30])
+    not_parquet = write(tmp_path / "x.parquet", b"PAR1 then nothing")
+    a_file = write(tmp_path / "out-file", "x")
+    ok = ["prepare", "--corpus", corpus, "--proxy", tiny_dir]
+    cases = [
+        (ok + ["--out", a_file], ["--out", "is a file"]),
+        (ok + ["--out", str(Path(a_file) / "sub")], ["--out", "a file"]),
+        (ok + ["--out", "/sys/rptfast-store"], ["--out", "cannot write"]),
+        (["prepare", "--corpus", corpus, "--proxy", str(tmp_path / "nope" / "proxy"), "--out", str(tmp_path / "o")],
+         ["--proxy", "nope", "does not exist"]),
+        (["prepare", "--corpus", corpus, "--proxy", "./proxy-dir", "--out", str(tmp_path / "o")],
+         ["--proxy", "proxy-dir", "does not exist"]),
+        (["prepare", "--corpus", corpus, "--proxy", "nobody-rptfast/proxy", "--out", str(tmp_path / "o")],
+         ["--proxy", "HF_HUB_OFFLINE"]),
+        (["prepare", "--corpus", corpus, "--proxy", str(broken / "truncated"), "--out", str(tmp_path / "o")],
+         ["model.safetensors", "truncated"]),
+        (["prepare", "--corpus", str(tmp_path / "none.txt"), "--proxy", tiny_dir, "--out", str(tmp_path / "o")],
+         ["none.txt", "does not exist"]),
+        (["prepare", "--corpus", str(truncated), "--proxy", tiny_dir, "--out", str(tmp_path / "o")],
+         ["t.parquet", "cannot be read"]),
+        (["prepare", "--corpus", not_parquet, "--proxy", tiny_dir, "--out", str(tmp_path / "o")],
+         ["x.parquet", "cannot be read"]),
+        (ok + ["--out", str(tmp_path / "o"), "--set", "prepare.min_entropy=nan"], ["prepare.min_entropy", "finite"]),
+        (ok + ["--out", str(tmp_path / "o"), "--set", "prepare.top_k=10000000000"], ["prepare.top_k"]),
+    ]
+    for argv, names in cases:
+        expect_exit_2(capsys, argv, *names)
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_eval_bad_inputs(tiny_dir, tmp_path, broken, capsys):
+    store = tmp_path / "store"
+    write(store / "manifest.json", json.dumps({"format": FORMAT, "shards": [{"file": "shard-00000.parquet"}]}))
+    write(store / "shard-00000.parquet", b"PAR1" + b"\x00" * 100)
+    a_file = write(tmp_path / "a_file", "x")
+    ev = ["eval", "--model", tiny_dir, "--data", str(store)]
+    cases = [
+        (ev + ["--out", str(Path(a_file) / "r.json")], ["--out", "a file"]),
+        (ev + ["--out", str(tmp_path)], ["--out", "is a directory"]),
+        (ev + ["--out", "/sys/rptfast/r.json"], ["--out", "cannot write"]),
+        (ev, ["store", "damaged"]),
+        (["eval", "--model", tiny_dir, "--data", str(tmp_path / "nostore")], ["nostore", "not a sample store"]),
+        (["eval", "--model", str(tmp_path / "m"), "--data", str(store)], ["--model", "does not exist"]),
+        (["eval", "--model", str(broken / "garbage"), "--data", str(store)], ["model.safetensors", "not a valid"]),
+        (ev + ["--set", "rollout.max_model_len=4096"], ["rollout.max_model_len", "max_position_embeddings"]),
+        (ev + ["--set", "eval.k=0"], ["eval.k"]),
+    ]
+    for argv, names in cases:
+        expect_exit_2(capsys, argv, *names)
+
+
+def test_bench_bad_inputs(tiny_dir, tmp_path, capsys):
+    cfg = write(tmp_path / "b.toml", base_toml(tiny_dir, tmp_path / "run"))
+    a_file = write(tmp_path / "a_file", "x")
+    cases = [
+        (["bench", "throughput", cfg, "--steps", "0"], ["--steps"]),
+        (["bench", "throughput", cfg, "--json", str(Path(a_file) / "t.json")], ["--json", "a file"]),
+        (["bench", "throughput", cfg, "--csv", str(tmp_path)], ["--csv", "is a directory"]),
+        (["bench", "throughput", cfg, "--set", "train.lr=-inf"], ["train.lr", "finite"]),
+        (["bench", "throughput", str(tmp_path / "none.toml")], ["none.toml", "does not exist"]),
+    ]
+    for argv, names in cases:
+        expect_exit_2(capsys, argv, *names)
+
+
+def test_exit_code_2_from_the_process(tiny_dir, tmp_path):
+    """One case through a real process (its start-up costs ~20 s on this CPU): the exit status itself."""
+    cfg = write(tmp_path / "g.toml", base_toml(tiny_dir, tmp_path / "run"))
+    r = subprocess.run([sys.executable, "-m", "rptfast", "train", cfg, "--set", "train.lr=inf"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "train.lr" in r.stderr.strip().splitlines()[-1]

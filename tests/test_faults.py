@@ -1,0 +1,197 @@
+"""Faults a run must survive or stop on: non-finite numbers, damaged checkpoints, reused and locked run
+directories, and a real SIGKILL of a `rptfast train` process (tiny fixture, first_token task)."""
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import make_cfg, rows
+
+from rptfast import checkpoint, cli, config, trainer
+from rptfast.errors import NonFiniteError
+from rptfast.metrics import MetricsLogger
+
+
+def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def assert_no_duplicate_steps(run_dir: Path, last: int) -> None:
+    assert [r["step"] for r in rows(run_dir)] == list(range(last + 1))
+
+
+def test_lr_1e30_stops_with_exit_3_and_saves_nothing(tiny_dir, tmp_path, capsys):
+    """The first update makes the weights ~1e30: the post-update check stops the run (exit 3)."""
+    cfg = make_cfg(tiny_dir, tmp_path / "run", train__lr=1e30, rollout__engine="torch", train__ckpt_every=1)
+    (tmp_path / "c.toml").write_text(config.to_toml(cfg))
+    assert cli.main(["train", str(tmp_path / "c.toml")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("rptfast train: stopped: ") and "step 1" in err and "train.lr" in err
+    assert not (tmp_path / "run" / "final").exists()
+    assert checkpoint.latest(tmp_path / "run") is None
+    assert [r["step"] for r in rows(tmp_path / "run")] == [0]  # only the initial evaluation
+
+
+def test_broken_policy_is_not_scored(tiny_dir, vllm_engine, tmp_path):
+    """lr=1e12 leaves finite weights whose logits are not: the next rollout stops the run instead of
+    scoring the broken model's samples (token 0 would score as right: reward 1.0)."""
+    cfg = make_cfg(tiny_dir, tmp_path / "run", train__lr=1e12, train__eval_every=1)
+    with pytest.raises(NonFiniteError, match="non-finite log-probs"):
+        trainer.train(cfg, engine=vllm_engine)
+    log = rows(tmp_path / "run")
+    assert [r["step"] for r in log] == [0]  # step 1's evaluation of the broken weights stopped it, unlogged
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_consecutive_skips_stop_the_run(tiny_dir, vllm_engine, tmp_path, monkeypatch):
+    real = trainer.policy_loss
+
+    def always_nan(*args, **kwargs):
+        loss, m = real(*args, **kwargs)
+        return loss * float("nan"), m
+
+    monkeypatch.setattr(trainer, "policy_loss", always_nan)
+    cfg = make_cfg(tiny_dir, tmp_path / "run", train__steps=4, train__max_skipped=2, train__ckpt_every=1)
+    with pytest.raises(NonFiniteError, match="2 updates in a row skipped"):
+        trainer.train(cfg, engine=vllm_engine)
+    steps = [r for r in rows(tmp_path / "run") if r.get("phase") == "rl"]
+    assert [r["skipped"] for r in steps] == [1, 1]
+    assert not (tmp_path / "run" / "final").exists()
+    assert checkpoint.latest(tmp_path / "run").name == "step_000001"  # taken before the stop, weights untouched
+
+
+def test_save_refuses_non_finite_tensors(tiny_dir, tmp_path):
+    lm = trainer.load_policy(tiny_dir, dtype=torch.float32, attn="sdpa", trust_remote_code=False,
+                             gradient_checkpointing=False)
+    with torch.no_grad():
+        lm.model.layers[1].mlp.up_proj.weight[3, 5] = float("inf")
+    d = trainer.distributed.init()
+    with pytest.raises(NonFiniteError, match="up_proj"):
+        checkpoint.save(tmp_path, 1, lm, torch.optim.AdamW(lm.parameters()), {}, d, keep=2)
+    with pytest.raises(NonFiniteError, match="up_proj"):
+        checkpoint.save_hf(tmp_path / "final", lm, None, d)
+    assert not any(tmp_path.rglob("*.safetensors"))
+
+
+def test_damaged_checkpoints_fall_back(tiny_dir, vllm_engine, tmp_path):
+    """Truncate the newest checkpoint and flip one bit in the one before: --resume verifies their
+    manifests, falls back to the third, and finishes with the weights of the undisturbed run."""
+    cfg = make_cfg(tiny_dir, tmp_path / "run", train__steps=4, train__ckpt_every=1, train__keep_ckpts=3)
+    final = trainer.train(cfg, engine=vllm_engine)
+    whole = tmp_path / "whole"
+    final.rename(whole)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000003", "step_000004"]
+    w = ckpts / "step_000004" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    s = ckpts / "step_000003" / "state.pt"
+    data = bytearray(s.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    s.write_bytes(bytes(data))
+    assert checkpoint.verify(ckpts / "step_000002") is None
+    said = []
+    assert checkpoint.latest(tmp_path / "run", say=said.append, check=True).name == "step_000002"
+    assert "model.safetensors has" in said[0] and "SHA-256" in said[1]
+    for name in ("step_000003", "step_000004"):  # put the damage back for the resume itself
+        (ckpts / f"{name}.damaged").rename(ckpts / name)
+    resumed = trainer.train(cfg, resume=True, engine=vllm_engine)
+    assert_same_weights(whole, resumed)
+    assert_no_duplicate_steps(tmp_path / "run", 4)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000003", "step_000003.damaged",
+                                                       "step_000004", "step_000004.damaged"]
+
+
+def test_run_dir_reuse_extend_and_lock(tiny_dir, vllm_engine, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_dir, out, train__steps=1)
+
+    def no_engine(*args, **kwargs):
+        raise config.ConfigError("engine refused")
+
+    # a start that fails after claiming the directory does not brick it
+    monkeypatch.setattr(trainer, "make_engine", no_engine)
+    with pytest.raises(config.ConfigError, match="engine refused"):
+        trainer.train(cfg)
+    monkeypatch.undo()
+    assert (out / "config.toml").exists()
+    with pytest.raises(trainer.RunDirError, match="holds no checkpoint"):
+        trainer.train(cfg, resume=True, engine=vllm_engine)
+    trainer.train(cfg, engine=vllm_engine)
+    # a finished run extends with a larger train.steps, and only that may change
+    with pytest.raises(trainer.RunDirError, match=r"train.seed differ.*only train.steps"):
+        trainer.train(make_cfg(tiny_dir, out, train__steps=2, train__seed=5), resume=True, engine=vllm_engine)
+    longer = make_cfg(tiny_dir, out, train__steps=2)
+    trainer.train(longer, resume=True, engine=vllm_engine)
+    assert_no_duplicate_steps(out, 2)
+    assert (out / "config.toml").read_text() == config.to_toml(longer)
+    with pytest.raises(trainer.RunDirError, match="past train.ntp_steps"):
+        trainer.train(make_cfg(tiny_dir, out, train__steps=1), resume=True, engine=vllm_engine)
+    # a second process on the same directory is refused while the first holds it
+    held = trainer.lock_run_dir(out)
+    try:
+        with pytest.raises(trainer.RunDirError, match=f"in use by another rptfast process \\(pid {os.getpid()}\\)"):
+            trainer.train(make_cfg(tiny_dir, out, train__steps=3), resume=True, engine=vllm_engine)
+    finally:
+        held.close()
+
+
+def test_sigkill_and_resume_is_bitwise(tiny_dir, tmp_path):
+    """SIGKILL a real `rptfast train` at a random moment after its first checkpoint (at a checkpoint
+    write when the poll catches one), --resume it, compare with an uninterrupted run bit for bit.
+    The torch engine keeps each process start to seconds."""
+    kw = dict(train__steps=4, train__ckpt_every=1, train__keep_ckpts=2, rollout__engine="torch")
+    whole = trainer.train(make_cfg(tiny_dir, tmp_path / "whole", **kw))
+    cfg = make_cfg(tiny_dir, tmp_path / "killed", **kw)
+    path = tmp_path / "killed.toml"
+    path.write_text(config.to_toml(cfg))
+    cmd = [sys.executable, "-m", "rptfast", "train", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    rng = random.Random()
+    deadline, during_write = None, False
+    while proc.poll() is None:
+        names = [p.name for p in ckpts.iterdir()] if ckpts.is_dir() else []
+        if deadline is None and any(not n.endswith(".tmp") for n in names):
+            deadline = time.monotonic() + rng.uniform(0.0, 4.0)  # an RL step takes 1 to 15 s here
+        during_write = deadline is not None and any(n.endswith(".tmp") for n in names)
+        if during_write or deadline is not None and time.monotonic() > deadline:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    rc = proc.wait(timeout=300)
+    assert rc == -signal.SIGKILL, f"the run ended before the kill (rc {rc}): {proc.stderr.read()[-2000:]}"
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(f"killed {'during a checkpoint write' if during_write else 'at a random moment'}; {r.stdout.splitlines()[0]}")
+    assert_same_weights(whole, tmp_path / "killed" / "final")
+    assert_no_duplicate_steps(tmp_path / "killed", 4)
+    assert all(math.isfinite(r["loss"]) for r in rows(tmp_path / "killed") if "loss" in r)
+
+
+def test_metrics_restart_drops_rows_after_the_checkpoint_and_torn_lines(tmp_path, capsys):
+    m = MetricsLogger(tmp_path, True, 5, progress=False, tensorboard=False, every=1)
+    for step in range(5):
+        m.log(step, {"loss": 0.5 + step})
+    m.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # the line a SIGKILL tore
+    m = MetricsLogger(tmp_path, True, 5, progress=False, tensorboard=False, every=1)
+    m.restart_at(2)
+    m.log(3, {"loss": -1.0})
+    m.close()
+    assert [(r["step"], r["loss"]) for r in rows(tmp_path)] == [(0, 0.5), (1, 1.5), (2, 2.5), (3, -1.0)]
+    m = MetricsLogger(tmp_path, True, 5, progress=False, tensorboard=False, every=1)
+    m.restart_at(0)  # a fresh start in a reused directory
+    m.close()
+    assert rows(tmp_path) == []
