@@ -165,7 +165,7 @@ CHOICES = {
     "data.task": ("parity", "rpt", "first_token"),
     "data.parity_reward": ("answer", "chain"),
     "data.reward": ("prefix", "first_token"),
-    "data.template": ("v0", "multi", "context_first"),
+    "data.template": ("v0", "candidates", "multi", "context_first"),
     "prepare.txt_unit": ("file", "paragraph"),
     "eval.split": ("eval", "train", "all"),
     "rollout.engine": ("auto", "vllm", "torch"),

@@ -5,9 +5,13 @@ template with thinking on (`enable_thinking=True`: the generation prompt opens `
 where the template knows the flag), so the completion is reasoning, `</think>`, then the
 answer in `\\boxed{}`.
 
-- "v0": the paper's main template, in substance: predict the next token, reason step by
-  step over candidates, the most probable token in \\boxed{}, a leading space allowed
-  (\\boxed{ para}), no \\text{}; then "### Context" and the context.
+- "v0": the paper's v0 (its main runs), in substance: complete the text under "### Context" by
+  predicting the next token, reason step by step, the most probable next token in \\boxed{},
+  a leading space allowed (\\boxed{ para}, \\boxed{ =}), no \\text{}; then "### Context" and
+  the context. One sentence is ours, in every template: how to box a brace, a backslash or
+  whitespace (rptfast.reward: without it a token such as `}` could not be answered at all).
+- "candidates": v0 plus "list several candidates for the next token and weigh them", an idea
+  from the paper's other templates (rptfast's v0 before it followed the paper).
 - "multi": the same task stated for the prefix-matching reward: the next token or the next
   few, scored byte for byte, so predict only as far as you are sure.
 - "context_first": the context first, the instruction after it, nearest to the answer.
@@ -25,24 +29,33 @@ from __future__ import annotations
 
 from rptfast.config import ConfigError
 
+ESCAPE_RULE = ("Write a brace or a backslash that is part of the token as \\{, \\} or \\\\, and spaces or line "
+               "breaks as they are.")  # rptfast.reward.escape: every token has an answer that earns 1
+
 TEMPLATES = {
     "v0": (
+        "Complete the given text under \"### Context\" by predicting the next token. Think step by step, then "
+        "put the most probable next token inside \\boxed{}. The token may begin with a space, for example "
+        "\\boxed{ para} or \\boxed{ =}. Do not use \\text{}. " + ESCAPE_RULE +
+        "\n\n### Context\n{context}"
+    ),
+    "candidates": (
         "Complete the text under \"### Context\" by predicting the next token. Think step by step: list "
         "several candidates for the next token and weigh them. Then give the single most probable next token "
-        "inside \\boxed{}. The token may begin with a space, for example \\boxed{ para}. Do not use \\text{}."
-        "\n\n### Context\n{context}"
+        "inside \\boxed{}. The token may begin with a space, for example \\boxed{ para}. Do not use \\text{}. "
+        + ESCAPE_RULE + "\n\n### Context\n{context}"
     ),
     "multi": (
         "Continue the text under \"### Context\". Reason about what comes next, then write the next token, or "
         "the next few tokens, inside \\boxed{} exactly as they would appear in the text, with the leading "
         "space if there is one (for example \\boxed{ the}). The prediction is checked byte for byte and must "
-        "end where a token ends, so predict only as far as you are sure. Do not use \\text{}."
+        "end where a token ends, so predict only as far as you are sure. Do not use \\text{}. " + ESCAPE_RULE +
         "\n\n### Context\n{context}"
     ),
     "context_first": (
         "{context}\n\n---\nThe text above breaks off. Think about how it goes on, then give its next token "
         "inside \\boxed{}, keeping a leading space if the token has one (for example \\boxed{ para}). "
-        "Do not use \\text{}."
+        "Do not use \\text{}. " + ESCAPE_RULE
     ),
 }
 
