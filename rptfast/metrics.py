@@ -68,6 +68,7 @@ class Timer:
 class MetricsLogger:
     def __init__(self, run_dir: Path, main: bool, total_steps: int, progress: bool, tensorboard: bool, every: int):
         self.main, self.every = main, every
+        self.no_signal = 0  # consecutive steps that kept no group
         self.jsonl = (run_dir / "metrics.jsonl").open("a") if main else None
         self.bar = None
         if main and progress and sys.stderr.isatty():
@@ -95,6 +96,9 @@ class MetricsLogger:
             self.bar.update(1)
         if step % self.every == 0 or metrics.get("skipped"):
             self.write(console_line(row))
+        self.no_signal = self.no_signal + 1 if metrics.get("skip_reason") == "all_equal" else 0
+        if self.no_signal == NO_SIGNAL_STEPS:
+            self.write(no_signal_warning(self.no_signal, metrics.get("reward")))
 
     def write(self, text: str) -> None:
         if not self.main:
@@ -138,9 +142,25 @@ def console_line(row: dict) -> str:
     for k, v in row.items():
         if k.startswith("eval/") and k != "eval/greedy_acc" and isinstance(v, float):
             parts.append(f"{k[5:]} {v:.3f}")
-    if row.get("skipped"):
+    if row.get("skip_reason") == "all_equal":
+        parts.append(f"SKIPPED (no group kept: all_equal_frac {row.get('all_equal_frac', 1.0):.2f}, groups_kept "
+                     f"{row.get('groups_kept', 0):.0f}; every group's rewards were equal, so no gradient)")
+    elif row.get("skipped"):
         parts.append("SKIPPED (non-finite loss or gradient)")
     return " | ".join(parts)
+
+
+NO_SIGNAL_STEPS = 3  # consecutive steps without a kept group before the logger warns
+
+
+def no_signal_warning(steps: int, reward: float | None) -> str:
+    """What to tell a user whose dynamic sampling has kept no group for `steps` steps in a row."""
+    why = ("no rollout earned a reward" if not reward else
+           "every group's rollouts were all right or all wrong together")
+    return (f"WARNING: {steps} steps in a row kept no group ({why}; last mean reward {reward or 0.0:.3f}): the "
+            f"policy gets no gradient. If none of the G rollouts is ever right, check the samples and the prompt "
+            f"with `rptfast inspect`, try another data.template, raise rollout.max_tokens if truncated_frac is "
+            f"high, start from a stronger model, or set algorithm.dynamic_sampling_from later")
 
 
 def read_jsonl(run_dir: Path) -> list[dict]:

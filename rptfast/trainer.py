@@ -294,7 +294,8 @@ def rl_step(run: Run, step: int) -> dict:
         run.engine.sleep()
         trainer_in(run)
     # every rank joins the update when any rank kept a group (FSDP's collectives must pair up)
-    metrics = update(run, groups, step, timer) if stats["groups_kept"] else {"skipped": 1}
+    # no group kept (dynamic sampling dropped every all-equal group): nothing to learn from, not a numeric fault
+    metrics = update(run, groups, step, timer) if stats["groups_kept"] else {"skipped": 1, "skip_reason": "all_equal"}
     with timer("offload"):
         trainer_out(run)
     with timer("sync"):

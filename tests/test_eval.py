@@ -56,6 +56,7 @@ def test_rpt_presets_load(preset):
     assert (cfg.rollout.n, cfg.rollout.temperature, cfg.algorithm.kl_coef) == (8, 0.8, 0.0)
     assert cfg.algorithm.dynamic_sampling and cfg.data.max_prompt_tokens + cfg.rollout.max_tokens <= \
         cfg.rollout.max_model_len
+    assert cfg.algorithm.dynamic_sampling_from == 500 and cfg.train.steps == 1000  # the paper's schedule
     if preset == "rpt-r1-distill-14b":  # the paper's settings
         assert (cfg.train.prompts_per_step, cfg.train.steps, cfg.data.max_prompt_tokens, cfg.rollout.max_tokens,
                 cfg.train.weight_decay, cfg.train.beta1, cfg.train.beta2) == (256, 1000, 4096, 8192, 0.01, 0.9, 0.999)
@@ -169,3 +170,19 @@ def test_short_rl_run_on_rpt_samples(tiny_dir, store, vllm_engine, tmp_path):
     evals = [r for r in rows if "eval/random@1" in r]
     assert len(evals) == 2 and evals[0]["eval/heldout"] == 1.0
     assert 0.0 <= evals[-1]["eval/random@1"] <= 1.0
+
+
+def test_no_kept_group_is_reported_as_such_and_warned_about(tiny_dir, store, vllm_engine, tmp_path, capsys):
+    """The untrained tiny model never boxes the right token: with dynamic sampling every group is all-zero, so
+    each step says why it skipped (not "non-finite") and the third one warns that the policy gets no reward."""
+    cfg = make_cfg(tiny_dir, store, out=tmp_path / "run",
+                   algorithm={"dynamic_sampling": True, "dynamic_sampling_tries": 1},
+                   train={"steps": 3, "eval_prompts": 2})
+    trainer.train(cfg, engine=vllm_engine)
+    out = capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("phase") == "rl"]
+    assert [r["skip_reason"] for r in steps] == ["all_equal"] * 3 and all(r["groups_kept"] == 0 for r in steps)
+    assert out.count("SKIPPED (no group kept: all_equal_frac 1.00, groups_kept 0") == 3
+    assert "non-finite" not in out
+    assert out.count("3 steps in a row kept no group (no rollout earned a reward") == 1
