@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="next-token accuracy on a sample store, plain and with reasoning")
     p.add_argument("--model", required=True, metavar="M", help="HF model directory or hub name")
     p.add_argument("--data", required=True, metavar="DIR", help="sample store written by rptfast prepare")
-    p.add_argument("--out", metavar="FILE", help="JSON results (default: DIR/eval-<model name>.json)")
+    p.add_argument("--out", metavar="FILE",
+                   help="JSON results (default: <model dir>/eval-<store name>.json; required for a hub name)")
     p.add_argument("--config", help="TOML file or preset ([eval], [data], [rollout], [model] apply)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
 

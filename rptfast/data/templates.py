@@ -88,11 +88,32 @@ class PromptBuilder:
                               f"tokens; raise it")
         self.token_bytes = token_bytes
 
-    def __call__(self, context_ids: list[int]) -> list[int]:
+    def context(self, context_ids: list[int]) -> list[int]:
+        """The context tokens the prompt keeps: the last ones that fit, from a character start."""
         cut = len(context_ids) - min(len(context_ids), self.budget)
         while cut < len(context_ids) - 1 and (self.token_bytes[context_ids[cut]][:1] or b"\0")[0] & 0xC0 == 0x80:
             cut += 1  # this token starts inside a character
-        return self.pre + list(context_ids[cut:]) + self.post
+        return list(context_ids[cut:])
+
+    def __call__(self, context_ids: list[int]) -> list[int]:
+        return self.pre + self.context(context_ids) + self.post
+
+
+def model_max_len(model: str, trust_remote_code: bool) -> int | None:
+    """The policy's position limit from its config (max_position_embeddings or a sibling); None if it has none."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    c = getattr(c, "text_config", None) or c
+    return next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+                 if isinstance(v := getattr(c, k, None), int)), None)
+
+
+def check_model_len(model: str, limit: int | None, max_model_len: int) -> None:
+    """rollout.max_model_len (which bounds prompts and completions) must fit the model's positions."""
+    if limit is not None and max_model_len > limit:
+        raise ConfigError(f"rollout.max_model_len ({max_model_len}) exceeds the {limit} positions of model "
+                          f"{model!r}; lower it (and data.max_prompt_tokens + rollout.max_tokens with it)")
 
 
 def check_lengths(max_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
