@@ -73,8 +73,11 @@ class ShardWriter:
     def __init__(self, out: Path, key: str):
         self.out, self.key = out, key
 
-    def resume(self) -> dict | None:
-        """The state saved with the last whole shard (None for a fresh directory); drops partial files."""
+    def resume(self, explain=lambda state: "other settings, corpus, proxy or tokenizer") -> dict | None:
+        """The state saved with the last whole shard (None for a fresh directory); drops partial files.
+
+        explain(saved state) says what differs when the saved state was made with another key.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         for tmp in self.out.glob(".shard-*.tmp"):
             tmp.unlink()
@@ -86,8 +89,8 @@ class ShardWriter:
                               f"and run prepare again")
         state = read_state(self.out / names[-1])
         if state.get("key") != self.key:
-            raise ConfigError(f"{self.out} holds an unfinished prepare with other settings, corpus, proxy or "
-                              f"tokenizer; finish it with the same arguments, or choose another --out")
+            raise ConfigError(f"{self.out} holds an unfinished prepare made with other settings: {explain(state)}; "
+                              f"finish it with the same arguments, or choose another --out")
         return state
 
     def write(self, rows: dict[str, list], state: dict) -> str:
