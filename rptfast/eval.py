@@ -42,6 +42,7 @@ from rptfast.config import Config, ConfigError
 from rptfast.data.store import SampleStore, check_tokenizer, write_json
 from rptfast.data.templates import PromptBuilder, check_lengths, check_model_len, model_max_len
 from rptfast.data.tokens import token_bytes
+from rptfast.metrics import quiet_startup
 from rptfast.model import Sequence, collate, hidden_states, load_policy, resolve_attn, resolve_dtype
 from rptfast.reward import reward
 from rptfast.rollout import SamplingConfig, make_engine
@@ -189,11 +190,12 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         own = engine is None
         if own:
             r = cfg.rollout
-            engine = make_engine(r.engine, model, dtype=dtype, device=device, seed=cfg.train.seed,
-                                 max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
-                                 cpu_kv_cache_gib=r.cpu_kv_cache_gib, sleep_level=r.sleep_level,
-                                 sync_bucket_mb=r.sync_bucket_mb, enforce_eager=r.enforce_eager,
-                                 trust_remote_code=cfg.model.trust_remote_code)
+            with quiet_startup(cfg.log.verbose):
+                engine = make_engine(r.engine, model, dtype=dtype, device=device, seed=cfg.train.seed,
+                                     max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
+                                     cpu_kv_cache_gib=r.cpu_kv_cache_gib, sleep_level=r.sleep_level,
+                                     sync_bucket_mb=r.sync_bucket_mb, enforce_eager=r.enforce_eager,
+                                     trust_remote_code=cfg.model.trust_remote_code)
         sampling = SamplingConfig(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
         try:
             with tqdm(total=len(samples), desc="eval reasoning", unit="sample", disable=not show,

@@ -12,12 +12,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rptfast import cli, config, trainer
 from rptfast.config import ConfigError
+from rptfast.data.inspect_samples import inspect_store
 from rptfast.data.prepare import prepare
 from rptfast.data.store import SampleStore
 from rptfast.data.templates import TEMPLATES, PromptBuilder
 from rptfast.data.tokens import token_bytes
 from rptfast.eval import plain_correct, run_eval
 from rptfast.model import load_policy, resolve_attn
+from rptfast.reward import reward
 from rptfast.tasks.rpt import RPTTask
 from rptfast.testing import write_tokenizer
 
@@ -219,3 +221,17 @@ def test_no_kept_group_is_reported_as_such_and_warned_about(tiny_dir, store, vll
     assert out.count("SKIPPED (no group kept: all_equal_frac 1.00, groups_kept 0") == 3
     assert "non-finite" not in out
     assert out.count("3 steps in a row kept no group (no rollout earned a reward") == 1
+
+
+def test_inspect_shows_what_the_policy_gets(tiny_dir, store, capsys):
+    cfg = make_cfg(tiny_dir, store, data={"max_prompt_tokens": 400})
+    shown = inspect_store(cfg, store, 4, "all", "multi", None, seed=2, context_chars=80)
+    out = capsys.readouterr().out
+    st = SampleStore(store)
+    assert len(shown) == 4 and out.count("prompt: template 'multi'") == 4
+    for x in shown:
+        s = st.get(x["row"])
+        assert b"".join(x["tokens"]) == s["continuation_bytes"][:len(b"".join(x["tokens"]))]
+        assert reward(f"</think>\\boxed{{{x['answer']}}}", s["continuation_bytes"], s["boundaries"]) == 1.0
+        assert x["prompt_tokens"] <= 400 and f"entropy {s['entropy']:.3f}" in out
+    assert cli.main(["inspect", "--data", store, "--samples", "0"]) == 2
