@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -308,6 +309,10 @@ def check(cfg: Config) -> Config:
     if cfg.prepare.proxy_window > cfg.prepare.proxy_batch_tokens:
         raise ConfigError(f"prepare.proxy_window ({cfg.prepare.proxy_window}) exceeds prepare.proxy_batch_tokens "
                           f"({cfg.prepare.proxy_batch_tokens}): one window must fit one forward; lower the window")
+    for tracker in ("wandb", "trackio"):  # before anything starts, not after the engine has
+        if getattr(cfg.log, tracker) and importlib.util.find_spec(tracker) is None:
+            raise ConfigError(f"log.{tracker} = true but {tracker} is not installed; pip install {tracker}, or set "
+                              f"log.{tracker}=false")
     if cfg.rollout.max_tokens >= cfg.rollout.max_model_len:
         raise ConfigError(f"rollout.max_tokens ({cfg.rollout.max_tokens}) must be below rollout.max_model_len "
                           f"({cfg.rollout.max_model_len}) to leave room for the prompt")

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from rptfast import config
 from rptfast.config import ConfigError
 from rptfast.metrics import MetricsLogger, console_line, quiet_startup
 
@@ -48,6 +49,8 @@ def test_trackers_are_optional(kind, tmp_path, monkeypatch):
     if importlib.util.find_spec(kind) is None:
         with pytest.raises(ConfigError, match=f"log.{kind} = true but {kind} is not installed; pip install {kind}"):
             MetricsLogger(tmp_path, True, 1, progress=False, tensorboard=False, every=1, **{kind: True})
+        with pytest.raises(ConfigError, match=f"log.{kind} = true but {kind} is not installed"):
+            config.from_dict({"log": {kind: True}})  # refused when the config loads, before any work
         return
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
