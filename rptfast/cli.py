@@ -1,4 +1,4 @@
-"""rptfast's command line: `rptfast train | prepare | eval | bench throughput` (more subcommands land as they work).
+"""rptfast's command line: `rptfast train | prepare | inspect | eval | bench throughput` (more land as they work).
 
 Exit codes: 0 done; 2 bad command line, config, path or input file (one line that names the key or path
 and the fix); 3 training stopped on non-finite numbers (the last complete checkpoint is intact).
@@ -49,8 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="next-token accuracy on a sample store, plain and with reasoning")
     p.add_argument("--model", required=True, metavar="M", help="HF model directory or hub name")
     p.add_argument("--data", required=True, metavar="DIR", help="sample store written by rptfast prepare")
-    p.add_argument("--out", metavar="FILE", help="JSON results (default: DIR/eval-<model name>.json)")
+    p.add_argument("--out", metavar="FILE",
+                   help="JSON results (default: <model dir>/eval-<store name>.json; required for a hub name)")
     p.add_argument("--config", help="TOML file or preset ([eval], [data], [rollout], [model] apply)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+
+    p = sub.add_parser("inspect", help="show samples of a store: context, ground-truth tokens, entropy, prompt")
+    p.add_argument("--data", required=True, metavar="DIR", help="sample store written by rptfast prepare")
+    p.add_argument("--samples", type=int, default=3, metavar="N", help="samples to show, across documents")
+    p.add_argument("--split", default="all", choices=("all", "train", "eval"), help="which samples to draw from")
+    p.add_argument("--template", metavar="NAME", help="prompt template to render (default: data.template)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer (default: the one the store was made with)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    p.add_argument("--context-chars", type=int, default=300, metavar="N", help="context characters shown")
+    p.add_argument("--config", help="TOML file or preset ([data] and [model] apply)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
 
     p = sub.add_parser("bench", help="profiling: `bench throughput CONFIG` (kernels: python bench/kernels.py)")
@@ -90,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                 check_writable_dir(path.parent, f"{flag} {str(path)!r}: its directory")
             run(args.config, args.set, args.steps, args.warmup, args.ablations, args.trl, args.trace, args.json,
                 args.csv)
+        elif args.command == "inspect":
+            from rptfast.data.inspect_samples import inspect_store
+
+            if args.samples < 1 or args.context_chars < 0:
+                raise ConfigError(f"--samples ({args.samples}) must be >= 1 and --context-chars "
+                                  f"({args.context_chars}) >= 0")
+            inspect_store(config.load(args.config, args.set), args.data, args.samples, args.split, args.template,
+                          args.tokenizer, args.seed, args.context_chars)
         elif args.command == "eval":
             from rptfast.eval import run_eval
 

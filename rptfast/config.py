@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import tomllib
 import typing
@@ -115,15 +116,19 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     progress: bool = True  # progress bar on the console
-    tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
+    tensorboard: bool = True  # write TensorBoard events (needs the tb extra: pip install 'rptfast[tb]')
     every: int = 1  # console line every K steps
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb; WANDB_MODE=offline for no network)
+    trackio: bool = False  # also log to trackio (pip install trackio; local unless a Space is configured)
+    project: str = "rptfast"  # wandb / trackio project name (the run name is train.out_dir's last part)
+    verbose: bool = False  # show library start-up output (vLLM, Triton, NUMA binding) instead of hiding it
 
 
 @dataclass
 class PrepareConfig:
     text_field: str = "text"  # JSONL: the field that holds a document's text
     parquet_column: str = "text"  # Parquet files and `datasets` directories: the column that holds the text
-    txt_unit: str = "file"  # plain text: file (one document per file) | paragraph (blank-line separated)
+    txt_unit: str = "file"  # plain text: file (one document per file) | paragraph (blank-line separated) | line
     min_entropy: float = 0.5  # keep positions whose proxy top-k entropy (nats) is >= this (paper's easy: > 0.5)
     top_k: int = 16  # entropy over the proxy's k most probable next tokens (the paper: 16)
     min_context_tokens: int = 32  # a position needs at least this many document tokens before it
@@ -169,8 +174,8 @@ CHOICES = {
     "data.task": ("parity", "rpt", "first_token"),
     "data.parity_reward": ("answer", "chain"),
     "data.reward": ("prefix", "first_token"),
-    "data.template": ("v0", "multi", "context_first"),
-    "prepare.txt_unit": ("file", "paragraph"),
+    "data.template": ("v0", "candidates", "multi", "context_first"),
+    "prepare.txt_unit": ("file", "paragraph", "line"),
     "eval.split": ("eval", "train", "all"),
     "rollout.engine": ("auto", "vllm", "torch"),
     "algorithm.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
@@ -334,6 +339,10 @@ def check(cfg: Config) -> Config:
     if cfg.prepare.proxy_window > cfg.prepare.proxy_batch_tokens:
         raise ConfigError(f"prepare.proxy_window ({cfg.prepare.proxy_window}) exceeds prepare.proxy_batch_tokens "
                           f"({cfg.prepare.proxy_batch_tokens}): one window must fit one forward; lower the window")
+    for tracker in ("wandb", "trackio"):  # before anything starts, not after the engine has
+        if getattr(cfg.log, tracker) and importlib.util.find_spec(tracker) is None:
+            raise ConfigError(f"log.{tracker} = true but {tracker} is not installed; pip install {tracker}, or set "
+                              f"log.{tracker}=false")
     if cfg.rollout.max_tokens >= cfg.rollout.max_model_len:
         raise ConfigError(f"rollout.max_tokens ({cfg.rollout.max_tokens}) must be below rollout.max_model_len "
                           f"({cfg.rollout.max_model_len}) to leave room for the prompt")

@@ -2,6 +2,10 @@
 
     rptfast eval --model M --data DIR [--out FILE] [--config C] [--set eval.k=8 --set eval.samples=200 ...]
 
+Both modes see the same context: the last context tokens that fit data.max_prompt_tokens with
+data.template's wrapping (rptfast.data.templates), so their columns compare like for like.
+The report gives the context lengths seen (mean, max) and the share of samples cut shorter
+than stored.
 (a) plain: an HF forward on each sample's context tokens (as tokenized within the document,
     no template); right when the greedy argmax of the next token is the ground truth's
     first token. Contexts are packed (no padding), eval.batch_tokens per forward.
@@ -9,19 +13,25 @@
     rollout.temperature, up to rollout.max_tokens, through the rollout engine; each scored
     by data.reward (rptfast.reward). Random@1 is the mean reward over all completions
     (the expected accuracy of one sample), Pass@k the share of samples with one right.
+The model's position limit bounds everything: rollout.max_model_len must fit it, and
+data.max_prompt_tokens + rollout.max_tokens must fit rollout.max_model_len; both are checked
+before any model loads.
 
 Both are reported for all samples and the paper's nested splits by entropy: easy (> 0.5),
 medium (> 1.0), hard (> 1.5). The paper splits by the entropy of a larger model
 (R1-Distill-Qwen-14B); here the entropy is the one stored by `rptfast prepare`, i.e. the
 proxy's, so the splits follow the proxy. The JSON names it.
 
-The samples are eval.split ("eval": the documents prepare held out) in store order, the
-first eval.samples of them (0 = all). A table goes to the console, the numbers to a JSON
-file (--out, default DIR/eval-<model name>.json).
+The samples are eval.split ("eval": the documents prepare held out); eval.samples = N draws N
+of them across documents, seeded by train.seed (SampleStore.spread; 0 = all). A table goes to
+the console with truncated_frac (completions cut by rollout.max_tokens, which score 0), the
+numbers to a JSON file: --out, by default <model dir>/eval-<store name>.json (a hub name needs
+--out), so evaluations of different models never overwrite each other.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,14 +40,16 @@ import torch
 
 from rptfast.config import Config, ConfigError
 from rptfast.data.store import SampleStore, check_tokenizer, write_json
-from rptfast.data.templates import PromptBuilder, check_lengths
+from rptfast.data.templates import PromptBuilder, check_lengths, model_max_len
 from rptfast.data.tokens import token_bytes
 from rptfast.errors import PathError, check_writable_dir
+from rptfast.metrics import quiet_startup
 from rptfast.model import Sequence, collate, hidden_states, load_policy, resolve_attn, resolve_dtype
 from rptfast.reward import reward
 from rptfast.rollout import SamplingConfig, check_model_dir, make_engine
 
 SPLITS = {"all": None, "easy": 0.5, "medium": 1.0, "hard": 1.5}  # entropy above which a sample belongs
+GENERATE_CHUNK = 16  # prompts per generate call (the progress bar moves per call; seeds are per prompt)
 
 
 def split_masks(entropy: np.ndarray) -> dict[str, np.ndarray]:
@@ -45,7 +57,7 @@ def split_masks(entropy: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def plain_correct(lm, contexts: list[list[int]], truths: list[int], batch_tokens: int) -> np.ndarray:
+def plain_correct(lm, contexts: list[list[int]], truths: list[int], batch_tokens: int, bar=None) -> np.ndarray:
     """[N] bool: greedy argmax after each context == its truth token; contexts packed into forwards."""
     device = next(lm.parameters()).device
     seqs = [Sequence(list(c) + [t], len(c)) for c, t in zip(contexts, truths)]
@@ -64,16 +76,24 @@ def plain_correct(lm, contexts: list[list[int]], truths: list[int], batch_tokens
         hidden = hidden_states(lm, mb)  # [T, H]
         logits = lm.get_output_embeddings()(hidden.index_select(0, mb.pred_idx))  # [B, V]: one row per context
         out[idx] = (logits.argmax(-1) == mb.targets).cpu().numpy()
+        if bar is not None:
+            bar.update(len(idx))
     return out
 
 
 def reasoning_rewards(engine, prompts: list[list[int]], score: Callable[[int, list[int]], float], k: int,
-                      sampling: SamplingConfig, seed: int) -> tuple[np.ndarray, dict[str, float]]:
+                      sampling: SamplingConfig, seed: int, bar=None) -> tuple[np.ndarray, dict[str, float]]:
     """[N, k] rewards of k completions per prompt, and response length / truncation stats."""
-    comps = engine.generate(prompts, k, sampling, seeds=[seed + i * k for i in range(len(prompts))])
     rewards = np.zeros((len(prompts), k))
-    for c in comps:
-        rewards[c.prompt_index, c.sample_index] = score(c.prompt_index, c.token_ids)
+    comps = []
+    for at in range(0, len(prompts), GENERATE_CHUNK):
+        chunk = prompts[at:at + GENERATE_CHUNK]
+        got = engine.generate(chunk, k, sampling, seeds=[seed + (at + i) * k for i in range(len(chunk))])
+        for c in got:
+            rewards[at + c.prompt_index, c.sample_index] = score(at + c.prompt_index, c.token_ids)
+        comps += got
+        if bar is not None:
+            bar.update(len(chunk))
     stats = {"response_len": float(np.mean([len(c.token_ids) for c in comps])),
              "truncated_frac": float(np.mean([c.finish_reason == "length" for c in comps]))}
     return rewards, stats
@@ -112,19 +132,31 @@ def sample_scorer(tokenizer, samples: list[dict], mode: str) -> Callable[[int, l
     return score
 
 
-def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=None) -> dict:
+def eval_path(model: str, data: str, out: str | None) -> Path:
+    """Where the JSON goes: --out, else into the model's own directory, named after the store."""
+    if out:
+        return Path(out)
+    if not Path(model).is_dir():
+        raise ConfigError(f"--model {model!r} is not a local directory, so there is no model directory to write "
+                          f"the results into; pass --out FILE")
+    return Path(model) / f"eval-{Path(str(data).rstrip('/')).name}.json"
+
+
+def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=None,
+             progress: bool | None = None) -> dict:
     """Evaluate `model` on the store `data`; print the table, write the JSON, return it.
 
     `engine` lets a caller reuse a started rollout engine on the same model (tests).
     """
+    from tqdm import tqdm
+
     from rptfast.data.prepare import load_tokenizer
 
     e = cfg.eval
     # everything that can fail is checked before the first forward
-    check_model_dir(model, cfg.rollout.max_model_len if e.reasoning else None, key="--model")
-    if e.reasoning:
-        check_lengths(cfg.data.max_prompt_tokens, cfg.rollout.max_tokens, cfg.rollout.max_model_len)
-    path = Path(out) if out else Path(data) / f"eval-{Path(model.rstrip('/')).name}.json"
+    check_model_dir(model, cfg.rollout.max_model_len, key="--model")
+    check_lengths(cfg.data.max_prompt_tokens, cfg.rollout.max_tokens if e.reasoning else 0, cfg.rollout.max_model_len)
+    path = eval_path(model, data, out)
     if path.is_dir():
         raise PathError(f"--out {str(path)!r} is a directory; give a JSON file path")
     check_writable_dir(path.parent, f"--out {str(path)!r}: its directory")
@@ -134,39 +166,51 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
     if e.reasoning and tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of --model {model!r} has no EOS token, so completions never end; set "
                           f"eos_token in its tokenizer_config.json")
-    rows = store.rows(e.split)[:e.samples or None]
+    limit = model_max_len(model, cfg.model.trust_remote_code)
+    rows = store.spread(store.rows(e.split), e.samples, cfg.train.seed)
     if len(rows) == 0:
         raise ConfigError(f"{data} has no samples in split {e.split!r}; set --set eval.split=train (or all), "
                           f"or prepare with prepare.eval_fraction > 0")
     samples = [store.get(int(r)) for r in rows]
     entropy = store.entropy[rows]
+    # one context for both modes: what the template keeps of the stored context
+    build = PromptBuilder(tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, token_bytes(tokenizer))
+    contexts = [build.context(s["context_ids"]) for s in samples]
+    seen = np.array([len(c) for c in contexts])
+    stored = np.array([len(s["context_ids"]) for s in samples])
+    context = {"tokens_mean": float(seen.mean()), "tokens_max": int(seen.max()),
+               "stored_tokens_mean": float(stored.mean()), "cut_frac": float((seen < stored).mean()),
+               "budget": build.budget}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.model.dtype, device)
+    show = progress if progress is not None else cfg.log.progress and sys.stderr.isatty()
     plain = rewards = None
     stats: dict[str, float] = {}
     if e.plain:
         lm = load_policy(model, dtype=dtype, attn=resolve_attn(cfg.model.attn, device),
                          trust_remote_code=cfg.model.trust_remote_code, gradient_checkpointing=False).to(device).eval()
-        plain = plain_correct(lm, [s["context_ids"] for s in samples], [s["continuation_ids"][0] for s in samples],
-                              e.batch_tokens)
+        with tqdm(total=len(samples), desc="eval plain", unit="sample", disable=not show, dynamic_ncols=True) as bar:
+            plain = plain_correct(lm, contexts, [s["continuation_ids"][0] for s in samples], e.batch_tokens, bar)
         del lm
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if e.reasoning:
-        build = PromptBuilder(tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, token_bytes(tokenizer))
         own = engine is None
         if own:
             r = cfg.rollout
-            engine = make_engine(r.engine, model, dtype=dtype, device=device, seed=cfg.train.seed,
-                                 max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
-                                 cpu_kv_cache_gib=r.cpu_kv_cache_gib, sleep_level=r.sleep_level,
-                                 sync_bucket_mb=r.sync_bucket_mb, enforce_eager=r.enforce_eager,
-                                 trust_remote_code=cfg.model.trust_remote_code)
+            with quiet_startup(cfg.log.verbose):
+                engine = make_engine(r.engine, model, dtype=dtype, device=device, seed=cfg.train.seed,
+                                     max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
+                                     cpu_kv_cache_gib=r.cpu_kv_cache_gib, sleep_level=r.sleep_level,
+                                     sync_bucket_mb=r.sync_bucket_mb, enforce_eager=r.enforce_eager,
+                                     trust_remote_code=cfg.model.trust_remote_code)
         sampling = SamplingConfig(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
         try:
-            rewards, stats = reasoning_rewards(engine, [build(s["context_ids"]) for s in samples],
-                                               sample_scorer(tokenizer, samples, cfg.data.reward), e.k, sampling,
-                                               cfg.train.seed)
+            with tqdm(total=len(samples), desc="eval reasoning", unit="sample", disable=not show,
+                      dynamic_ncols=True) as bar:
+                rewards, stats = reasoning_rewards(engine, [build.pre + c + build.post for c in contexts],
+                                                   sample_scorer(tokenizer, samples, cfg.data.reward), e.k, sampling,
+                                                   cfg.train.seed, bar)
         finally:
             if own and hasattr(engine, "close"):
                 engine.close()
@@ -176,9 +220,12 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         "data": str(data),
         "split": e.split,
         "samples": len(rows),
+        "documents": int(len(np.unique(store.doc_index[rows]))),
         "entropy": f"top-{store.manifest['settings']['top_k']} entropy of the proxy {store.manifest['proxy']!r} "
                    f"(the paper splits by R1-Distill-Qwen-14B's)",
-        "template": cfg.data.template if e.reasoning else None,
+        "context": context,
+        "model_max_len": limit,
+        "template": cfg.data.template,
         "reward": cfg.data.reward if e.reasoning else None,
         "k": e.k if e.reasoning else None,
         "temperature": cfg.rollout.temperature if e.reasoning else None,
@@ -188,7 +235,14 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)
-    print(f"next-token accuracy (%), model {model}, {len(rows)} samples of {data} ({e.split})")
+    print(f"next-token accuracy (%), model {model}, {len(rows)} samples from {result['documents']} documents of "
+          f"{data} ({e.split})")
     print(table(splits, e.k))
+    print(f"context (both modes): mean {context['tokens_mean']:.0f}, max {context['tokens_max']} tokens (stored mean "
+          f"{context['stored_tokens_mean']:.0f}; {100 * context['cut_frac']:.0f}% cut to data.max_prompt_tokens = "
+          f"{cfg.data.max_prompt_tokens} with template {cfg.data.template!r})")
+    if e.reasoning:
+        print(f"reasoning: response_len {stats['response_len']:.1f}, truncated_frac {stats['truncated_frac']:.3f} "
+              f"(cut by rollout.max_tokens = {cfg.rollout.max_tokens}; a cut completion earns 0)")
     print(f"entropy: {result['entropy']} -> {path}")
     return result

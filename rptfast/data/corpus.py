@@ -1,8 +1,10 @@
 """Reading a corpus as a stream of documents: plain text, JSONL, Parquet, `datasets` directories.
 
 Formats, by what a path is:
-- `*.txt`: one document per file (prepare.txt_unit = "file"), or one per blank-line-separated
-  paragraph ("paragraph", the lines of a paragraph joined, its last newline dropped);
+- `*.txt`: one document per file (prepare.txt_unit = "file"), one per blank-line-separated
+  paragraph ("paragraph", the lines of a paragraph joined, its last newline dropped), or one
+  per non-blank line ("line", its newline dropped);
+- a directory of `*.txt` files (searched recursively, in sorted path order), each read as above;
 - `*.jsonl`: one JSON object per line, text in the field prepare.text_field;
 - `*.parquet`: text in the column prepare.parquet_column, read a record batch at a time;
 - a directory written by `datasets.Dataset.save_to_disk`: the Arrow IPC stream files listed in
@@ -10,7 +12,9 @@ Formats, by what a path is:
   A DatasetDict directory (dataset_dict.json, one folder per split) is refused: name the split.
 
 Memory stays flat in corpus size: one document (a whole file only for txt_unit = "file") or
-one record batch is held at a time.
+one record batch is held at a time. `count_documents` counts what `documents` will yield
+without decoding or parsing a record (Parquet from its metadata), for the progress bar's total
+and for choosing held-out documents across the whole corpus.
 
 What a path cannot give at all (it is missing, its format is unknown, its text field or
 column is absent from the file, a column is not a string column) is a `CorpusError` before
@@ -81,8 +85,11 @@ def _open(p: Path, path: str, cfg) -> Source:
             raise CorpusError(f"{path!r} is a DatasetDict (splits: {', '.join(splits)}); pass one split's "
                               f"directory, e.g. {str(p / (splits[0] if splits else 'train'))!r}")
         if not (p / "state.json").is_file():
-            raise CorpusError(f"{path!r} is a directory but not one written by datasets' save_to_disk (no "
-                              f"state.json); pass the text, JSONL or Parquet files themselves")
+            texts = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() == ".txt")
+            if texts:
+                return Source(path, "txt", texts)
+            raise CorpusError(f"{path!r} is a directory with no .txt files and not one written by datasets' "
+                              f"save_to_disk (no state.json); pass the text, JSONL or Parquet files themselves")
         state = json.loads((p / "state.json").read_text())
         if state.get("_indices_data_files"):
             raise CorpusError(f"{path!r} was saved with an indices mapping (an old `datasets` select/shuffle); "
@@ -146,17 +153,12 @@ def documents(sources: list[Source], cfg, start: int = 0) -> Iterator[Document]:
 
 def _records(src: Source, cfg) -> Iterator[tuple[str, str | None, str | None]]:
     """(doc_id, text, skip reason) per record; one ("path", None, "empty_file") for a file without records."""
+    if src.format == "txt":  # a file (named as given) or a directory's files (named by their paths)
+        for f in src.files:
+            yield from _txt_records(f, src.path if src.files == [Path(src.path)] else str(f), cfg)
+        return
     n = 0
-    if src.format == "txt" and cfg.txt_unit == "file":
-        data = src.files[0].read_bytes()
-        if data.strip():
-            n += 1
-            yield (src.path, *_decode(data))
-    elif src.format == "txt":
-        for data in _paragraphs(src.files[0]):
-            n += 1
-            yield (f"{src.path}#{n - 1}", *_decode(data))
-    elif src.format == "jsonl":
+    if src.format == "jsonl":
         with src.files[0].open("rb") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
@@ -170,6 +172,55 @@ def _records(src: Source, cfg) -> Iterator[tuple[str, str | None, str | None]]:
                 yield f"{src.path}#{n - 1}", *_text_value(value)
     if n == 0:
         yield src.path, None, "empty_file"
+
+
+def _txt_records(f: Path, name: str, cfg) -> Iterator[tuple[str, str | None, str | None]]:
+    """One text file's documents by prepare.txt_unit; one (name, None, "empty_file") for a file without any."""
+    n = 0
+    if cfg.txt_unit == "file":
+        data = f.read_bytes()
+        if data.strip():
+            n += 1
+            yield (name, *_decode(data))
+    else:
+        for data in (_paragraphs(f) if cfg.txt_unit == "paragraph" else _lines(f)):
+            n += 1
+            yield (f"{name}#{n - 1}", *_decode(data))
+    if n == 0:
+        yield name, None, "empty_file"
+
+
+def count_documents(sources: list[Source], cfg) -> int:
+    """How many documents `documents` yields (skipped ones included), without decoding any."""
+    total = 0
+    for src in sources:
+        if src.format == "txt":
+            for f in src.files:
+                if cfg.txt_unit == "file":
+                    n = 1
+                else:
+                    n = sum(1 for _ in (_paragraphs(f) if cfg.txt_unit == "paragraph" else _lines(f)))
+                total += max(n, 1)
+            continue
+        if src.format == "jsonl":
+            with src.files[0].open("rb") as fh:
+                n = sum(1 for line in fh if line.strip())
+        elif src.format == "parquet":
+            n = pq.ParquetFile(src.files[0]).metadata.num_rows
+        else:
+            n = 0
+            for f in src.files:
+                with pa.memory_map(str(f)) as mm:
+                    n += sum(batch.num_rows for batch in pa.ipc.open_stream(mm))
+        total += max(n, 1)
+    return total
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        for line in f:
+            if line.strip():
+                yield line.removesuffix(b"\n").removesuffix(b"\r")
 
 
 def _paragraphs(path: Path) -> Iterator[bytes]:

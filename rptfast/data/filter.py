@@ -105,15 +105,15 @@ class Sample:
 
 
 def select(doc_index: int, ids: list[int], data: bytes, offsets: np.ndarray, entropy: np.ndarray, cfg
-           ) -> tuple[list[Sample], dict[str, int], bool]:
-    """Samples of one document, the fate of each scored position, and whether it is held out.
+           ) -> tuple[list[Sample], dict[str, int]]:
+    """Samples of one document and the fate of each scored position (the split is prepare's: held-out
+    documents are chosen across the corpus, rptfast.data.prepare.heldout_documents).
 
     offsets [n + 1]: byte offset of every token start, then the document's length.
-    The same seeded generator first decides the split, then draws the capped subset.
+    The capped subset is drawn by a generator seeded with (prepare.seed, document ordinal).
     """
     n = len(ids)
     rng = np.random.default_rng([cfg.seed, doc_index])
-    held_out = bool(rng.random() < cfg.eval_fraction)
     t = np.arange(1, n)
     starts_ok = char_starts(data, offsets)  # [n + 1]
     short = t < cfg.min_context_tokens
@@ -134,4 +134,4 @@ def select(doc_index: int, ids: list[int], data: bytes, offsets: np.ndarray, ent
         last = max(j for j in range(pos, end) if starts_ok[j + 1])
         samples.append(Sample(pos, int(offsets[pos]), c, ids[c:pos], ids[pos:last + 1], bounds,
                               float(entropy[pos])))
-    return samples, fates, held_out
+    return samples, fates

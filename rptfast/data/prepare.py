@@ -17,13 +17,21 @@ family (Qwen3-0.6B for Qwen3, R1-Distill-Qwen-1.5B for R1-Distill-Qwen-14B).
 The proxy loads with model.dtype, model.attn and model.trust_remote_code, on the GPU when
 there is one. Batches are formed greedily from whole documents in corpus order and shards
 close only between batches, so a resumed run forms the same batches as an uninterrupted one
-and writes the same bytes.
+and writes the same bytes. Ctrl-C stops with "interrupted; rerun the same command to resume"
+(exit 130); the shards written so far are whole, and the rerun goes on from the last one.
 
-Throughput: the progress bar shows tokens/s, the manifest records it (this_run). On the CPU,
-attention over a packed batch is sdpa with a dense [T, T] block-diagonal mask, so smaller
-batches are faster there: with the 2-layer test model on 2 cores, 30k tokens/s at
-prepare.proxy_batch_tokens = 2048 against 8k at the default 8192 (sized for GPUs, where
-packed batches run through flash-attn or torch varlen attention).
+Held-out documents are chosen across the corpus, not one by one: the documents are counted
+first (rptfast.data.corpus.count_documents, no decoding), and round(prepare.eval_fraction x
+count) of them, at least one when the fraction is above 0 and at most all but one, are drawn
+seeded by prepare.seed. So a corpus of 7 documents still gives a held-out set. A held-out
+document that is then skipped (empty, too short) gives no samples; the manifest counts them.
+
+Throughput: the progress bar counts documents against the total (with an ETA) and shows
+tokens/s; the manifest records it (this_run). On the CPU the proxy's packed batches run
+through per-sequence attention (model.attn = auto -> per_seq: no dense [T, T] mask), so a
+bigger prepare.proxy_batch_tokens is no slower there: measured 2026-11-23 with the 2-layer
+test model on 12 documents of 3.9k tokens, 2 cores under heavy shared load, 2048 gave 298
+and 315 tokens/s, the default 8192 gave 334 and 526. Keep the default; it is sized for GPUs.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import numpy as np
 import torch
 
 from rptfast.config import Config
-from rptfast.data.corpus import CorpusError, Document, documents, open_sources
+from rptfast.data.corpus import CorpusError, Document, count_documents, documents, open_sources
 from rptfast.data.filter import POSITION_FATES, Proxy, select
 from rptfast.data.store import COLUMNS, FORMAT, SCHEMA, ShardWriter, shard_name, write_json
 from rptfast.data.tokens import fingerprint, raw_text_encoder, token_bytes
@@ -70,9 +78,47 @@ def load_tokenizer(path: str, trust_remote_code: bool):
         raise PathError(f"cannot load a tokenizer from {path!r}: {e}") from None
 
 
+def heldout_documents(n_docs: int, fraction: float, seed: int) -> set[int]:
+    """Ordinals of the held-out documents: round(fraction x n_docs), at least 1 if fraction > 0, never all."""
+    if fraction <= 0 or n_docs < 2:
+        return set()
+    k = min(max(1, round(fraction * n_docs)), n_docs - 1)
+    return {int(i) for i in np.random.default_rng([seed, n_docs]).permutation(n_docs)[:k]}
+
+
+def differences(old: dict, new: dict) -> str:
+    """What differs between the inputs a store was made with and this command's: names the settings."""
+    parts = []
+    a, b = old.get("settings") or {}, new["settings"]
+    parts += [f"prepare.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    ca, cb = {c["path"]: c for c in old.get("corpus") or []}, {c["path"]: c for c in new["corpus"]}
+    parts += [f"corpus path {x!r} removed" for x in ca if x not in cb]
+    parts += [f"corpus path {x!r} added" for x in cb if x not in ca]
+    parts += [f"corpus {x!r} changed ({ca[x]['bytes']} -> {cb[x]['bytes']} bytes)" for x in cb
+              if x in ca and ca[x] != cb[x]]
+    for key, name in (("proxy", "--proxy"), ("tokenizer_sha256", "the policy tokenizer"),
+                      ("proxy_dtype", "model.dtype of the proxy")):
+        if old.get(key) != new[key]:
+            parts.append(f"{name} {old.get(key)!r} -> {new[key]!r}")
+    return "; ".join(parts) or "inputs not recorded (made by an older rptfast)"
+
+
 def prepare(cfg: Config, corpus: list[str], proxy: str, out: str, tokenizer: str | None = None,
             progress: bool | None = None) -> dict:
-    """Write (or finish) the sample store in `out` and return its manifest."""
+    """Write (or finish) the sample store in `out` and return its manifest.
+
+    Ctrl-C: prints how to resume and raises SystemExit(130) (the CLI exits 130, no traceback).
+    """
+    try:
+        return _prepare(cfg, corpus, proxy, out, tokenizer, progress)
+    except KeyboardInterrupt:
+        print(f"\nprepare: interrupted; rerun the same command to resume (shards written so far in {out} are "
+              f"kept)", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _prepare(cfg: Config, corpus: list[str], proxy: str, out: str, tokenizer: str | None,
+             progress: bool | None) -> dict:
     p = cfg.prepare
     if Path(out).exists() and not Path(out).is_dir():
         raise PathError(f"--out {out!r} is a file; give a directory for the sample store")
@@ -92,26 +138,31 @@ def prepare(cfg: Config, corpus: list[str], proxy: str, out: str, tokenizer: str
                    for s in sources]
     key = hashlib.sha256(json.dumps([dataclasses.asdict(p), corpus_info, proxy, fp, str(dtype)], sort_keys=True)
                          .encode()).hexdigest()
+    inputs = {"settings": dataclasses.asdict(p), "corpus": corpus_info, "proxy": proxy, "tokenizer_sha256": fp,
+              "proxy_dtype": str(dtype).removeprefix("torch.")}
     manifest_path = Path(out) / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("key") != key:
-            raise CorpusError(f"{out} already holds a finished sample store made with other settings, corpus, "
-                              f"proxy or tokenizer; choose another --out or delete it")
+            raise CorpusError(f"{out} already holds a finished sample store made with other settings: "
+                              f"{differences(manifest, inputs)}; choose another --out or delete it")
         print(f"prepare: {out} is already complete ({manifest['counts']['samples']['total']} samples)")
         return manifest
     writer = ShardWriter(Path(out), key)
-    state = writer.resume() or {"key": key, "docs_done": 0, "counts": {}, "skipped_examples": [], "shards": []}
+    state = writer.resume(lambda old: differences(old.get("inputs") or {}, inputs)) or {
+        "key": key, "inputs": inputs, "docs_done": 0, "counts": {}, "skipped_examples": [], "shards": []}
+    n_docs = count_documents(sources, p)
+    heldout = heldout_documents(n_docs, p.eval_fraction, p.seed)
     lm = Proxy(proxy, dtype=dtype, attn=cfg.model.attn, device=device, trust_remote_code=cfg.model.trust_remote_code,
                top_k=p.top_k, batch_tokens=p.proxy_batch_tokens, window=p.proxy_window)
-    run = _Run(p, policy_tok, lm, writer, state)
+    run = _Run(p, policy_tok, lm, writer, state, heldout)
     if len(run.tb) > lm.vocab:
         raise CorpusError(f"the policy tokenizer has {len(run.tb)} tokens but the proxy {proxy!r} only {lm.vocab} "
                           f"output rows; use a proxy of the policy's family")
     if state["docs_done"]:
         print(f"prepare: resuming {out} after {len(state['shards'])} shards ({state['docs_done']} documents done)")
     show = progress if progress is not None else cfg.log.progress and sys.stderr.isatty()
-    seconds, tokens = run(sources, show)
+    seconds, tokens = run(sources, show, n_docs)
     manifest = {
         "format": FORMAT,
         "key": key,
@@ -122,6 +173,7 @@ def prepare(cfg: Config, corpus: list[str], proxy: str, out: str, tokenizer: str
         "tokenizer_sha256": fp,
         "settings": dataclasses.asdict(p),
         "counts": _nested(run.counts),
+        "heldout_documents": sorted(heldout),
         "skipped": {reason: {"documents": run.counts[f"documents/skipped/{reason}"], "why": why}
                     for reason, why in SKIP_REASONS.items() if run.counts[f"documents/skipped/{reason}"]},
         "skipped_examples": state["skipped_examples"],
@@ -142,16 +194,17 @@ def prepare(cfg: Config, corpus: list[str], proxy: str, out: str, tokenizer: str
 class _Run:
     """One pass over the corpus from the saved state: documents -> batches -> samples -> shards."""
 
-    def __init__(self, p, policy_tok, lm: Proxy, writer: ShardWriter, state: dict):
-        self.p, self.lm, self.writer, self.state = p, lm, writer, state
+    def __init__(self, p, policy_tok, lm: Proxy, writer: ShardWriter, state: dict, heldout: set[int]):
+        self.p, self.lm, self.writer, self.state, self.heldout = p, lm, writer, state, heldout
         self.tb = token_bytes(policy_tok)
         self.tb_len = np.array([len(b) for b in self.tb], dtype=np.int64)  # [V]
         self.encoder = raw_text_encoder(policy_tok)
         self.counts = Counter(state["counts"])
         self.resumed_at = state["docs_done"]
         self.rows: dict[str, list] = {name: [] for name in SCHEMA.names}
+        self.t0, self.tokens_run = time.perf_counter(), 0  # for the progress bar's tokens/s
 
-    def __call__(self, sources, show: bool) -> tuple[float, int]:
+    def __call__(self, sources, show: bool, n_docs: int) -> tuple[float, int]:
         """Process every remaining document; return (seconds, tokens) of this run."""
         from tqdm import tqdm
 
@@ -159,7 +212,9 @@ class _Run:
         t0, tokens = time.perf_counter(), 0
         pending: list[tuple[Document, list[int] | None]] = []  # whole documents of the next proxy batch
         pending_tokens = 0
-        with tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not show, dynamic_ncols=True) as bar:
+        with tqdm(desc="prepare", total=n_docs, initial=self.resumed_at, unit="doc", disable=not show,
+                  dynamic_ncols=True) as bar:
+            self.t0 = t0
             for doc in documents(sources, p, start=self.resumed_at):
                 ids = self.tokenize(doc)
                 if ids is not None and pending_tokens and pending_tokens + len(ids) > p.proxy_batch_tokens:
@@ -202,20 +257,21 @@ class _Run:
                 continue
             data = doc.text.encode("utf-8")
             offsets = np.concatenate([[0], np.cumsum(self.tb_len[ids])])  # [n + 1]
-            samples, fates, held_out = select(doc.index, ids, data, offsets, next(entropies), self.p)
+            samples, fates = select(doc.index, ids, data, offsets, next(entropies), self.p)
             self.counts["positions/scored"] += len(ids) - 1
             for fate, n in fates.items():
                 self.counts[f"positions/{fate}"] += n
             self.counts["documents/with_samples" if samples else "documents/without_samples"] += 1
-            split = "eval" if held_out else "train"
+            split = "eval" if doc.index in self.heldout else "train"
             self.counts[f"samples/{split}"] += len(samples)
             for s in samples:
                 _append(self.rows, doc, split, s, data, offsets)
         n_tokens = sum(len(ids) for ids in docs)
         self.counts["tokens"] += n_tokens
         self.state["docs_done"] += len(pending)
-        bar.update(n_tokens)
-        bar.set_postfix(docs=self.state["docs_done"],
+        self.tokens_run += n_tokens
+        bar.update(len(pending))
+        bar.set_postfix(tok_s=f"{self.tokens_run / max(time.perf_counter() - self.t0, 1e-9):.0f}",
                         samples=self.counts["samples/train"] + self.counts["samples/eval"])
         if len(self.rows["position"]) >= self.p.shard_samples:
             self.flush()

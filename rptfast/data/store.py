@@ -73,8 +73,11 @@ class ShardWriter:
     def __init__(self, out: Path, key: str):
         self.out, self.key = out, key
 
-    def resume(self) -> dict | None:
-        """The state saved with the last whole shard (None for a fresh directory); drops partial files."""
+    def resume(self, explain=lambda state: "other settings, corpus, proxy or tokenizer") -> dict | None:
+        """The state saved with the last whole shard (None for a fresh directory); drops partial files.
+
+        explain(saved state) says what differs when the saved state was made with another key.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         for tmp in self.out.glob(".shard-*.tmp"):
             tmp.unlink()
@@ -86,8 +89,8 @@ class ShardWriter:
                               f"and run prepare again")
         state = read_state(self.out / names[-1])
         if state.get("key") != self.key:
-            raise ConfigError(f"{self.out} holds an unfinished prepare with other settings, corpus, proxy or "
-                              f"tokenizer; finish it with the same arguments, or choose another --out")
+            raise ConfigError(f"{self.out} holds an unfinished prepare made with other settings: {explain(state)}; "
+                              f"finish it with the same arguments, or choose another --out")
         return state
 
     def write(self, rows: dict[str, list], state: dict) -> str:
@@ -116,8 +119,8 @@ def write_json(path: Path, obj: dict) -> None:
 class SampleStore:
     """Random access to the samples of a complete store, a cached row group at a time.
 
-    Only the split and entropy columns are read up front (a few bytes per sample); a
-    sample's other columns come from its row group when it is asked for.
+    Only the split, entropy and doc_index columns are read up front (a few bytes per sample);
+    a sample's other columns come from its row group when it is asked for.
     """
 
     def __init__(self, path: str | Path):
@@ -141,7 +144,7 @@ class SampleStore:
                               f"prepare the corpus again with this rptfast")
         try:
             self.files = [pq.ParquetFile(self.path / s["file"]) for s in self.manifest["shards"]]
-            index = [f.read(columns=["split", "entropy"]) for f in self.files]
+            index = [f.read(columns=["split", "entropy", "doc_index"]) for f in self.files]
         except (pa.ArrowException, OSError) as e:  # a truncated shard: no Parquet footer
             raise FileFormatError(f"sample store {str(path)!r} has a damaged or missing shard ({e}); prepare it "
                                   f"again into a new --out") from None
@@ -149,6 +152,8 @@ class SampleStore:
                                     or [np.empty(0, dtype=object)])  # [S]
         self.entropy = np.concatenate([t.column("entropy").to_numpy() for t in index]
                                       or [np.empty(0, dtype=np.float32)])  # [S]
+        self.doc_index = np.concatenate([t.column("doc_index").to_numpy() for t in index]
+                                        or [np.empty(0, dtype=np.int64)])  # [S]
         # global row -> (shard, row group, offset): start rows of every row group in store order
         self._groups = [(s, g) for s, f in enumerate(self.files) for g in range(f.num_row_groups)]
         sizes = [self.files[s].metadata.row_group(g).num_rows for s, g in self._groups]
@@ -163,6 +168,22 @@ class SampleStore:
         if split == "all":
             return np.arange(len(self))
         return np.flatnonzero(self.split == split)
+
+    def spread(self, rows: np.ndarray, n: int, seed: int) -> np.ndarray:
+        """n of `rows` (0 = all), drawn across documents, seeded: one sample of each document in a shuffled
+        order, then a second of each, and so on; returned in store order. 16 samples of a store of many
+        documents come from 16 documents, not from the first one."""
+        if not n or n >= len(rows):
+            return rows
+        perm = np.random.default_rng([seed, n]).permutation(len(rows))
+        docs = self.doc_index[rows[perm]]  # [R] in shuffled order
+        order = np.argsort(docs, kind="stable")
+        rank = np.empty(len(rows), dtype=np.int64)  # k-th sample of its document in the shuffled order
+        sorted_docs = docs[order]
+        first = np.concatenate([[0], np.flatnonzero(sorted_docs[1:] != sorted_docs[:-1]) + 1])
+        rank[order] = np.arange(len(rows)) - np.repeat(first, np.diff(np.concatenate([first, [len(rows)]])))
+        take = perm[np.argsort(rank, kind="stable")[:n]]
+        return np.sort(rows[take])
 
     def get(self, row: int) -> dict:
         """One sample as a dict of its columns."""

@@ -5,9 +5,13 @@ template with thinking on (`enable_thinking=True`: the generation prompt opens `
 where the template knows the flag), so the completion is reasoning, `</think>`, then the
 answer in `\\boxed{}`.
 
-- "v0": the paper's main template, in substance: predict the next token, reason step by
-  step over candidates, the most probable token in \\boxed{}, a leading space allowed
-  (\\boxed{ para}), no \\text{}; then "### Context" and the context.
+- "v0": the paper's v0 (its main runs), in substance: complete the text under "### Context" by
+  predicting the next token, reason step by step, the most probable next token in \\boxed{},
+  a leading space allowed (\\boxed{ para}, \\boxed{ =}), no \\text{}; then "### Context" and
+  the context. One sentence is ours, in every template: how to box a brace, a backslash or
+  whitespace (rptfast.reward: without it a token such as `}` could not be answered at all).
+- "candidates": v0 plus "list several candidates for the next token and weigh them", an idea
+  from the paper's other templates (rptfast's v0 before it followed the paper).
 - "multi": the same task stated for the prefix-matching reward: the next token or the next
   few, scored byte for byte, so predict only as far as you are sure.
 - "context_first": the context first, the instruction after it, nearest to the answer.
@@ -25,24 +29,33 @@ from __future__ import annotations
 
 from rptfast.config import ConfigError
 
+ESCAPE_RULE = ("Write a brace or a backslash that is part of the token as \\{, \\} or \\\\, and spaces or line "
+               "breaks as they are.")  # rptfast.reward.escape: every token has an answer that earns 1
+
 TEMPLATES = {
     "v0": (
+        "Complete the given text under \"### Context\" by predicting the next token. Think step by step, then "
+        "put the most probable next token inside \\boxed{}. The token may begin with a space, for example "
+        "\\boxed{ para} or \\boxed{ =}. Do not use \\text{}. " + ESCAPE_RULE +
+        "\n\n### Context\n{context}"
+    ),
+    "candidates": (
         "Complete the text under \"### Context\" by predicting the next token. Think step by step: list "
         "several candidates for the next token and weigh them. Then give the single most probable next token "
-        "inside \\boxed{}. The token may begin with a space, for example \\boxed{ para}. Do not use \\text{}."
-        "\n\n### Context\n{context}"
+        "inside \\boxed{}. The token may begin with a space, for example \\boxed{ para}. Do not use \\text{}. "
+        + ESCAPE_RULE + "\n\n### Context\n{context}"
     ),
     "multi": (
         "Continue the text under \"### Context\". Reason about what comes next, then write the next token, or "
         "the next few tokens, inside \\boxed{} exactly as they would appear in the text, with the leading "
         "space if there is one (for example \\boxed{ the}). The prediction is checked byte for byte and must "
-        "end where a token ends, so predict only as far as you are sure. Do not use \\text{}."
+        "end where a token ends, so predict only as far as you are sure. Do not use \\text{}. " + ESCAPE_RULE +
         "\n\n### Context\n{context}"
     ),
     "context_first": (
         "{context}\n\n---\nThe text above breaks off. Think about how it goes on, then give its next token "
         "inside \\boxed{}, keeping a leading space if the token has one (for example \\boxed{ para}). "
-        "Do not use \\text{}."
+        "Do not use \\text{}. " + ESCAPE_RULE
     ),
 }
 
@@ -75,11 +88,25 @@ class PromptBuilder:
                               f"tokens; raise it")
         self.token_bytes = token_bytes
 
-    def __call__(self, context_ids: list[int]) -> list[int]:
+    def context(self, context_ids: list[int]) -> list[int]:
+        """The context tokens the prompt keeps: the last ones that fit, from a character start."""
         cut = len(context_ids) - min(len(context_ids), self.budget)
         while cut < len(context_ids) - 1 and (self.token_bytes[context_ids[cut]][:1] or b"\0")[0] & 0xC0 == 0x80:
             cut += 1  # this token starts inside a character
-        return self.pre + list(context_ids[cut:]) + self.post
+        return list(context_ids[cut:])
+
+    def __call__(self, context_ids: list[int]) -> list[int]:
+        return self.pre + self.context(context_ids) + self.post
+
+
+def model_max_len(model: str, trust_remote_code: bool) -> int | None:
+    """The policy's position limit from its config (max_position_embeddings or a sibling); None if it has none."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    c = getattr(c, "text_config", None) or c
+    return next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+                 if isinstance(v := getattr(c, k, None), int)), None)
 
 
 def check_lengths(max_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:

@@ -7,10 +7,11 @@ are the sample's context in data.template, chat-wrapped, cut to data.max_prompt_
 (rptfast.data.templates). A completion earns data.reward: the paper's prefix match, or the
 first-token match (rptfast.reward).
 
-evaluate() runs one completion per held-out sample (the documents prepare set aside), the
-first `count` of them in store order, and reports Random@1 overall and by the paper's entropy
-splits (rptfast.eval). A store without held-out documents is evaluated on the first `count`
-training samples instead, and the metrics say so ("heldout": 0).
+evaluate() runs one completion per held-out sample (the documents prepare set aside), `count`
+of them drawn across documents with the run's seed (SampleStore.spread, as `rptfast eval`
+draws them), and reports Random@1 overall and by the paper's entropy splits (rptfast.eval).
+A store without held-out documents is evaluated on `count` training samples instead, and the
+metrics say so ("heldout": 0).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class RPTTask:
     def evaluate(self, engine, count: int, seed: int) -> dict[str, float]:
         """Random@1 (one completion at rollout.temperature) on held-out samples, overall and by split."""
         heldout = len(self.eval_rows) > 0
-        rows = (self.eval_rows if heldout else self.train_rows)[:count]
+        rows = self.store.spread(self.eval_rows if heldout else self.train_rows, count, self.seed)
         samples = [self.store.get(int(r)) for r in rows]
         sampling = SamplingConfig(self.rollout.temperature, self.rollout.top_p, self.rollout.max_tokens)
         rewards, stats = reasoning_rewards(engine, [self.build(s["context_ids"]) for s in samples],
