@@ -484,6 +484,10 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
         # counted FLOPs (model.flop_rates): forward + backward of every micro-batch, forward only per pre-pass
         n_prepasses = int(need_old) + int(run.ref is not None)
         metrics["flops/update"], metrics["flops/logprobs"] = all_sum([3 * fwd_flops, n_prepasses * fwd_flops], d)
+        # the kept groups' prompts (each once) and completions: prompt-once packing trains P + sum R tokens per
+        # group where the unshared one trains G P + sum R
+        metrics["prompt_tokens"], metrics["completion_tokens"] = all_sum(
+            [sum(len(g.prompt.token_ids) for g in groups), sum(s.n_scored for s in seqs)], d)
     if m_max > a.mismatch_warn:
         run.logger.write(f"WARNING step {step + 1}: rollout vs trainer logprob mismatch max {m_max:.3g} > "
                          f"algorithm.mismatch_warn = {a.mismatch_warn} (mean {m_sum / max(1, m_n):.3g}); "
