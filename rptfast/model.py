@@ -400,7 +400,7 @@ def pack_shared(seqs: list[Sequence], budget: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def collate_shared(seqs: list[Sequence], idx: list[int], device: torch.device, masked: bool = False) -> MicroBatch:
+def collate_shared(seqs: list[Sequence], idx: list[int], device: torch.device) -> MicroBatch:
     """seqs[idx] as one prompt-once row: per distinct prompt, the prompt, then each completion.
 
     Positions: the prompt's 0..P-1, every completion's P..P+R-1. The prompt's last hidden state
@@ -441,7 +441,7 @@ def collate_shared(seqs: list[Sequence], idx: list[int], device: torch.device, m
     t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
     return MicroBatch(t(ids, torch.long), t(pos, torch.long), t(cu, torch.int32), max(s[1] for s in segments),
                       t(pred, torch.long), t(tgt, torch.long), t(sid, torch.long), t(adv, torch.float32),
-                      t(rlp, torch.float32), torch.full((len(tgt),), not masked, dtype=torch.bool, device=device),
+                      t(rlp, torch.float32), torch.ones(len(tgt), dtype=torch.bool, device=device),
                       shared=SharedLayout.build(segments, device))
 
 
