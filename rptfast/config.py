@@ -95,6 +95,7 @@ class TrainConfig:
     prompts_per_step: int = 8  # prompts per step over all ranks (each gives rollout.n completions)
     micro_batch_tokens: int = 4096  # tokens per forward/backward (padding included when padded)
     packing: str = "packed"  # packed (one row, no padding) | padded ([B, L] with an attention mask)
+    share_prompts: bool = True  # packed: each group's prompt once, then its completions (exact; per_seq/sdpa attention)
     lr: float = 1e-5  # peak learning rate (AdamW)
     weight_decay: float = 0.01  # AdamW weight decay
     beta1: float = 0.9  # AdamW beta1

@@ -14,6 +14,14 @@ no padding. Attention respects sequence boundaries through one of:
   no work on the masked-out blocks (the CPU default, where a packed row of 2,048 tokens of
   short sequences ran 3x slower through the block-diagonal mask than padded).
 
+Prompt-once packing (`train.share_prompts`, see `pack_shared`): a group's G completions share
+one prompt, so a packed row holds the prompt once and its completions after it. Positions
+continue from the prompt; the prompt attends causally to itself, each completion to the
+whole prompt and causally to itself, never to another completion. Backends for that mask:
+"per_seq" (each completion's queries against [prompt keys; its own keys], batched over
+equal lengths: exact, no work on the masked blocks) and "sdpa" (a dense [T, T] boolean mask
+from the same rule: exact, O(T^2)). flash and varlen run the unshared packing.
+
 Log-probs of completion tokens come from the final hidden states through
 `linear_logprob` (lm_head fused with log-softmax, tiled over the vocabulary), so the
 [tokens, vocab] logits tensor is never materialised.
@@ -34,6 +42,7 @@ from rptfast.kernels import linear_logprob, linear_policy_loss, reference, selec
 
 VARLEN = "rptfast_varlen"  # torch.nn.attention.varlen on CUDA
 PER_SEQ = "rptfast_per_seq"  # causal SDPA on each packed sequence in turn (the CPU default)
+SHARED = "rptfast_shared"  # keyword that carries a prompt-once row's SharedLayout to the attention function
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -99,6 +108,12 @@ def _varlen_attention():
 
 
 def _per_seq_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if kwargs.get(SHARED) is not None:
+        return _shared_attention(query, key, value, kwargs[SHARED], scaling)
+    return _per_seq_unshared(query, key, value, scaling, **kwargs)
+
+
+def _per_seq_unshared(query, key, value, scaling=None, **kwargs):
     """Causal SDPA within each sequence of the packed row: exact, O(sum L^2) rather than the
     O(T^2) of a block-diagonal mask over the whole row. Sequences of equal length go through
     one batched SDPA call (RL batches repeat lengths: G completions per prompt, many cut at
@@ -128,6 +143,27 @@ def _per_seq_attention(module, query, key, value, attention_mask, scaling=None, 
         part = [x.index_select(1, idx).unflatten(1, (n, length)).transpose(0, 1) for x in (q, k, v)]  # [n, H, L, D]
         o = sdpa(*part, is_causal=True, scale=scaling, enable_gqa=gqa)
         out = out.index_copy(1, idx, o.transpose(0, 1).flatten(1, 2))
+    return out.transpose(0, 1)[None], None  # [1, T, H, D]
+
+
+def _shared_attention(query, key, value, layout: SharedLayout, scaling=None):
+    """Attention over a prompt-once row: each segment's queries against its keys (a prompt's own,
+    causal; a completion's [prompt; own], causal bottom-right aligned), one SDPA call per batch of
+    segments of equal (query length, prompt length). Exact: the masked-out blocks (other
+    completions, other groups) are never computed. The prompt's keys and values are gathered once
+    per completion, so their gradients add up over the G completions in index_select's backward.
+    """
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa = key.shape[1] != query.shape[1]
+    q, k, v = query[0], key[0], value[0]  # [H, T, D]
+    out = torch.zeros_like(q)
+    for q_len, p_len, q_idx, k_idx, mask in layout.batches:
+        n = q_idx.numel() // q_len
+        qs = q.index_select(1, q_idx).unflatten(1, (n, q_len)).transpose(0, 1)  # [n, H, q_len, D]
+        ks, vs = (x.index_select(1, k_idx).unflatten(1, (n, p_len + q_len)).transpose(0, 1)
+                  for x in (k, v))  # [n, Hkv, p_len + q_len, D]
+        o = sdpa(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa)
+        out = out.index_copy(1, q_idx, o.transpose(0, 1).flatten(1, 2))
     return out.transpose(0, 1)[None], None  # [1, T, H, D]
 
 
@@ -201,11 +237,68 @@ class MicroBatch:
     rollout_logprobs: torch.Tensor  # [R] (zeros when the sequences carry none)
     mask: torch.Tensor  # [R] bool: False only in the padding micro-batch of a rank with fewer
     attention_mask: torch.Tensor | None = None  # padded only: [B, L]
+    shared: SharedLayout | None = None  # prompt-once rows only (collate_shared); cu_seqlens then holds segments
 
     @property
     def n_tokens(self) -> int:
         """Real tokens (padding excluded)."""
         return int(self.cu_seqlens[-1])
+
+
+@dataclass
+class SharedLayout:
+    """How a prompt-once row is cut into segments, and which keys each segment's queries read.
+
+    A segment is a prompt (keys: its own tokens, causal) or a completion (keys: its prompt, then
+    its own tokens, causal bottom-right aligned). Segments tile the row in order.
+    """
+
+    segments: list[tuple[int, int, int, int]]  # (start, length, prompt start, prompt length); prompt length 0: a prompt
+    # per shape of segment: (q_len, p_len, q_idx [n * q_len], k_idx [n * (p_len + q_len)],
+    # mask [q_len, p_len + q_len] bool, None for prompts: plain causal)
+    batches: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+    @classmethod
+    def build(cls, segments: list[tuple[int, int, int, int]], device: torch.device) -> SharedLayout:
+        """Index tensors of each batch of equal (length, prompt length), made once per micro-batch."""
+        by_shape: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        for start, length, p_start, p_len in segments:
+            q_idx, k_idx = by_shape.setdefault((length, p_len), ([], []))
+            q_idx += range(start, start + length)
+            k_idx += [*range(p_start, p_start + p_len), *range(start, start + length)]
+        # query i of a completion sees the whole prompt and its own tokens 0..i (causal, bottom-right aligned)
+        masks = {shape: torch.ones(shape[0], sum(shape), dtype=torch.bool, device=device).tril(shape[1])
+                 for shape in by_shape if shape[1]}
+        batches = [(q_len, p_len, torch.tensor(q, dtype=torch.long, device=device),
+                    torch.tensor(k, dtype=torch.long, device=device), masks.get((q_len, p_len)))
+                   for (q_len, p_len), (q, k) in by_shape.items()]
+        return cls(segments, batches)
+
+    def token_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token: its unit (a prompt and the completions after it) and its completion (0: the prompt)."""
+        unit, comp = [], []
+        units: dict[int, int] = {}  # prompt start -> unit id
+        n_comp: dict[int, int] = {}
+        for start, length, p_start, p_len in self.segments:
+            if p_len == 0:
+                units[start], n_comp[start] = len(units), 0
+            else:
+                n_comp[p_start] += 1
+            unit += [units[p_start]] * length
+            comp += [n_comp[p_start]] * length
+        return torch.tensor(unit), torch.tensor(comp)
+
+    def dense_mask(self, device: torch.device) -> torch.Tensor:
+        """[T, T] bool, True where a query (row) may attend to a key (column): same unit, key not
+        after the query, and the key in the prompt or in the query's own completion."""
+        unit, comp = (x.to(device) for x in self.token_ids())
+        idx = torch.arange(unit.numel(), device=device)
+        return ((unit[:, None] == unit[None, :]) & (idx[None, :] <= idx[:, None])
+                & ((comp[None, :] == 0) | (comp[None, :] == comp[:, None])))
+
+    @property
+    def attention_pairs(self) -> int:
+        return sum(length * p_len + length * (length + 1) // 2 for _, length, _, p_len in self.segments)
 
 
 def pack(seqs: list[Sequence], budget: int, padded: bool = False) -> list[list[int]]:
@@ -267,6 +360,132 @@ def collate(seqs: list[Sequence], idx: list[int], device: torch.device, masked: 
                       torch.full((len(tgt),), not masked, dtype=torch.bool, device=device), attention_mask)
 
 
+def pack_shared(seqs: list[Sequence], budget: int) -> list[list[int]]:
+    """Group sequence indices into prompt-once micro-batches of at most `budget` tokens.
+
+    Sequences with the same prompt (tokens before `start`) form a unit that costs the prompt
+    once plus each completion. A unit larger than the budget is split into parts, first-fit
+    decreasing on completion lengths, each part paying for its own copy of the prompt; the parts
+    are then packed first-fit decreasing like sequences. Two parts of one prompt never land in
+    one micro-batch (they would have been one part), so collate_shared can regroup a bin by prompt.
+    """
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(seqs):
+        by_prompt.setdefault(tuple(s.tokens[:s.start]), []).append(i)
+    units: list[tuple[int, list[int]]] = []  # (tokens, sequence indices)
+    for prompt, members in by_prompt.items():
+        P = len(prompt)
+        parts: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(members, key=lambda i: -seqs[i].n_scored):
+            n = seqs[i].n_scored
+            if P + n > budget:
+                raise ValueError(f"a sequence of {P + n} tokens does not fit train.micro_batch_tokens = {budget}; "
+                                 f"raise it to at least {P + n} (prompt + rollout.max_tokens)")
+            for b, r in enumerate(room):
+                if n <= r:
+                    parts[b].append(i)
+                    room[b] -= n
+                    break
+            else:
+                parts.append([i])
+                room.append(budget - P - n)
+        units += [(budget - r, part) for part, r in zip(parts, room)]
+    bins: list[list[int]] = []
+    room = []
+    for n, part in sorted(units, key=lambda u: -u[0]):
+        for b, r in enumerate(room):
+            if n <= r:
+                bins[b] += part
+                room[b] -= n
+                break
+        else:
+            bins.append(list(part))
+            room.append(budget - n)
+    return [sorted(b) for b in bins]
+
+
+def collate_shared(seqs: list[Sequence], idx: list[int], device: torch.device) -> MicroBatch:
+    """seqs[idx] as one prompt-once row: per distinct prompt, the prompt, then each completion.
+
+    Positions: the prompt's 0..P-1, every completion's P..P+R-1. The prompt's last hidden state
+    predicts the first token of every completion. Scored tokens come in the order of `idx`,
+    sequence by sequence, as in `collate`, so both give the same [R] layout for the same idx.
+    """
+    units: dict[tuple[int, ...], list[int]] = {}
+    for i in idx:
+        units.setdefault(tuple(seqs[i].tokens[:seqs[i].start]), []).append(i)
+    ids: list[int] = []
+    pos: list[int] = []
+    segments: list[tuple[int, int, int, int]] = []
+    where: dict[int, tuple[int, int]] = {}  # sequence -> (its prompt's last position, its completion's first)
+    for prompt, members in units.items():
+        p0, P = len(ids), len(prompt)
+        ids += prompt
+        pos += range(P)
+        segments.append((p0, P, p0, 0))
+        for i in members:
+            completion = seqs[i].tokens[seqs[i].start:]
+            where[i] = (p0 + P - 1, len(ids))
+            if completion:
+                segments.append((len(ids), len(completion), p0, P))
+                pos += range(P, P + len(completion))
+                ids += completion
+    pred, tgt, sid, adv, rlp = [], [], [], [], []
+    for k, i in enumerate(idx):
+        s = seqs[i]
+        last, first = where[i]
+        pred += [last, *range(first, first + s.n_scored - 1)] if s.n_scored else []
+        tgt += s.tokens[s.start:]
+        sid += [k] * s.n_scored
+        adv += [s.advantage] * s.n_scored
+        rlp += s.rollout_logprobs if s.rollout_logprobs is not None else [0.0] * s.n_scored
+    cu = [0]
+    for _, length, _, _ in segments:
+        cu.append(cu[-1] + length)
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    return MicroBatch(t(ids, torch.long), t(pos, torch.long), t(cu, torch.int32), max(s[1] for s in segments),
+                      t(pred, torch.long), t(tgt, torch.long), t(sid, torch.long), t(adv, torch.float32),
+                      t(rlp, torch.float32), torch.ones(len(tgt), dtype=torch.bool, device=device),
+                      shared=SharedLayout.build(segments, device))
+
+
+def shares_prompts(lm: nn.Module) -> bool:
+    """Whether lm's attention backend runs prompt-once rows. per_seq and sdpa do; flash and varlen
+    are not wired (they would need separate query and key cu_seqlens over gathered keys, untestable
+    without a GPU), so those run unshared. Sliding-window layers are outside the shared mask too."""
+    layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
+    return lm.config._attn_implementation in (PER_SEQ, "sdpa") and set(layer_types) == {"full_attention"}
+
+
+def attention_pairs(mb: MicroBatch) -> int:
+    """(query, key) pairs the micro-batch's mask lets through: what exact attention computes."""
+    if mb.shared is not None:
+        return mb.shared.attention_pairs
+    lens = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).long()
+    return int((lens * (lens + 1) // 2).sum())
+
+
+def flop_rates(lm: nn.Module) -> tuple[int, int, int]:
+    """Forward FLOPs of lm (per token, per scored token, per attended (query, key) pair).
+
+    Per token: 2 per weight of the decoder's matrices (the embedding lookup is free). Per scored
+    token: 2 V H for lm_head (only scored positions reach it). Per pair: 4 per query-head
+    dimension per layer (QK^T and PV). Norms, rotary and activations are left out (small).
+    """
+    c = lm.config
+    body = sum(p.numel() for n, p in lm.named_parameters()
+               if p.dim() == 2 and "embed_tokens" not in n and "lm_head" not in n)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * body, 2 * c.vocab_size * c.hidden_size, 4 * c.num_hidden_layers * c.num_attention_heads * head_dim
+
+
+def forward_flops(rates: tuple[int, int, int], mb: MicroBatch) -> int:
+    """Counted forward FLOPs of one micro-batch (see flop_rates); its backward counts twice as many."""
+    per_token, per_scored, per_pair = rates
+    return per_token * mb.n_tokens + per_scored * int(mb.mask.numel()) + per_pair * attention_pairs(mb)
+
+
 def hidden_states(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Final hidden states of a micro-batch, flat: [T, H] packed, [B*L, H] padded (pred_idx indexes it).
 
@@ -276,12 +495,27 @@ def hidden_states(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
     if mb.attention_mask is not None:  # padded [B, L]
         return lm.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                              position_ids=mb.position_ids).last_hidden_state.flatten(0, 1)  # [B*L, H]
+    if mb.shared is not None:
+        return _shared_hidden_states(lm, mb)
     kwargs = {}
     if lm.config._attn_implementation in ("flash_attention_2", VARLEN, PER_SEQ):
         kwargs = dict(cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens,
                       max_length_q=mb.max_len, max_length_k=mb.max_len)
     return lm.base_model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
                          **kwargs).last_hidden_state[0]  # [T, H]
+
+
+def _shared_hidden_states(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """hidden_states of a prompt-once row: per_seq gets the layout, sdpa a dense [T, T] mask."""
+    if not shares_prompts(lm):
+        raise ValueError(f"a prompt-once micro-batch needs model.attn = per_seq or sdpa and full attention in every "
+                         f"layer, not {lm.config._attn_implementation!r}; set train.share_prompts = false")
+    ids, pos = mb.input_ids[None], mb.position_ids[None]
+    if lm.config._attn_implementation == PER_SEQ:
+        return lm.base_model(input_ids=ids, position_ids=pos, **{SHARED: mb.shared}).last_hidden_state[0]  # [T, H]
+    mask = mb.shared.dense_mask(mb.input_ids.device)[None, None]  # [1, 1, T, T]
+    return lm.base_model(input_ids=ids, position_ids=pos,
+                         attention_mask={"full_attention": mask}).last_hidden_state[0]  # [T, H]
 
 
 class PolicyLogprob(nn.Module):

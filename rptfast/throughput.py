@@ -10,8 +10,15 @@ sync is also reported as GB/s against a plain device copy of the same bytes, mea
 the same run.
 
 --ablations reruns the same steps with one change each and reports each as a ratio to the
-default: padded instead of packed micro-batches; logits + selective_logprob, and the torch
-reference log-softmax, instead of linear_logprob; the other rollout engine.
+default: each sequence packed with its own prompt instead of prompt-once packing (with the
+tokens the update processed and the factor predicted from the lengths, (G P + sum R) /
+(P + sum R) per group, exact when no group is split across micro-batches); padded instead
+of packed micro-batches; logits + selective_logprob, and the torch reference log-softmax,
+instead of linear_logprob; the other rollout engine.
+
+Counted FLOPs (model.flop_rates: the decoder's matrices per token, lm_head per scored token,
+attention per (query, key) pair the mask lets through; a backward counts twice its forward)
+come with the tokens of the update and the log-prob pre-passes.
 --trl runs the same job through TRL's GRPOTrainer in a subprocess (rptfast/trl_peer.py says
 what is matched and what differs) and reports the ratio of step time and of peak memory.
 
@@ -39,7 +46,7 @@ from rptfast import config, trainer
 
 PHASES = ["generate", "reward", "sleep", "pack", "logprobs", "update", "offload", "sync"]
 CSV_FIELDS = ["date", "commit", "device", "config", "variant", "steps", "step_s", "tok_per_s", "mfu", "peak_gb",
-              *[f"{p}_s" for p in PHASES], "sync_gbps", "copy_gbps", "ratio", "note"]
+              *[f"{p}_s" for p in PHASES], "sync_gbps", "copy_gbps", "ratio", "note", "update_tokens", "update_gflop"]
 
 
 def device_name() -> str:
@@ -99,19 +106,23 @@ def measure(cfg: config.Config, steps: int, warmup: int, engine=None, trace: Pat
         tokens = {"generate": mean("generated_tokens"), "update": mean("trained_tokens"),
                   "logprobs": mean("prepass_tokens")}.get(p)
         phases[p] = {"s": s, "share": s / step_s, "tok_per_s": tokens / s if tokens and s else None,
-                     "peak_gb": max(r.get(f"peak_mem_gb/{p}", 0.0) for r in rows)}
+                     "peak_gb": max(r.get(f"peak_mem_gb/{p}", 0.0) for r in rows), "tokens": tokens,
+                     "flops": mean(f"flops/{p}") if p in ("update", "logprobs") else None}
     sync_s = phases["sync"]["s"]
     out = {"step_s": step_s, "phase_sum_s": sum(v["s"] for v in phases.values()), "phases": phases,
            "tok_per_s": mean("trained_tokens") / step_s, "mfu": mean("mfu") or None,
            "peak_gb": max(r["peak_mem_gb"] for r in rows), "weights_gb": weights_gb,
            "sync_gbps": weights_gb / sync_s if sync_s else None, "copy_gbps": copy,
-           "engine": type(run.engine).__name__, "params": run.n_params, "steps": steps, "warmup": warmup}
+           "engine": type(run.engine).__name__, "params": run.n_params, "steps": steps, "warmup": warmup,
+           "prompt_tokens": mean("prompt_tokens"), "completion_tokens": mean("completion_tokens"),
+           "group_size": cfg.rollout.n, "share_prompts": cfg.train.share_prompts}
     return out, run.engine
 
 
 def ablations(cfg: config.Config) -> list[tuple[str, list[str]]]:
     """(name, overrides) of each one-change variant, against the default."""
-    out = [("padded micro-batches", ["train.packing=padded"]),
+    out = [("unshared prompts", ["train.share_prompts=false"]),
+           ("padded micro-batches", ["train.packing=padded"]),
            ("logits + selective_logprob", ["model.logprob=logits"]),
            ("torch reference logprobs", ["model.logprob=reference"])]
     engine = cfg.rollout.engine if cfg.rollout.engine != "auto" else (
@@ -142,10 +153,12 @@ def trl_peer(cfg: config.Config, steps: int, warmup: int) -> dict:
 def table(name: str, res: dict) -> str:
     lines = [f"throughput: {name} | {device_name()} | engine {res['engine']} | {res['params'] / 1e6:.2f}M params | "
              f"{res['steps']} steps after {res['warmup']} warm-up",
-             f"{'phase':<10} {'time s':>9} {'share':>7} {'tok/s':>10} {'peak GiB':>9}"]
+             f"{'phase':<10} {'time s':>9} {'share':>7} {'tok/s':>10} {'peak GiB':>9} {'tokens':>9} {'GFLOP':>9}"]
     for p, v in res["phases"].items():
         tok = f"{v['tok_per_s']:.0f}" if v["tok_per_s"] else "-"
-        lines.append(f"{p:<10} {v['s']:>9.4f} {v['share']:>7.1%} {tok:>10} {v['peak_gb']:>9.2f}")
+        n = f"{v['tokens']:.0f}" if v["tokens"] else "-"
+        gflop = f"{v['flops'] / 1e9:.2f}" if v["flops"] else "-"
+        lines.append(f"{p:<10} {v['s']:>9.4f} {v['share']:>7.1%} {tok:>10} {v['peak_gb']:>9.2f} {n:>9} {gflop:>9}")
     other = res["step_s"] - res["phase_sum_s"]
     lines.append(f"{'(other)':<10} {other:>9.4f} {other / res['step_s']:>7.1%}")
     mfu = f" | MFU {res['mfu']:.1%}" if res["mfu"] else ""
@@ -157,13 +170,29 @@ def table(name: str, res: dict) -> str:
     return "\n".join(lines)
 
 
+def predicted_token_ratio(res: dict) -> float:
+    """Unshared over prompt-once update tokens from the lengths: (G P + sum R) / (P + sum R), summed over groups."""
+    G, P, R = res["group_size"], res["prompt_tokens"], res["completion_tokens"]
+    return (G * P + R) / (P + R)
+
+
+def shared_tokens_line(shared: dict, unshared: dict) -> str:
+    """Update tokens and counted FLOPs without prompt sharing relative to with it, and the predicted token ratio."""
+    s, u = shared["phases"]["update"], unshared["phases"]["update"]
+    flops = f", GFLOP {u['flops'] / s['flops']:.2f}x" if s["flops"] and u["flops"] else ""
+    return (f"update tokens {u['tokens'] / s['tokens']:.3f}x (predicted {predicted_token_ratio(shared):.3f}x)"
+            f"{flops}")
+
+
 def csv_row(name: str, variant: str, res: dict, ratio: float | None, note: str = "") -> dict:
     row = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": device_name(),
            "config": name, "variant": variant, "steps": res.get("steps"), "ratio": ratio, "note": note}
     if "phases" in res:
         row.update({"step_s": res["step_s"], "tok_per_s": res["tok_per_s"], "mfu": res["mfu"],
                     "peak_gb": res["peak_gb"], "sync_gbps": res["sync_gbps"], "copy_gbps": res["copy_gbps"],
-                    **{f"{p}_s": v["s"] for p, v in res["phases"].items()}})
+                    **{f"{p}_s": v["s"] for p, v in res["phases"].items()},
+                    "update_tokens": res["phases"]["update"]["tokens"],
+                    "update_gflop": (res["phases"]["update"]["flops"] or 0) / 1e9})
     else:
         row.update({"step_s": res.get("step_s"), "peak_gb": res.get("peak_mem_gb")})
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
@@ -192,8 +221,11 @@ def run(config_name: str, overrides: list[str], steps: int, warmup: int, with_ab
             ratio = res["step_s"] / default["step_s"]
             focus = "generate" if "engine" in variant else "update"
             phase_ratio = res["phases"][focus]["s"] / max(default["phases"][focus]["s"], 1e-12)
+            extra = ""
+            if variant == "unshared prompts":
+                extra = " | " + shared_tokens_line(default, res)
             print(f"  {variant:<28} step {ratio:5.2f}x | {focus} {phase_ratio:5.2f}x | "
-                  f"peak {res['peak_gb']:.2f} GiB")
+                  f"peak {res['peak_gb']:.2f} GiB{extra}")
             report["ablations"][variant] = {**res, "ratio": ratio, f"{focus}_ratio": phase_ratio}
             rows.append(csv_row(name, variant, res, ratio))
     if with_trl:
@@ -213,6 +245,17 @@ def run(config_name: str, overrides: list[str], steps: int, warmup: int, with_ab
     json_path.write_text(json.dumps(report, indent=2))
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     new = not csv_path.exists() or csv_path.stat().st_size == 0
+    if not new:
+        with csv_path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old = list(reader)
+    if not new and reader.fieldnames != CSV_FIELDS:  # a file with older columns: rewrite it whole with the new ones
+        tmp = csv_path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, CSV_FIELDS)
+            w.writeheader()
+            w.writerows(old)
+        tmp.replace(csv_path)
     with csv_path.open("a", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         if new:

@@ -41,10 +41,15 @@ from rptfast.model import (
     PolicyLogprob,
     Sequence,
     collate,
+    collate_shared,
+    flop_rates,
+    forward_flops,
     load_policy,
     pack,
+    pack_shared,
     resolve_attn,
     resolve_dtype,
+    shares_prompts,
     write_scratch_model,
 )
 from rptfast.rollout import SamplingConfig, check_model_dir, make_engine
@@ -216,6 +221,9 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     logger = MetricsLogger(run_dir, d.main, t.ntp_steps + t.steps, cfg.log.progress, cfg.log.tensorboard,
                            cfg.log.every, wandb=cfg.log.wandb, trackio=cfg.log.trackio, project=cfg.log.project,
                            run_config=config.flat(cfg))
+    if t.share_prompts and t.packing == "packed" and not shares_prompts(policy.lm):
+        logger.write(f"note: train.share_prompts runs unshared with model.attn = {cfg.model.attn!r} "
+                     f"({policy.lm.config._attn_implementation}); per_seq and sdpa share prompts")
     task = make_task(cfg, tokenizer, t.seed)
     n_params = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the global size
     run = Run(cfg, d, run_dir, tokenizer, task, policy, ref, optimizer, engine, logger,
@@ -427,11 +435,20 @@ def sequences(groups: list[Group]) -> list[Sequence]:
 
 def aligned_micro_batches(run: Run, seqs: list[Sequence]) -> list[MicroBatch]:
     """Packed micro-batches; every rank runs the same number (FSDP's collectives pair up), so a
-    rank with fewer pads with a masked-out dummy that contributes nothing."""
+    rank with fewer pads with a masked-out dummy that contributes nothing.
+
+    With train.share_prompts (and a backend that runs the shared mask), sequences with the same
+    prompt share it: prompt-once rows (model.pack_shared), the same log-probs and gradients.
+    """
     padded = run.cfg.train.packing == "padded"
-    bins = pack(seqs, run.cfg.train.micro_batch_tokens, padded) if seqs else []
+    budget = run.cfg.train.micro_batch_tokens
+    if run.cfg.train.share_prompts and not padded and shares_prompts(run.policy.lm):
+        bins = pack_shared(seqs, budget) if seqs else []
+        mbs = [collate_shared(seqs, b, run.d.device) for b in bins]
+    else:
+        bins = pack(seqs, budget, padded) if seqs else []
+        mbs = [collate(seqs, b, run.d.device, padded=padded) for b in bins]
     (most,) = all_max([len(bins)], run.d)
-    mbs = [collate(seqs, b, run.d.device, padded=padded) for b in bins]
     dummy = Sequence([0, 0], 1, 0.0, [0.0])
     while len(mbs) < most:
         mbs.append(collate([dummy], [0], run.d.device, masked=True))
@@ -447,6 +464,8 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
         seqs = sequences(groups)
         minis = [seqs[i::K] for i in range(K)] if K > 1 else [seqs]
         mbs_per_mini = [aligned_micro_batches(run, m) for m in minis]
+        rates = flop_rates(run.policy.lm)
+        fwd_flops = sum(forward_flops(rates, mb) for mbs in mbs_per_mini for mb in mbs)
     # old (and reference) log-probs, when they cannot come from the training forward itself
     old: dict[tuple[int, int], torch.Tensor] = {}
     ref: dict[tuple[int, int], torch.Tensor] = {}
@@ -536,6 +555,13 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
         a_mean = a_sum / max(a_n, 1)
         metrics.update({"adv_mean": a_mean, "adv_std": max(a_sq / max(a_n, 1) - a_mean**2, 0.0) ** 0.5,
                         "adv_abs_mean": a_abs / max(a_n, 1)})
+        # counted FLOPs (model.flop_rates): forward + backward of every micro-batch, forward only per pre-pass
+        n_prepasses = int(need_old) + int(run.ref is not None)
+        metrics["flops/update"], metrics["flops/logprobs"] = all_sum([3 * fwd_flops, n_prepasses * fwd_flops], d)
+        # the kept groups' prompts (each once) and completions: prompt-once packing trains P + sum R tokens per
+        # group where the unshared one trains G P + sum R
+        metrics["prompt_tokens"], metrics["completion_tokens"] = all_sum(
+            [sum(len(g.prompt.token_ids) for g in groups), sum(s.n_scored for s in seqs)], d)
     if m_max > a.mismatch_warn:
         run.logger.write(f"WARNING step {step + 1}: rollout vs trainer logprob mismatch max {m_max:.3g} > "
                          f"algorithm.mismatch_warn = {a.mismatch_warn} (mean {m_sum / max(1, m_n):.3g}); "

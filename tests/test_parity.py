@@ -100,3 +100,35 @@ def test_both_phases_write_table_and_plots(tmp_path):
     for png in ("parity_accuracy.png", "parity_length.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "final" / "config.json").exists() and (run / "init" / "tokenizer.json").exists()
+
+
+def test_rl_phase_same_with_and_without_shared_prompts(tmp_path):
+    """The demo shortened, once with prompt-once packing (the default) and once without, same seeds: the
+    same metrics within float noise (the later steps sample from weights that AdamW moved by float noise
+    in near-zero gradients, so those rewards are held to a sampling tolerance, not equality)."""
+    sets = ["data.parity_d=6", "rollout.max_tokens=8", "rollout.max_model_len=32", "train.ntp_steps=6",
+            "train.steps=3", "train.ntp_sequences=32", "train.prompts_per_step=4", "rollout.n=4",
+            "train.eval_prompts=16", "train.warmup_steps=0", "log.progress=false", "log.tensorboard=false"]
+    logs = {}
+    for share in ("true", "false"):
+        out = tmp_path / share
+        args = [*sets, f"train.out_dir={out}", f"train.share_prompts={share}"]
+        cmd = [sys.executable, "-m", "rptfast", "train", "parity", *[a for s in args for a in ("--set", s)]]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        logs[share] = read_jsonl(out)
+    shared, unshared = logs["true"], logs["false"]
+    assert [r["phase"] for r in shared] == [r["phase"] for r in unshared] == ["init"] + ["ntp"] * 6 + ["rl"] * 3
+    for a, b in zip(shared[1:7], unshared[1:7]):  # next-token phase: duplicated prompts share too
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["trained_tokens"] <= b["trained_tokens"]
+    first_a, first_b = shared[7], unshared[7]  # first RL step: same weights up to float noise, same samples
+    for key in ("reward", "response_len", "accuracy"):
+        assert first_a[key] == first_b[key], key
+    for key in ("loss", "entropy", "grad_norm", "ratio_mean"):
+        assert first_a[key] == pytest.approx(first_b[key], rel=1e-3, abs=1e-6), key
+    saved = first_b["trained_tokens"] - first_a["trained_tokens"]  # prompts of 7 tokens, once instead of 4 times
+    assert saved >= 4 * 3 * 7 and saved % 7 == 0  # more where two of the 4 prompts are the same bits
+    for a, b in zip(shared[8:], unshared[8:]):
+        assert a["reward"] == pytest.approx(b["reward"], abs=0.1)
+        assert a["mismatch_max"] < 1e-4 and b["mismatch_max"] < 1e-4

@@ -35,13 +35,20 @@ def test_throughput_one_step(tiny_dir, tmp_path, extra):
     assert d["phases"]["generate"]["s"] > 0 and d["phases"]["update"]["s"] > 0 and d["phases"]["sync"]["s"] > 0
     assert abs(d["phase_sum_s"] - d["step_s"]) <= 0.05 * d["step_s"]
     assert d["copy_gbps"] > 0 and d["sync_gbps"] > 0
-    assert set(report["ablations"]) == {"padded micro-batches", "logits + selective_logprob",
+    assert set(report["ablations"]) == {"unshared prompts", "padded micro-batches", "logits + selective_logprob",
                                         "torch reference logprobs", "torch engine"}
+    # prompt-once packing: the update's tokens fall by (G P + sum R) / (P + sum R), and so do its FLOPs
+    unshared = report["ablations"]["unshared prompts"]
+    G, P, R = d["group_size"], d["prompt_tokens"], d["completion_tokens"]
+    assert unshared["completion_tokens"] == R and unshared["prompt_tokens"] == P  # the same rollouts
+    assert d["phases"]["update"]["tokens"] == P + R and unshared["phases"]["update"]["tokens"] == G * P + R
+    assert unshared["phases"]["update"]["flops"] > d["phases"]["update"]["flops"] > 0
+    assert "update tokens" in r.stdout and "predicted" in r.stdout
     for res in report["ablations"].values():
         assert res["ratio"] > 0 and abs(res["phase_sum_s"] - res["step_s"]) <= 0.05 * res["step_s"]
     assert "step_ratio" in report["trl"] or "not installed" in report["trl"]["note"]
     rows = list(csv.DictReader(table.open()))
-    assert len(rows) == 1 + 4 + ("step_ratio" in report["trl"])
+    assert len(rows) == 1 + 5 + ("step_ratio" in report["trl"])
     for row in rows:
         assert row["device"] == "cpu" and row["commit"] and row["date"] == report["date"]
     assert "phase" in r.stdout and "ablations" in r.stdout
