@@ -53,6 +53,11 @@ class RunDirError(config.ConfigError):
     """The run directory holds another run, or --resume has nothing to resume."""
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on correctly (e.g. the engine serves other weights than the trainer's); nothing was saved
+    for the step that raised it."""
+
+
 def sample_seed(run_seed: int, step: int, index: int) -> int:
     """Seed of a prompt's group: a pure function of (run seed, step, global prompt index).
 
@@ -466,6 +471,17 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
         run.logger.write(f"WARNING step {step + 1}: rollout vs trainer logprob mismatch max {m_max:.3g} > "
                          f"algorithm.mismatch_warn = {a.mismatch_warn} (mean {m_sum / max(1, m_n):.3g}); "
                          f"the engine and the trainer disagree on the policy")
+    # Far above numerical noise (fp32 ~1e-7, bf16 ~1e-3..1e-2 per token), the engine samples from another
+    # policy. top_p < 1 adds at most -ln(top_p): the engine renormalises over a nucleus of mass >= top_p.
+    limit = a.mismatch_stop - math.log(cfg.rollout.top_p)
+    if m_sum / max(1, m_n) > limit:
+        raise TrainingStopped(
+            f"step {step + 1}: mean rollout vs trainer logprob mismatch {m_sum / max(1, m_n):.3g} per token "
+            f"(max {m_max:.3g}) > {limit:.3g} (algorithm.mismatch_stop = {a.mismatch_stop}); the engine samples "
+            f"from other weights than the trainer's. Likely causes: stale weights after a wake, a sync that "
+            f"skipped a tensor, corrupted buffers (e.g. rotary caches after a level-2 sleep), a dtype mismatch "
+            f"between engine and trainer. Nothing was saved for this step; raise algorithm.mismatch_stop only if "
+            f"the gap is expected")
     return metrics
 
 
