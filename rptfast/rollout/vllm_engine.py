@@ -88,7 +88,8 @@ class VLLMEngine:
         self.device = next(self.runner.model.parameters()).device
         # vLLM fuses and repacks its parameters (qkv_proj, ...): completeness is checked against the HF names
         self.param_names = hf_parameter_names(model_path, trust_remote_code)
-        self.tied = _tied_modules(self.runner.model)
+        # on the CPU a tied lm_head holds a packed copy of its weight, re-made after each sync (see update_weights)
+        self.tied = [] if self.cuda else _tied_modules(self.runner.model)
         if self.llm.get_tokenizer().eos_token_id is None:
             raise ValueError(f"the tokenizer of {model_path!r} has no EOS token: set eos_token in its "
                              f"tokenizer_config.json (completions could never stop)")
@@ -126,7 +127,8 @@ class VLLMEngine:
         self.runner.reload_weights(
             weights_iterator=buckets(names.check(named_tensors), self.bucket_bytes, self.device, self.dtype))
         # The reload re-processes only the modules whose names it loaded; on the CPU, processing packs a
-        # module's weight into a GEMM handle, so a tied lm_head (never loaded by name) kept its old copy.
+        # module's weight into a GEMM handle, so a tied lm_head (never loaded by name) kept its old copy
+        # and served stale logits.
         for module in self.tied:
             module.quant_method.process_weights_after_loading(module)
         self.llm.reset_prefix_cache()
