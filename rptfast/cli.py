@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from rptfast.errors import EXIT_NONFINITE, EXIT_USER, ConfigError, NonFiniteError, UserError, check_writable_dir
+from rptfast.errors import EXIT_STOPPED, EXIT_USER, ConfigError, TrainingStopped, UserError, check_writable_dir
 
 
 def _quiet() -> None:
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"rptfast {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER
-    except NonFiniteError as e:
+    except TrainingStopped as e:
         print(f"rptfast {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
-        return EXIT_NONFINITE
+        return EXIT_STOPPED
     return 0
 
 

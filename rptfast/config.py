@@ -63,7 +63,7 @@ class RolloutConfig:
     max_model_len: int = 2048  # prompt + completion limit of the engine
     gpu_memory_utilization: float = 0.4  # vllm on CUDA: share of GPU memory for weights + KV cache
     cpu_kv_cache_gib: int = 1  # vllm on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
-    sleep_level: int = 1  # vllm on CUDA: 1 = weights to CPU, 2 = drop weights (they are re-synced)
+    sleep_level: int = 1  # 1 = weights to CPU while asleep; 2 = drop them, re-synced on wake (torch engine only)
     sync_bucket_mb: int = 256  # weight sync: bytes gathered and pushed per bucket
     enforce_eager: bool = False  # vllm: skip CUDA graphs (faster start, slower decode)
 
@@ -84,6 +84,7 @@ class AlgorithmConfig:
     old_logprobs: str = "recompute"  # recompute (trainer forward before the update) | rollout (engine's)
     updates_per_batch: int = 1  # mini-batch updates per rollout batch (1 = on-policy)
     mismatch_warn: float = 0.05  # log loudly when max |rollout - trainer logprob| exceeds this
+    mismatch_stop: float = 0.1  # stop when the mean |rollout - trainer logprob| per token exceeds this (+ -ln top_p)
 
 
 @dataclass
@@ -213,6 +214,7 @@ BOUNDS = {
     "algorithm.dynamic_sampling_from": (lambda v: v >= 0, "an integer >= 0"),
     "algorithm.updates_per_batch": (lambda v: v >= 1, "an integer >= 1"),
     "algorithm.mismatch_warn": (lambda v: v > 0, "a float > 0"),
+    "algorithm.mismatch_stop": (lambda v: v > 0, "a float > 0"),
     "train.steps": (lambda v: v >= 0, "an integer >= 0"),
     "train.ntp_steps": (lambda v: v >= 0, "an integer >= 0"),
     "train.ntp_sequences": (lambda v: v >= 1, "an integer >= 1"),
@@ -344,6 +346,11 @@ def check(cfg: Config) -> Config:
         if getattr(cfg.log, tracker) and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"log.{tracker} = true but {tracker} is not installed; pip install {tracker}, or set "
                               f"log.{tracker}=false")
+    if cfg.rollout.sleep_level == 2 and cfg.rollout.engine != "torch":
+        raise ConfigError(f"rollout.sleep_level = 2 is refused with rollout.engine = {cfg.rollout.engine!r}: vLLM's "
+                          f"level-2 sleep discards buffers such as the rotary caches (vLLM issue 29341) and the "
+                          f"weight sync restores parameters only; set rollout.sleep_level = 1, or use "
+                          f"rollout.engine = 'torch'")
     if cfg.rollout.max_tokens >= cfg.rollout.max_model_len:
         raise ConfigError(f"rollout.max_tokens ({cfg.rollout.max_tokens}) must be below rollout.max_model_len "
                           f"({cfg.rollout.max_model_len}) to leave room for the prompt")

@@ -5,8 +5,9 @@
   which kind: `ConfigError` (a value), `PathError` (a path that is missing, of the wrong kind
   or not writable), `FileFormatError` (a file that exists but cannot be read as what it should
   be: truncated, corrupt, not UTF-8).
-- `NonFiniteError` (exit 3): training produced non-finite numbers it cannot recover from; the
-  last complete checkpoint is left untouched.
+- `TrainingStopped` (exit 3): the run cannot go on correctly (the engine samples from other
+  weights than the trainer's, say); nothing is saved for the step that raised it, and the last
+  complete checkpoint is left untouched. `NonFiniteError` is the case of non-finite numbers.
 
 Library errors (safetensors, Arrow, OS, Unicode) are translated where a file is opened, by the
 code that knows which key or path it was: never by a catch-all at the top, which would turn
@@ -36,11 +37,15 @@ class FileFormatError(UserError, ValueError):
     """A file that exists but cannot be read as what it should be (truncated, corrupt, not UTF-8)."""
 
 
-class NonFiniteError(RuntimeError):
-    """Training produced non-finite numbers; the CLI prints the message and exits 3."""
+class TrainingStopped(RuntimeError):
+    """The run cannot go on correctly; the CLI prints the message and exits 3."""
 
 
-EXIT_USER, EXIT_NONFINITE = 2, 3
+class NonFiniteError(TrainingStopped):
+    """Training produced non-finite numbers it cannot recover from."""
+
+
+EXIT_USER, EXIT_STOPPED = 2, 3
 
 
 def check_writable_dir(path: str | Path, what: str) -> None:

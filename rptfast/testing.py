@@ -106,8 +106,8 @@ def write_tokenizer(path: str | Path, kind: str = "bpe", vocab: int = 512) -> di
 
 
 def tiny_config(arch: str, vocab: int, layers: int, hidden: int, heads: int, kv_heads: int,
-                intermediate: int, max_len: int, special: dict[str, int]):
-    """A transformers config of a standard architecture with head_dim 64."""
+                intermediate: int, max_len: int, special: dict[str, int], tied: bool = False):
+    """A transformers config of a standard architecture with head_dim 64 (tied: lm_head shares the embedding)."""
     from transformers import LlamaConfig, Qwen3Config
 
     common = dict(
@@ -119,7 +119,7 @@ def tiny_config(arch: str, vocab: int, layers: int, hidden: int, heads: int, kv_
         num_key_value_heads=kv_heads,
         head_dim=64,
         max_position_embeddings=max_len,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         eos_token_id=special["eos"],
         pad_token_id=special["pad"],
         bos_token_id=special.get("bos", special["eos"]),
@@ -148,6 +148,7 @@ def make_tiny_model(
     intermediate: int = 256,
     max_len: int = 2048,
     init_std: float = 0.02,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Write a randomly initialised HF model directory at `path` and return it.
 
@@ -162,7 +163,8 @@ def make_tiny_model(
     special = write_tokenizer(path, tokenizer, vocab)
     if special["size"] > vocab:
         raise ValueError(f"vocab={vocab} is smaller than the tokenizer's {special['size']} tokens")
-    config = tiny_config(arch, vocab, layers, hidden, heads, kv_heads, intermediate, max_len, special)
+    config = tiny_config(arch, vocab, layers, hidden, heads, kv_heads, intermediate, max_len, special,
+                         tie_word_embeddings)
     config.initializer_range = init_std
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -33,7 +33,7 @@ import torch
 
 from rptfast import checkpoint, config, distributed
 from rptfast.distributed import Dist, all_gather_objects, all_max, all_sum, full_tensors
-from rptfast.errors import NonFiniteError, check_writable_dir
+from rptfast.errors import NonFiniteError, TrainingStopped, check_writable_dir
 from rptfast.kernels import group_advantages, policy_loss
 from rptfast.metrics import MetricsLogger, Timer, peak_flops, peak_memory_gb, quiet_startup
 from rptfast.model import (
@@ -566,6 +566,17 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
         run.logger.write(f"WARNING step {step + 1}: rollout vs trainer logprob mismatch max {m_max:.3g} > "
                          f"algorithm.mismatch_warn = {a.mismatch_warn} (mean {m_sum / max(1, m_n):.3g}); "
                          f"the engine and the trainer disagree on the policy")
+    # Far above numerical noise (fp32 ~1e-7, bf16 ~1e-3..1e-2 per token), the engine samples from another
+    # policy. top_p < 1 adds at most -ln(top_p): the engine renormalises over a nucleus of mass >= top_p.
+    limit = a.mismatch_stop - math.log(cfg.rollout.top_p)
+    if m_sum / max(1, m_n) > limit:
+        raise TrainingStopped(
+            f"step {step + 1}: mean rollout vs trainer logprob mismatch {m_sum / max(1, m_n):.3g} per token "
+            f"(max {m_max:.3g}) > {limit:.3g} (algorithm.mismatch_stop = {a.mismatch_stop}); the engine samples "
+            f"from other weights than the trainer's. Likely causes: stale weights after a wake, a sync that "
+            f"skipped a tensor, corrupted buffers (e.g. rotary caches after a level-2 sleep), a dtype mismatch "
+            f"between engine and trainer. Nothing was saved for this step; raise algorithm.mismatch_stop only if "
+            f"the gap is expected")
     return metrics
 
 

@@ -184,6 +184,47 @@ def _move(bucket, device, dtype):
     yield from moved
 
 
+class SyncNames:
+    """What makes a weight sync complete: every parameter name of the engine's model, each sent once.
+
+    Names stream through `check` (an unknown name raises at once, before the engine sees it);
+    `done` then raises if a parameter was never sent, since the engine would keep serving its
+    old value. A tied weight (lm_head sharing the embedding) is one parameter under one name,
+    as in the HF model's `named_parameters()`, which is what the trainer sends.
+    """
+
+    def __init__(self, expected: set[str]):
+        self.expected = expected
+        self.sent: set[str] = set()
+
+    def check(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in named_tensors:
+            if name not in self.expected:
+                raise KeyError(f"update_weights: {name!r} is not a parameter of the engine's model "
+                               f"(it has e.g. {sorted(self.expected)[:3]}); send the HF model's named_parameters()")
+            if name in self.sent:
+                raise ValueError(f"update_weights: {name!r} was sent twice in one sync")
+            self.sent.add(name)
+            yield name, t
+
+    def done(self) -> None:
+        missing = self.expected - self.sent
+        if missing:
+            raise ValueError(f"update_weights must send every parameter of the engine's model: {len(missing)} of "
+                             f"{len(self.expected)} were not sent ({', '.join(sorted(missing)[:5])}), and the engine "
+                             f"would serve stale values for them")
+
+
+def hf_parameter_names(model_path: str, trust_remote_code: bool = False) -> set[str]:
+    """Parameter names of the HF model at `model_path` (built on the meta device: no memory, no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    return {name for name, _ in model.named_parameters()}
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
-from rptfast.rollout import Completion, SamplingConfig, buckets, check_prompts
+from rptfast.rollout import Completion, SamplingConfig, SyncNames, buckets, check_prompts
 
 _M = (1 << 63) - 1  # int64 arithmetic wraps; masks keep right shifts logical
 
@@ -143,21 +143,15 @@ class TorchEngine:
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        dropped = self.asleep and self.sleep_level == 2  # every parameter must then come in
         self.wake()
         params = dict(self.model.named_parameters())
-        seen = set()
-        for name, t in buckets(named_tensors, self.bucket_bytes, self.device, self.dtype):
-            if name not in params:
-                raise KeyError(f"update_weights: {name!r} is not a parameter of the engine's model")
+        names = SyncNames(set(params))
+        for name, t in buckets(names.check(named_tensors), self.bucket_bytes, self.device, self.dtype):
             if params[name].shape != t.shape:
                 raise ValueError(f"update_weights: {name!r} has shape {tuple(t.shape)}, the engine's "
                                  f"parameter has {tuple(params[name].shape)}")
             params[name].copy_(t)
-            seen.add(name)
-        if dropped and seen != set(params):
-            raise ValueError(f"update_weights after a level-2 sleep must send every parameter; missing: "
-                             f"{sorted(set(params) - seen)[:5]}")
+        names.done()
 
     def sleep(self) -> None:
         """Release the weights from the device: to CPU memory (level 1) or dropped (level 2)."""

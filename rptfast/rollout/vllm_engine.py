@@ -11,6 +11,9 @@ sleep and wake are no-ops; the same calls run so that the choreography is exerci
 
 Left out: tensor/pipeline parallelism inside the engine (each rank runs its own engine
 on its own GPU), LoRA sync, and the async engine (generation is one blocking call per step).
+Level-2 sleep is refused: it discards buffers such as the rotary caches, which a parameter
+sync does not restore (vLLM issue 29341; TRL reloads from disk instead), and the CPU build,
+where sleep is a no-op, cannot test a fix.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Iterable
 
 import torch
 
-from rptfast.rollout import Completion, SamplingConfig, buckets, check_prompts
+from rptfast.rollout import Completion, SamplingConfig, SyncNames, buckets, check_prompts, hf_parameter_names
 
 
 class _DropCpuSleepWarning(logging.Filter):
@@ -29,10 +32,24 @@ class _DropCpuSleepWarning(logging.Filter):
         return "sleep mode is not supported on CPU" not in record.getMessage()
 
 
+def _tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules whose weight is the same Parameter as another module's (a tied lm_head and its embedding)."""
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and getattr(module, "quant_method", None) is not None:
+            owners.setdefault(id(weight), []).append(module)
+    return [m for group in owners.values() if len(group) > 1 for m in group]
+
+
 class VLLMEngine:
     def __init__(self, model_path: str, *, dtype: torch.dtype, seed: int, max_model_len: int,
                  gpu_memory_utilization: float = 0.4, cpu_kv_cache_gib: int = 1, sleep_level: int = 1,
                  bucket_bytes: int = 256 << 20, enforce_eager: bool = False, trust_remote_code: bool = False):
+        if sleep_level == 2:
+            raise ValueError("sleep_level = 2 is refused for the vLLM engine: its level-2 sleep discards buffers such "
+                             "as the rotary caches (vLLM issue 29341) and update_weights restores parameters only; "
+                             "set rollout.sleep_level = 1")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core runs in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
         self.cuda = torch.cuda.is_available()
@@ -69,6 +86,10 @@ class VLLMEngine:
         self.asleep = False
         self.runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
         self.device = next(self.runner.model.parameters()).device
+        # vLLM fuses and repacks its parameters (qkv_proj, ...): completeness is checked against the HF names
+        self.param_names = hf_parameter_names(model_path, trust_remote_code)
+        # on the CPU a tied lm_head holds a packed copy of its weight, re-made after each sync (see update_weights)
+        self.tied = [] if self.cuda else _tied_modules(self.runner.model)
         if self.llm.get_tokenizer().eos_token_id is None:
             raise ValueError(f"the tokenizer of {model_path!r} has no EOS token: set eos_token in its "
                              f"tokenizer_config.json (completions could never stop)")
@@ -97,15 +118,23 @@ class VLLMEngine:
         return completions
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push new weights in place, a bucket at a time, into the running model."""
+        """Push new weights in place, a bucket at a time, into the running model; every HF parameter name must come
+        (a name left out would keep its old value), and none that the model lacks."""
         woke = self.asleep
         if woke:
             self._wake(["weights"])
+        names = SyncNames(self.param_names)
         self.runner.reload_weights(
-            weights_iterator=buckets(named_tensors, self.bucket_bytes, self.device, self.dtype))
+            weights_iterator=buckets(names.check(named_tensors), self.bucket_bytes, self.device, self.dtype))
+        # The reload re-processes only the modules whose names it loaded; on the CPU, processing packs a
+        # module's weight into a GEMM handle, so a tied lm_head (never loaded by name) kept its old copy
+        # and served stale logits.
+        for module in self.tied:
+            module.quant_method.process_weights_after_loading(module)
         self.llm.reset_prefix_cache()
         if woke:
             self._wake(["kv_cache"])
+        names.done()
 
     def sleep(self) -> None:
         if not self.asleep:
