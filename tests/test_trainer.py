@@ -236,3 +236,25 @@ def test_per_seq_attention_finds_boundaries_in_position_ids(tiny_dir):
         with_cu = hidden_states(lm, mb)
         without = lm.base_model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None]).last_hidden_state[0]
     torch.testing.assert_close(without, with_cu, rtol=1e-5, atol=1e-6)
+
+
+def test_fp32_masters_keep_small_updates_under_bf16_compute(tiny_dir, vllm_engine, tmp_path):
+    """bf16 compute at the RPT learning rate (1e-6): the fp32 masters change as in an all-fp32 run. With bf16
+    weights updated in place most updates fall below bf16's resolution (2^-8 of a weight) and vanish."""
+    kw = dict(train__steps=1, train__lr=1e-6, train__ckpt_every=1)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        trainer.train(make_cfg(tiny_dir, tmp_path / dtype, model__dtype=dtype, **kw), engine=vllm_engine)
+        runs[dtype] = load_file(tmp_path / dtype / "checkpoints" / "step_000001" / "model.safetensors")
+    init = load_file(Path(tiny_dir) / "model.safetensors")
+    delta = {k: {n: w.double() - init[n].double() for n, w in r.items()} for k, r in runs.items()}
+    changed = {k: sum(int((d != 0).sum()) for d in v.values()) / sum(d.numel() for d in v.values())
+               for k, v in delta.items()}
+    assert changed["float32"] > 0.3, changed  # most weights with a gradient move
+    print("share of weights changed:", changed)
+    assert changed["bfloat16"] >= 0.95 * changed["float32"], changed
+    # and they move the same way: AdamW's first steps are ~lr * sign(grad), which bf16 gradients keep
+    a = torch.cat([d.flatten() for d in delta["float32"].values()])
+    b = torch.cat([d.flatten() for d in delta["bfloat16"].values()])
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
+    assert all(w.dtype == torch.float32 for w in runs["bfloat16"].values())  # the checkpoint holds the masters
