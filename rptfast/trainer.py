@@ -138,15 +138,15 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
         raise config.ConfigError(f"train.prompts_per_step ({t.prompts_per_step}) and train.ntp_sequences "
                                  f"({t.ntp_sequences}) must divide across {world} ranks; make them multiples "
                                  f"of {world}")
-    if cfg.train.offload_weights and world > 1:
-        raise config.ConfigError("train.offload_weights is not supported with FSDP (more than one rank) yet; "
-                                 "set it to false")
     d = distributed.init()
-    run_dir = Path(t.out_dir)
-    claim_run_dir(run_dir, cfg, resume, d)
     # fp32 masters (what AdamW updates and checkpoints hold), computed in `dtype`; the engine runs in `dtype`
     master = getattr(torch, t.master_dtype)
     dtype = master if master != torch.float32 else resolve_dtype(cfg.model.dtype, d.device)
+    if cfg.train.offload_weights and (world > 1 or dtype != master):
+        raise config.ConfigError("train.offload_weights is not supported with FSDP (more than one rank, or a "
+                                 "compute dtype other than train.master_dtype) yet; set it to false")
+    run_dir = Path(t.out_dir)
+    claim_run_dir(run_dir, cfg, resume, d)
     model_dir = cfg.model.path
     if not model_dir:
         model_dir = str(run_dir / "init")
