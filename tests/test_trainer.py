@@ -182,24 +182,37 @@ def test_bad_run_settings(tiny_dir, vllm_engine, tmp_path, monkeypatch):
     assert checkpoint.latest(tmp_path / "run").name == "step_000001"
 
 
-def test_torchrun_two_ranks_equals_one(tiny_dir, vllm_engine, tmp_path):
-    """FSDP2 on gloo with 2 ranks, each with its own vLLM engine == 1 process, same global batch."""
-    cfg_path = tmp_path / "c.toml"
-    cfg = make_cfg(tiny_dir, tmp_path / "two", train__steps=2, train__prompts_per_step=4)
-    cfg_path.write_text(config.to_toml(cfg))
+def test_torchrun_two_ranks_equals_one(tiny_dir, tmp_path):
+    """FSDP2 on gloo with 2 ranks, each with its own vLLM engine == 1 process, same global batch; both in
+    bf16 compute with fp32 masters (the mixed-precision policy; one process on a world-size-1 mesh). And the
+    bf16 engine's logprobs match the trainer's after every sync (the engine gets the masters cast to bf16)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "rptfast",
-                        "train", str(cfg_path)], capture_output=True, text=True, env=env, cwd=tmp_path,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    one = trainer.train(make_cfg(tiny_dir, tmp_path / "one", train__steps=2, train__prompts_per_step=4),
-                        engine=vllm_engine)
-    a, b = load_file(tmp_path / "two" / "final" / "model.safetensors"), load_file(one / "model.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    launch = {"two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "rptfast"],
+              "one": [sys.executable, "-m", "rptfast"]}
+    for name, cmd in launch.items():
+        cfg_path = tmp_path / f"{name}.toml"
+        cfg = make_cfg(tiny_dir, tmp_path / name, train__steps=2, train__prompts_per_step=4, model__dtype="bfloat16")
+        cfg_path.write_text(config.to_toml(cfg))
+        r = subprocess.run([*cmd, "train", str(cfg_path)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
+    init = load_file(Path(tiny_dir) / "model.safetensors")
+    a, b = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("two", "one"))
+    assert a.keys() == b.keys() and all(w.dtype == torch.float32 for w in a.values())
+    # bf16 gradients summed in another order (per rank, then reduced in fp32) differ in their last bits, and
+    # AdamW turns a near-zero gradient of either sign into a full +-lr step, so no element-wise bound holds;
+    # the update as a whole must agree (measured: 0.2% relative difference; a missing gradient reduction or
+    # a rank training on other data gives tens of percent)
+    da = torch.cat([(a[n].double() - init[n].double()).flatten() for n in a])
+    db = torch.cat([(b[n].double() - init[n].double()).flatten() for n in a])
+    assert (da - db).norm() / db.norm() < 0.02
     two_log, one_log = rows(tmp_path / "two"), rows(tmp_path / "one")
     assert [r["reward"] for r in two_log[1:]] == [r["reward"] for r in one_log[1:]]
     assert len(two_log) == len(one_log)  # only rank 0 wrote
+    # engine (vLLM, bf16) vs trainer (bf16 compute) on the sampled tokens, after each sync: bf16 rounding
+    # only (measured max 4.5e-3); stale or wrongly cast weights after a step at lr 1e-2 are off by far more
+    for log in (two_log, one_log):
+        assert max(r["mismatch_max"] for r in log[1:]) < 0.02
 
 
 @pytest.mark.parametrize("option", ["gradient_checkpointing", "padded", "per_seq", "padded per_seq"])
