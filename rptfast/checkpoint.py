@@ -1,7 +1,8 @@
 """Atomic, verified checkpoints: written to `<name>.tmp`, then renamed; resume continues exactly.
 
 A checkpoint directory `checkpoints/step_000010/` holds
-- model.safetensors: the full policy weights (HF names);
+- model.safetensors: the full policy weights (HF names), the masters as the optimizer holds
+  them (fp32 by default, whatever the compute dtype), so that a resumed run is bit-identical;
 - state.pt: optimizer state (full, FQN keys), step, data cursor and RNG state, read back
   with `torch.load(weights_only=True)`;
 - manifest.json, written last (temp name, then rename): size and SHA-256 of each file.
@@ -154,13 +155,21 @@ def load(path: Path, model: torch.nn.Module, optimizer, d: Dist) -> dict:
     return state
 
 
-def save_hf(out: Path, model: torch.nn.Module, tokenizer, d: Dist) -> Path:
-    """The policy as a HF directory (safetensors) that transformers and vLLM load."""
+def save_hf(out: Path, model: torch.nn.Module, tokenizer, d: Dist, dtype: torch.dtype | None = None) -> Path:
+    """The policy as a HF directory (safetensors) that transformers and vLLM load.
+
+    dtype: the weights (and config.json's torch_dtype) in it; None keeps the masters' dtype.
+    """
     weights = full_model_state(model)
     if d.main:
         refuse_nonfinite(weights, out)
         tmp = _atomic_dir(out)
+        config_dtype = model.config.dtype
+        if dtype is not None:
+            weights = {k: v.to(dtype) for k, v in weights.items()}
+            model.config.dtype = dtype  # what config.json's torch_dtype says
         model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        model.config.dtype = config_dtype
         tokenizer.save_pretrained(tmp)
         _commit(tmp, out)
     barrier(d)

@@ -26,7 +26,8 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed and vLLM take 64-bit seeds
 @dataclass
 class ModelConfig:
     path: str = ""  # HF directory or hub name of the policy; "" = build from scratch (model.scratch_*)
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # compute (and engine) dtype: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    lm_head_fp32: bool = False  # score log-probs with an fp32 lm_head under bf16/fp16 compute (the engine's is not)
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
     attn: str = "auto"  # auto | flash (flash-attn) | varlen (torch, CUDA) | sdpa (block-diagonal mask) | per_seq (CPU)
     gradient_checkpointing: bool = False  # recompute decoder layers in backward to save memory
@@ -109,6 +110,8 @@ class TrainConfig:
     max_skipped: int = 3  # stop (exit 3) after this many consecutive updates skipped for non-finite numbers
     ckpt_every: int = 0  # checkpoint every K steps (and at the end); 0 = only at the end
     keep_ckpts: int = 2  # keep the last K checkpoints
+    master_dtype: str = "float32"  # weights AdamW updates, and its state: float32 | bfloat16 (small updates vanish)
+    final_dtype: str = "model"  # final/ weights: model (config.json's torch_dtype of model.path) | float32
     offload_optimizer: bool = True  # CUDA: optimizer state to pinned CPU memory while the engine runs
     offload_weights: bool = False  # CUDA: trainer weights to pinned CPU memory while the engine runs
     eval_every: int = 0  # evaluate every K steps (task-specific); 0 = only at the start and end
@@ -168,6 +171,8 @@ class Config:
 
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "train.master_dtype": ("float32", "bfloat16"),
+    "train.final_dtype": ("model", "float32"),
     "model.attn": ("auto", "flash", "varlen", "sdpa", "per_seq"),
     "model.logprob": ("fused", "logits", "reference"),
     "train.packing": ("packed", "padded"),
@@ -351,6 +356,10 @@ def check(cfg: Config) -> Config:
                           f"level-2 sleep discards buffers such as the rotary caches (vLLM issue 29341) and the "
                           f"weight sync restores parameters only; set rollout.sleep_level = 1, or use "
                           f"rollout.engine = 'torch'")
+    if cfg.train.master_dtype != "float32" and cfg.model.dtype not in ("auto", cfg.train.master_dtype):
+        raise ConfigError(f"model.dtype = {cfg.model.dtype!r} with train.master_dtype = {cfg.train.master_dtype!r}: "
+                          f"compute cannot be wider than the master weights; set model.dtype = 'auto' or "
+                          f"train.master_dtype = 'float32'")
     if cfg.rollout.max_tokens >= cfg.rollout.max_model_len:
         raise ConfigError(f"rollout.max_tokens ({cfg.rollout.max_tokens}) must be below rollout.max_model_len "
                           f"({cfg.rollout.max_model_len}) to leave room for the prompt")
@@ -368,6 +377,21 @@ def longest_prompt(cfg: Config) -> tuple[str, int]:
     if cfg.data.task == "first_token":
         return "data.prompt_len", cfg.data.prompt_len
     return "data.max_prompt_tokens", cfg.data.max_prompt_tokens
+
+
+# below this learning rate, AdamW steps (~lr per element) fall under bf16's spacing (2^-8 relative)
+BF16_MASTER_MIN_LR = 1e-4
+
+
+def warnings_for(cfg: Config) -> list[str]:
+    """Settings that are legal but probably not what the user wants: one line each, for the run log."""
+    out = []
+    lr = min(cfg.train.lr, cfg.train.ntp_lr) if cfg.train.ntp_steps else cfg.train.lr
+    if cfg.train.master_dtype == "bfloat16" and lr < BF16_MASTER_MIN_LR:
+        out.append(f"train.master_dtype = 'bfloat16' with lr {lr:g} < {BF16_MASTER_MIN_LR:g}: AdamW updates "
+                   f"smaller than bf16's resolution (1/256 of a weight) vanish, so most weights never change "
+                   f"(at lr 1e-6, 98% of them); set train.master_dtype = 'float32'")
+    return out
 
 
 def get(cfg: Config, key: str):

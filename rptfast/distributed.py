@@ -4,6 +4,14 @@ One process per GPU (or per CPU process on gloo). Each rank runs its own rollout
 on its share of the prompts; the trainer is FSDP2 (`fully_shard` per decoder layer, then
 the root). The sync gathers full tensors one at a time, lazily, so that the engine's
 bucketed reload never sees the whole model twice.
+
+Mixed precision: the parameters FSDP2 keeps (and AdamW updates) are the fp32 masters; its
+`MixedPrecisionPolicy` casts them to the compute dtype as it gathers each unit for the
+forward and backward (freed after the unit), and reduces gradients in fp32 into fp32 shards.
+One process with a compute dtype narrower than the masters gets the same thing on a
+world-size-1 mesh: the same numerics as N ranks, and never more than a unit or two of bf16
+copies at a time (autocast would keep a bf16 copy of every weight alive from the forward to
+the backward, and run the norms and the residual stream in fp32, unlike the engine).
 """
 
 from __future__ import annotations
@@ -46,22 +54,46 @@ def init() -> Dist:
     return Dist(rank, world, local, device)
 
 
-def shard(model: torch.nn.Module, decoder_layers: torch.nn.ModuleList, d: Dist) -> torch.nn.Module:
-    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, lm_head)."""
-    if d.world == 1:
-        return model
-    from torch.distributed.fsdp import fully_shard
+def _single_process_group(d: Dist) -> None:
+    """A world-size-1 default group for FSDP2 (vLLM in this process may have made one already)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, device_id=d.device if d.device.type == "cuda" else None)
 
+
+def shard(model: torch.nn.Module, decoder_layers: torch.nn.ModuleList, d: Dist,
+          compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, lm_head).
+
+    compute_dtype (when it differs from the parameters' dtype): forward and backward run in
+    it, gradients are reduced and kept in the parameters' dtype. One process without it
+    returns the model as it is.
+    """
+    master = next(model.parameters()).dtype
+    mixed = compute_dtype is not None and compute_dtype != master
+    if d.world == 1 and not mixed:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if d.world == 1:
+        _single_process_group(d)
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=master) if mixed else MixedPrecisionPolicy()
     for layer in decoder_layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
-def full_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) for every parameter, gathered one at a time (a collective under FSDP)."""
+def full_tensors(module: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter, gathered one at a time (a collective under FSDP).
+
+    dtype: each shard is cast before its gather (the engine's dtype: half the bytes moved for
+    bf16 from fp32 masters), so a bf16 copy of one tensor at a time exists, never of the model.
+    """
     for name, p in module.named_parameters():
-        t = p.data
+        t = p.data if dtype is None else p.data.to(dtype)
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()
         yield name, t

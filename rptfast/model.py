@@ -46,9 +46,20 @@ SHARED = "rptfast_shared"  # keyword that carries a prompt-once row's SharedLayo
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype that model.dtype names ("auto": bf16 on CUDA, fp32 on the CPU)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def native_dtype(path: str, trust_remote_code: bool) -> torch.dtype:
+    """The dtype a HF model directory says its weights are in (config.json's torch_dtype; fp32 if unset)."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def _torch_varlen_available() -> bool:
@@ -527,12 +538,18 @@ class PolicyLogprob(nn.Module):
     `logprob` picks how log-probs leave the hidden states: "fused" (linear_logprob, no
     logits tensor), "logits" (lm_head, then the selective_logprob kernel) or "reference"
     (lm_head, then a full fp32 log-softmax): the last two exist for the throughput ablation.
+
+    Under bf16/fp16 compute the lm_head runs in the compute dtype, logits rounded to it, as the
+    engine's does (softmax math is fp32 either way); `lm_head_fp32` casts the final hidden
+    states and the lm_head weight to fp32 instead (TRL's cast_lm_head_to_fp32), at the cost of an
+    fp32 copy of the weight per forward. docs/performance.md has the measured mismatch both ways.
     """
 
-    def __init__(self, lm: nn.Module, logprob: str = "fused"):
+    def __init__(self, lm: nn.Module, logprob: str = "fused", lm_head_fp32: bool = False):
         super().__init__()
         self.lm = lm
         self.logprob = logprob
+        self.lm_head_fp32 = lm_head_fp32
 
     def forward(self, mb: MicroBatch, temperature: float, loss: dict | None = None) -> tuple[torch.Tensor, ...]:
         """(logp [R], entropy [R]) of the scored tokens; with `loss` (linear_policy_loss's options, the
@@ -540,6 +557,8 @@ class PolicyLogprob(nn.Module):
         gradient made in this pass (logprob = "fused" only)."""
         h = hidden_states(self.lm, mb).index_select(0, mb.pred_idx)  # [R, H]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
+        if self.lm_head_fp32:
+            h, weight = h.float(), weight.float()
         if loss is not None:
             if self.logprob != "fused":
                 raise ValueError(f"the fused loss needs model.logprob = 'fused', not {self.logprob!r}; "

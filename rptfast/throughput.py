@@ -62,7 +62,7 @@ def git_commit() -> str:
 def copy_gbps(run: trainer.Run, repeats: int = 3) -> tuple[float, float]:
     """(GB of weights in the engine's dtype, best GB/s of copying them once on the device)."""
     dtype = getattr(run.engine, "dtype", None)
-    src = [p.detach().to(dtype or p.dtype) for _, p in trainer.full_tensors(run.policy.lm)]
+    src = [p.detach().to(dtype or p.dtype) for _, p in trainer.full_tensors(run.policy.lm, dtype)]
     dst = [torch.empty_like(t) for t in src]
     nbytes = sum(t.numel() * t.element_size() for t in src)
     best = float("inf")

@@ -45,6 +45,7 @@ from rptfast.model import (
     flop_rates,
     forward_flops,
     load_policy,
+    native_dtype,
     pack,
     pack_shared,
     resolve_attn,
@@ -114,6 +115,7 @@ class Run:
     cursor: int = 0  # prompts (or pre-training sequences) consumed so far, over all ranks
     n_params: int = 0
     own_engine: bool = True
+    final_dtype: torch.dtype = torch.float32  # dtype of the weights in final/
 
 
 def lock_run_dir(run_dir: Path):
@@ -178,13 +180,15 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
         raise config.ConfigError(f"train.prompts_per_step ({t.prompts_per_step}) and train.ntp_sequences "
                                  f"({t.ntp_sequences}) must divide across {world} ranks; make them multiples "
                                  f"of {world}")
-    if cfg.train.offload_weights and world > 1:
-        raise config.ConfigError("train.offload_weights is not supported with FSDP (more than one rank) yet; "
-                                 "set it to false")
     d = distributed.init()
+    # fp32 masters (what AdamW updates and checkpoints hold), computed in `dtype`; the engine runs in `dtype`
+    master = getattr(torch, t.master_dtype)
+    dtype = master if master != torch.float32 else resolve_dtype(cfg.model.dtype, d.device)
+    if cfg.train.offload_weights and (world > 1 or dtype != master):
+        raise config.ConfigError("train.offload_weights is not supported with FSDP (more than one rank, or a "
+                                 "compute dtype other than train.master_dtype) yet; set it to false")
     run_dir = Path(t.out_dir)
     claim_run_dir(run_dir, cfg, resume, d)
-    dtype = resolve_dtype(cfg.model.dtype, d.device)
     model_dir = cfg.model.path
     if not model_dir:
         model_dir = str(run_dir / "init")
@@ -208,15 +212,18 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     torch.manual_seed(t.seed)  # after the engine: vLLM reseeds the global RNG when it starts
     attn = resolve_attn(cfg.model.attn, d.device)
 
-    def policy_from(path: str) -> PolicyLogprob:
-        lm = load_policy(path, dtype=dtype, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
-                         gradient_checkpointing=cfg.model.gradient_checkpointing).to(d.device)
-        return distributed.shard(PolicyLogprob(lm, cfg.model.logprob), lm.model.layers, d)
+    def policy_from(path: str, frozen: bool) -> PolicyLogprob:
+        # the frozen reference needs no masters: it is loaded in the compute dtype
+        lm = load_policy(path, dtype=dtype if frozen else master, attn=attn,
+                         trust_remote_code=cfg.model.trust_remote_code,
+                         gradient_checkpointing=cfg.model.gradient_checkpointing and not frozen).to(d.device)
+        return distributed.shard(PolicyLogprob(lm, cfg.model.logprob, cfg.model.lm_head_fp32), lm.model.layers, d,
+                                 compute_dtype=None if frozen else dtype)
 
-    policy = policy_from(model_dir)
+    policy = policy_from(model_dir, frozen=False)
     ref = None
     if cfg.algorithm.kl_coef > 0:
-        ref = policy_from(model_dir).requires_grad_(False).eval()
+        ref = policy_from(model_dir, frozen=True).requires_grad_(False).eval()
     optimizer = make_optimizer(policy, cfg)
     logger = MetricsLogger(run_dir, d.main, t.ntp_steps + t.steps, cfg.log.progress, cfg.log.tensorboard,
                            cfg.log.every, wandb=cfg.log.wandb, trackio=cfg.log.trackio, project=cfg.log.project,
@@ -224,10 +231,13 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     if t.share_prompts and t.packing == "packed" and not shares_prompts(policy.lm):
         logger.write(f"note: train.share_prompts runs unshared with model.attn = {cfg.model.attn!r} "
                      f"({policy.lm.config._attn_implementation}); per_seq and sdpa share prompts")
+    for warning in config.warnings_for(cfg):
+        logger.write(f"WARNING {warning}")
     task = make_task(cfg, tokenizer, t.seed)
     n_params = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the global size
+    final_dtype = native_dtype(model_dir, cfg.model.trust_remote_code) if t.final_dtype == "model" else torch.float32
     run = Run(cfg, d, run_dir, tokenizer, task, policy, ref, optimizer, engine, logger,
-              n_params=n_params, own_engine=own_engine)
+              n_params=n_params, own_engine=own_engine, final_dtype=final_dtype)
     start = 0
     if resume:
         ckpt = checkpoint.latest(run_dir, say=logger.write, main=d.main)
@@ -289,7 +299,7 @@ def train(cfg: config.Config, resume: bool = False, engine=None) -> Path:
             if t.ckpt_every and done % t.ckpt_every == 0 or done == total:
                 checkpoint.save(run.run_dir, done, run.policy.lm, run.optimizer,
                                 {"cursor": run.cursor}, run.d, t.keep_ckpts)
-        final = checkpoint.save_hf(run.run_dir / "final", run.policy.lm, run.tokenizer, run.d)
+        final = checkpoint.save_hf(run.run_dir / "final", run.policy.lm, run.tokenizer, run.d, run.final_dtype)
         run.logger.write(f"done: final model in {final}")
         if run.d.main and hasattr(run.task, "report"):
             run.logger.write(run.task.report(run.run_dir, t.ntp_steps))
@@ -347,8 +357,12 @@ def trainer_in(run: Run) -> None:
 
 
 def sync(run: Run) -> None:
-    """New weights into the engine, a bucket at a time (it wakes its weights first, its KV cache after)."""
-    run.engine.update_weights(full_tensors(run.policy.lm))
+    """New weights into the engine, a bucket at a time (it wakes its weights first, its KV cache after).
+
+    Each master shard is cast to the engine's dtype before it is gathered: the engine gets bf16
+    from fp32 masters, one tensor at a time.
+    """
+    run.engine.update_weights(full_tensors(run.policy.lm, getattr(run.engine, "dtype", None)))
 
 
 # ---------------------------------------------------------------- phase 2: RL

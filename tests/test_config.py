@@ -38,6 +38,8 @@ def test_toml_file_and_override(tmp_path):
     ({"model": {"grad_filter": True}, "algorithm": {"updates_per_batch": 2}}, [], "model.grad_filter"),
     ({}, ["train.lr"], "train.lr"),                                   # --set without a value
     ({"train": {"steps": True}}, [], "train.steps"),                  # bool is not an int
+    ({"train": {"master_dtype": "float16"}}, [], "train.master_dtype"),  # not a choice
+    ({"model": {"dtype": "float32"}, "train": {"master_dtype": "bfloat16"}}, [], "train.master_dtype"),  # wider compute
 ])
 def test_bad_config_names_the_key(tree, overrides, key):
     with pytest.raises(C.ConfigError) as e:
@@ -66,3 +68,11 @@ def test_cli_exit_code_2_on_bad_config(tmp_path):
     assert r.returncode == 2 and "section.key=value" in r.stderr
     r = subprocess.run([sys.executable, "-m", "rptfast", "frobnicate"], capture_output=True, text=True)
     assert r.returncode == 2
+
+
+def test_bf16_masters_at_small_lr_warn():
+    """bf16 master weights are legal, but below lr 1e-4 the run log says that updates vanish."""
+    assert C.warnings_for(C.from_dict({"train": {"lr": 1e-6}})) == []  # fp32 masters: the default
+    (line,) = C.warnings_for(C.from_dict({"train": {"lr": 1e-6, "master_dtype": "bfloat16"}}))
+    assert "train.master_dtype" in line and "vanish" in line and "float32" in line
+    assert C.warnings_for(C.from_dict({"train": {"lr": 1e-3, "master_dtype": "bfloat16"}})) == []
