@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"kernels": part_kernels, "train": part_train, "paths": part_paths}[args.part](out, args.dry_run,
                                                                                       args.results)
     meta = {"part": args.part, "dry_run": args.dry_run, "device": device_name(), "commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "torch": torch.__version__, "install": installed, "seconds": time.perf_counter() - t0}
     (out / "results.json").write_text(json.dumps({**meta, "results": res}, indent=2, default=str))
     (out / "summary.md").write_text(summary(args.part, res, meta))
