@@ -154,9 +154,9 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
 
     e = cfg.eval
     # everything that can fail is checked before the first forward
+    path = eval_path(model, data, out)
     check_model_dir(model, cfg.rollout.max_model_len, key="--model")
     check_lengths(cfg.data.max_prompt_tokens, cfg.rollout.max_tokens if e.reasoning else 0, cfg.rollout.max_model_len)
-    path = eval_path(model, data, out)
     if path.is_dir():
         raise PathError(f"--out {str(path)!r} is a directory; give a JSON file path")
     check_writable_dir(path.parent, f"--out {str(path)!r}: its directory")

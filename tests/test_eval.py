@@ -226,7 +226,8 @@ def test_no_kept_group_is_reported_as_such_and_warned_about(tiny_dir, store, vll
 
 
 def test_inspect_shows_what_the_policy_gets(tiny_dir, store, capsys):
-    cfg = make_cfg(tiny_dir, store, data={"max_prompt_tokens": 400})
+    cfg = make_cfg(tiny_dir, store, data={"max_prompt_tokens": 400},
+                   rollout={"max_model_len": 512}, train={"micro_batch_tokens": 512})
     shown = inspect_store(cfg, store, 4, "all", "multi", None, seed=2, context_chars=80)
     out = capsys.readouterr().out
     st = SampleStore(store)

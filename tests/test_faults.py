@@ -62,7 +62,9 @@ def test_consecutive_skips_stop_the_run(tiny_dir, vllm_engine, tmp_path, monkeyp
         return loss * float("nan"), m
 
     monkeypatch.setattr(trainer, "policy_loss", always_nan)
-    cfg = make_cfg(tiny_dir, tmp_path / "run", train__steps=4, train__max_skipped=2, train__ckpt_every=1)
+    # the two-step loss path (the fused one does not go through trainer.policy_loss)
+    cfg = make_cfg(tiny_dir, tmp_path / "run", train__steps=4, train__max_skipped=2, train__ckpt_every=1,
+                   model__fused_loss=False)
     with pytest.raises(NonFiniteError, match="2 updates in a row skipped"):
         trainer.train(cfg, engine=vllm_engine)
     steps = [r for r in rows(tmp_path / "run") if r.get("phase") == "rl"]
