@@ -46,7 +46,7 @@ from rptfast.errors import PathError, check_writable_dir
 from rptfast.metrics import quiet_startup
 from rptfast.model import Sequence, collate, hidden_states, load_policy, resolve_attn, resolve_dtype
 from rptfast.reward import reward
-from rptfast.rollout import SamplingConfig, check_model_dir, make_engine
+from rptfast.rollout import SamplingConfig, check_model_dir, is_hub_name, make_engine
 
 SPLITS = {"all": None, "easy": 0.5, "medium": 1.0, "hard": 1.5}  # entropy above which a sample belongs
 GENERATE_CHUNK = 16  # prompts per generate call (the progress bar moves per call; seeds are per prompt)
@@ -136,9 +136,9 @@ def eval_path(model: str, data: str, out: str | None) -> Path:
     """Where the JSON goes: --out, else into the model's own directory, named after the store."""
     if out:
         return Path(out)
-    if not Path(model).is_dir():
-        raise ConfigError(f"--model {model!r} is not a local directory, so there is no model directory to write "
-                          f"the results into; pass --out FILE")
+    if is_hub_name(model):
+        raise ConfigError(f"--model {model!r} is a hub name, not a local directory, so there is no model directory "
+                          f"to write the results into; pass --out FILE")
     return Path(model) / f"eval-{Path(str(data).rstrip('/')).name}.json"
 
 

@@ -81,16 +81,18 @@ def test_update_weights_then_logprobs_match_hf(engines, hf, name):
     assert max_logprob_error(out, hf, T) > 100 * TOL
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tied_dir(tmp_path_factory):
     """A model whose lm_head is the embedding (tie_word_embeddings): one parameter under one name."""
     return str(make_tiny_model(tmp_path_factory.mktemp("tied") / "m", vocab=512, layers=1, seed=4,
                                tie_word_embeddings=True))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tied_vllm(tied_dir, vllm_engine):
-    """A second in-process vLLM engine (after the session's, ~8 s), on the tied model."""
+    """A second in-process vLLM engine (after the session's, ~8 s), on the tied model. Session-scoped: an
+    engine released mid-session is shut down by vLLM, which tears down the process-global groups that
+    the session's engine needs too."""
     return VLLMEngine(tied_dir, dtype=torch.float32, seed=0, max_model_len=256)
 
 

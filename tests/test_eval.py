@@ -192,7 +192,7 @@ def test_eval_output_and_length_checks(tiny_dir, store, tmp_path, capsys):
     too_long = ["--set", "rollout.max_model_len=4096", "--set", "data.max_prompt_tokens=3000"]
     assert cli.main(["eval", "--model", str(model), "--data", store, "--out", str(tmp_path / "x.json"),
                      *plain, *too_long]) == 2
-    assert "exceeds the 2048 positions" in capsys.readouterr().err
+    assert "exceeds the max_position_embeddings (2048)" in capsys.readouterr().err
 
 
 def test_short_rl_run_on_rpt_samples(tiny_dir, store, vllm_engine, tmp_path):

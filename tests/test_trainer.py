@@ -212,8 +212,8 @@ def test_torchrun_two_ranks_equals_one(tiny_dir, tmp_path):
     """FSDP2 on gloo with 2 ranks, each with its own vLLM engine and prompt-once packing (the default) == 1
     process packing every sequence with its own prompt, same global batch; both in bf16 compute with fp32
     masters (the mixed-precision policy; one process on a world-size-1 mesh). The same rewards, tokens fewer
-    by the shared prompts, the same update as a whole, and the bf16 engine's logprobs match the trainer's
-    after every sync (the engine gets the masters cast to bf16)."""
+    by the shared prompts, the same gradient norms, fp32 masters in final/, and the bf16 engine's logprobs
+    match the trainer's after every sync (the engine gets the masters cast to bf16)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     launch = {"two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "rptfast"],
               "one": [sys.executable, "-m", "rptfast"]}
@@ -225,21 +225,19 @@ def test_torchrun_two_ranks_equals_one(tiny_dir, tmp_path):
         r = subprocess.run([*cmd, "train", str(cfg_path)], capture_output=True, text=True, env=env, cwd=tmp_path,
                            timeout=600)
         assert r.returncode == 0, r.stderr[-4000:]
-    init = load_file(Path(tiny_dir) / "model.safetensors")
     a, b = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("two", "one"))
-    assert a.keys() == b.keys() and all(w.dtype == torch.float32 for w in a.values())
-    # bf16 gradients summed in another order (per rank, then reduced in fp32; shared vs unshared prompts)
-    # differ in their last bits, and AdamW turns a near-zero gradient of either sign into a full +-lr step,
-    # so no element-wise bound holds; the update as a whole must agree (measured: 0.2% relative difference; a
-    # missing gradient reduction or a rank training on other data gives tens of percent)
-    da = torch.cat([(a[n].double() - init[n].double()).flatten() for n in a])
-    db = torch.cat([(b[n].double() - init[n].double()).flatten() for n in a])
-    assert (da - db).norm() / db.norm() < 0.02
+    assert a.keys() == b.keys() and all(w.dtype == torch.float32 for w in a.values())  # fp32 masters saved
     two_log, one_log = rows(tmp_path / "two"), rows(tmp_path / "one")
     assert [r["reward"] for r in two_log[1:]] == [r["reward"] for r in one_log[1:]]
     for shared, unshared in zip(two_log[1:], one_log[1:]):
         assert unshared["trained_tokens"] - shared["trained_tokens"] == 4 * 7 * 6  # 4 prompts of 6 tokens, G = 8
-    assert two_log[1]["grad_norm"] == pytest.approx(one_log[1]["grad_norm"], rel=2e-2)  # same weights, bf16 sums
+    # the gradient norms, not the weights after AdamW: Adam's first step is lr * sign(g), which turns bf16 noise in
+    # near-zero gradients (GRPO's first-token terms cancel over a group) into differences of 2 lr (8% of the
+    # update measured), and it is blind to a gradient's scale. The norm sees a missing reduction over ranks
+    # (a factor ~sqrt 2) or a rank training on other data; measured 1.7e-4 and 2.3e-6 relative (bf16 sums in
+    # another order, shared vs unshared attention)
+    for two, one in zip(two_log[1:], one_log[1:]):
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=2e-3)
     assert len(two_log) == len(one_log)  # only rank 0 wrote
     # engine (vLLM, bf16) vs trainer (bf16 compute) on the sampled tokens, after each sync: bf16 rounding
     # only (measured max 4.5e-3); stale or wrongly cast weights after a step at lr 1e-2 are off by far more

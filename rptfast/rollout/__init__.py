@@ -54,6 +54,12 @@ class RolloutEngine(Protocol):
     def wake(self) -> None: ...
 
 
+def is_hub_name(path: str) -> bool:
+    """`org/name` that is not a path on this machine: transformers would look it up on the hub."""
+    p = Path(path)
+    return not (p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1)
+
+
 def check_model_dir(path: str, max_model_len: int | None = None, key: str = "model.path") -> None:
     """Before any work: `path` names a model that can be loaded, or a clear one-line error naming `key`.
 
@@ -64,8 +70,7 @@ def check_model_dir(path: str, max_model_len: int | None = None, key: str = "mod
     max_position_embeddings. Weights are not hashed: a bit flip inside a tensor is not caught.
     """
     p = Path(path)
-    looks_local = p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1
-    if looks_local:
+    if not is_hub_name(path):
         if not p.exists():
             raise PathError(f"{key} {path!r} does not exist; give a HF model directory (config.json + weights + "
                             f"tokenizer) or a hub name (org/name)")
