@@ -333,7 +333,6 @@ def test_fp32_masters_keep_small_updates_under_bf16_compute(tiny_dir, vllm_engin
     changed = {k: sum(int((d != 0).sum()) for d in v.values()) / sum(d.numel() for d in v.values())
                for k, v in delta.items()}
     assert changed["float32"] > 0.3, changed  # most weights with a gradient move
-    print("share of weights changed:", changed)
     assert changed["bfloat16"] >= 0.95 * changed["float32"], changed
     # and they move the same way: AdamW's first steps are ~lr * sign(grad), which bf16 gradients keep
     a = torch.cat([d.flatten() for d in delta["float32"].values()])
