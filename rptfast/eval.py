@@ -40,7 +40,7 @@ import torch
 
 from rptfast.config import Config, ConfigError
 from rptfast.data.store import SampleStore, check_tokenizer, write_json
-from rptfast.data.templates import PromptBuilder, check_lengths, model_max_len
+from rptfast.data.templates import PromptBuilder, check_lengths
 from rptfast.data.tokens import token_bytes
 from rptfast.errors import PathError, check_writable_dir
 from rptfast.metrics import quiet_startup
@@ -155,7 +155,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
     e = cfg.eval
     # everything that can fail is checked before the first forward
     path = eval_path(model, data, out)
-    check_model_dir(model, cfg.rollout.max_model_len, key="--model")
+    limit = check_model_dir(model, cfg.rollout.max_model_len, key="--model")
     check_lengths(cfg.data.max_prompt_tokens, cfg.rollout.max_tokens if e.reasoning else 0, cfg.rollout.max_model_len)
     if path.is_dir():
         raise PathError(f"--out {str(path)!r} is a directory; give a JSON file path")
@@ -166,7 +166,6 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
     if e.reasoning and tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of --model {model!r} has no EOS token, so completions never end; set "
                           f"eos_token in its tokenizer_config.json")
-    limit = model_max_len(model, cfg.model.trust_remote_code)
     rows = store.spread(store.rows(e.split), e.samples, cfg.train.seed)
     if len(rows) == 0:
         raise ConfigError(f"{data} has no samples in split {e.split!r}; set --set eval.split=train (or all), "

@@ -99,16 +99,6 @@ class PromptBuilder:
         return self.pre + self.context(context_ids) + self.post
 
 
-def model_max_len(model: str, trust_remote_code: bool) -> int | None:
-    """The policy's position limit from its config (max_position_embeddings or a sibling); None if it has none."""
-    from transformers import AutoConfig
-
-    c = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    c = getattr(c, "text_config", None) or c
-    return next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-                 if isinstance(v := getattr(c, k, None), int)), None)
-
-
 def check_lengths(max_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
     """A full prompt plus a full completion must fit the engine."""
     if max_prompt_tokens + max_tokens > max_model_len:

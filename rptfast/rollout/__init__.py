@@ -60,8 +60,9 @@ def is_hub_name(path: str) -> bool:
     return not (p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1)
 
 
-def check_model_dir(path: str, max_model_len: int | None = None, key: str = "model.path") -> None:
+def check_model_dir(path: str, max_model_len: int | None = None, key: str = "model.path") -> int | None:
     """Before any work: `path` names a model that can be loaded, or a clear one-line error naming `key`.
+    Returns the model's position limit (None when its config has none).
 
     A local path must be a directory with a readable config.json and safetensors files whose
     headers match their sizes (a truncated download fails here, not inside vLLM). A hub name
@@ -86,11 +87,11 @@ def check_model_dir(path: str, max_model_len: int | None = None, key: str = "mod
             raise PathError(f"{key} {path!r} holds no weights (*.safetensors); copy them in or give another model")
     else:
         config_json = _hub_config(path, key)
-    if max_model_len is not None:
-        limit = _max_positions(config_json)
-        if limit is not None and max_model_len > limit:
-            raise ConfigError(f"rollout.max_model_len ({max_model_len}) exceeds the max_position_embeddings "
-                              f"({limit}) of {key} {path!r}; lower it to at most {limit}")
+    limit = _max_positions(config_json)
+    if max_model_len is not None and limit is not None and max_model_len > limit:
+        raise ConfigError(f"rollout.max_model_len ({max_model_len}) exceeds the max_position_embeddings "
+                          f"({limit}) of {key} {path!r}; lower it to at most {limit}")
+    return limit
 
 
 def _check_safetensors(f: Path) -> None:
@@ -143,14 +144,16 @@ def _hub_config(name: str, key: str) -> Path:
 
 
 def _max_positions(config_json: Path) -> int | None:
+    """max_position_embeddings (or a sibling name) of the model, or of its text model."""
     try:
         cfg = json.loads(config_json.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise FileFormatError(f"{str(config_json)!r} is not valid JSON ({e}); fix or replace it") from None
     if not isinstance(cfg, dict):
         raise FileFormatError(f"{str(config_json)!r} is not a JSON object; fix or replace it")
-    limit = cfg.get("max_position_embeddings", (cfg.get("text_config") or {}).get("max_position_embeddings"))
-    return limit if isinstance(limit, int) else None
+    cfg = cfg.get("text_config") or cfg
+    return next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+                 if isinstance(v := cfg.get(k), int)), None)
 
 
 def check_prompts(prompts: list[list[int]], max_model_len: int) -> None:
