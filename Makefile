@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.rptfast-installed
 GPU    := $(shell nvidia-smi >/dev/null 2>&1 && echo 1)
 EXTRAS := $(if $(GPU),gpu,cpu),dev
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-rpt test lint bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,25 @@ endif
 demo: setup
 	rm -rf runs/demo
 	$(VENV)/bin/rptfast train parity --set train.out_dir=runs/demo
+
+# RPT's own effect at CPU scale (docs/rpt.md): the toy corpus, a base pre-trained from scratch with a few
+# reasoning demonstrations, RPT on it, a next-token control of as many steps, and the paper's Table 1.
+TOY := runs/rpt-toy
+RPT := $(VENV)/bin/rptfast
+RPT_STEPS := 60
+demo-rpt: setup
+	rm -rf $(TOY)
+	$(RPT) toy corpus --out $(TOY)/corpus.jsonl
+	$(RPT) train rpt-toy-base
+	$(RPT) prepare --config rpt-toy --corpus $(TOY)/corpus.jsonl --proxy $(TOY)/base/final --out $(TOY)/samples
+	$(RPT) eval --config rpt-toy --model $(TOY)/base/final --data $(TOY)/samples
+	$(RPT) train rpt-toy --set train.steps=$(RPT_STEPS)
+	$(RPT) eval --config rpt-toy --model $(TOY)/rpt/final --data $(TOY)/samples
+	$(RPT) train rpt-toy-base --set model.path=$(TOY)/base/final --set train.ntp_steps=$(RPT_STEPS) \
+		--set train.ntp_lr=1e-4 --set train.warmup_steps=0 --set train.seed=1 --set train.out_dir=$(TOY)/control
+	$(RPT) eval --config rpt-toy --model $(TOY)/control/final --data $(TOY)/samples
+	$(RPT) toy table --base $(TOY)/base/final/eval-samples.json --rpt $(TOY)/rpt/final/eval-samples.json \
+		--control $(TOY)/control/final/eval-samples.json --data $(TOY)/samples --run $(TOY)/rpt --out $(TOY)
 
 test: setup
 	$(VENV)/bin/pytest tests -q

@@ -1,4 +1,4 @@
-"""rptfast's command line: `rptfast train | prepare | inspect | eval | bench throughput` (more land as they work).
+"""rptfast's command line: `rptfast train | prepare | inspect | eval | bench throughput | toy corpus | toy table`.
 
 Exit codes: 0 done; 2 bad command line, config, path or input file (one line that names the key or path
 and the fix); 3 training stopped on non-finite numbers (the last complete checkpoint is intact).
@@ -78,6 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", type=Path, default=Path("bench/results/throughput.csv"), help="CSV to append rows to")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
 
+    p = sub.add_parser("toy", help="RPT at CPU scale (make demo-rpt): `toy corpus` writes the corpus, `toy table` "
+                                   "the paper's Table 1")
+    toy = p.add_subparsers(dest="toy", required=True)
+    p = toy.add_parser("corpus", help="write the synthetic corpus (rptfast.tasks.toy) as JSONL")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="JSONL file to write")
+    p.add_argument("--documents", type=int, default=2000, metavar="N", help="documents to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus stream")
+    p = toy.add_parser("table", help="Table 1 from the evaluations of the base, the RPT model and the control")
+    for name, what in (("base", "the pre-trained base"), ("rpt", "the model after RPT"),
+                       ("control", "the base after as many further next-token steps")):
+        p.add_argument(f"--{name}", required=True, type=Path, metavar="JSON", help=f"rptfast eval's JSON of {what}")
+    p.add_argument("--data", required=True, metavar="DIR", help="the sample store all three were evaluated on")
+    p.add_argument("--run", type=Path, metavar="DIR", help="the RPT run directory (for its curves)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the table and plots go")
+
     args = parser.parse_args(argv)
     _quiet()
     try:
@@ -114,6 +129,18 @@ def main(argv: list[str] | None = None) -> int:
             from rptfast.eval import run_eval
 
             run_eval(config.load(args.config, args.set), args.model, args.data, args.out)
+        elif args.command == "toy":
+            from rptfast.tasks import toy
+
+            if args.toy == "corpus":
+                if args.documents < 2:
+                    raise ConfigError(f"--documents ({args.documents}) must be >= 2 (prepare holds some out)")
+                check_writable_dir(args.out.parent, f"--out {str(args.out)!r}: its directory")
+                print(f"wrote {toy.write_corpus(args.out, args.documents, args.seed)}")
+            else:
+                check_writable_dir(args.out, f"--out {str(args.out)!r}")
+                print(toy.table({"base": args.base, "rpt": args.rpt, "control": args.control}, args.data, args.out,
+                                args.run))
     except UserError as e:
         print(f"rptfast {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER

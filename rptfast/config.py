@@ -37,15 +37,16 @@ class ModelConfig:
     scratch_arch: str = "qwen3"  # architecture when training from scratch: qwen3 | llama
     scratch_layers: int = 2  # decoder layers when training from scratch
     scratch_heads: int = 2  # attention heads (head_dim 64) when training from scratch
-    scratch_tokenizer: str = "char"  # tokenizer when training from scratch: char | bpe (rptfast.testing)
+    scratch_tokenizer: str = "char"  # tokenizer when training from scratch: char | bpe | toy (rptfast.testing)
 
 
 @dataclass
 class DataConfig:
-    task: str = "parity"  # parity | rpt | first_token (built-in task with a learnable signal)
+    task: str = "parity"  # parity | rpt | first_token (built-in task with a learnable signal) | toy (rpt-toy-base)
     parity_d: int = 8  # parity: number of input bits
     parity_p_cot: float = 0.25  # parity: probability that a pre-training target is the long chain
     parity_reward: str = "answer"  # parity: answer (last bit before EOS) | chain (whole chain right)
+    toy_demos: float = 0.05  # toy: share of pre-training sequences that are reasoning demonstrations
     samples: str = ""  # rpt: directory written by `rptfast prepare`
     template: str = "v0"  # rpt: prompt template name (rptfast.data.templates)
     max_prompt_tokens: int = 1024  # rpt: context cut from the left to fit this many prompt tokens
@@ -177,11 +178,11 @@ CHOICES = {
     "model.logprob": ("fused", "logits", "reference"),
     "train.packing": ("packed", "padded"),
     "model.scratch_arch": ("qwen3", "llama"),
-    "model.scratch_tokenizer": ("char", "bpe"),
-    "data.task": ("parity", "rpt", "first_token"),
+    "model.scratch_tokenizer": ("char", "bpe", "toy"),
+    "data.task": ("parity", "rpt", "first_token", "toy"),
     "data.parity_reward": ("answer", "chain"),
     "data.reward": ("prefix", "first_token"),
-    "data.template": ("v0", "candidates", "multi", "context_first"),
+    "data.template": ("v0", "candidates", "multi", "context_first", "bare"),
     "prepare.txt_unit": ("file", "paragraph", "line"),
     "eval.split": ("eval", "train", "all"),
     "rollout.engine": ("auto", "vllm", "torch"),
@@ -195,6 +196,7 @@ CHOICES = {
 BOUNDS = {
     "data.parity_d": (lambda v: v >= 2, "an integer >= 2"),
     "data.parity_p_cot": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+    "data.toy_demos": (lambda v: 0.0 <= v <= 1.0, "a share in [0, 1]"),
     "data.max_prompt_tokens": (lambda v: v >= 8, "an integer >= 8"),
     "data.first_token_set": (lambda v: v >= 1, "an integer >= 1"),
     "data.prompt_len": (lambda v: v >= 1, "an integer >= 1"),
@@ -314,14 +316,17 @@ def check(cfg: Config) -> Config:
         value = get(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key} = {value!r} is impossible: it must be {what}")
-    if cfg.model.path == "" and cfg.data.task != "parity":
+    if cfg.model.path == "" and cfg.data.task not in PRETRAIN_TASKS:
         raise ConfigError("model.path is empty: set it to a HF model directory or hub name "
-                          "(training from scratch is only for the parity task)")
+                          "(training from scratch is only for the parity and toy tasks)")
     if cfg.data.task == "rpt" and not cfg.data.samples:
         raise ConfigError("data.task = 'rpt' needs data.samples: the directory written by `rptfast prepare`")
-    if cfg.train.ntp_steps and cfg.data.task != "parity":
+    if cfg.train.ntp_steps and cfg.data.task not in PRETRAIN_TASKS:
         raise ConfigError(f"train.ntp_steps = {cfg.train.ntp_steps}: next-token pre-training needs targets, "
-                          f"which only the parity task has; set it to 0 for data.task = {cfg.data.task!r}")
+                          f"which only the parity and toy tasks have; set it to 0 for data.task = {cfg.data.task!r}")
+    if cfg.data.task == "toy" and cfg.train.steps:
+        raise ConfigError(f"train.steps = {cfg.train.steps} with data.task = 'toy': the toy task is next-token "
+                          f"pre-training only; set train.steps = 0 (RPT runs on the prepared store, data.task = 'rpt')")
     if cfg.train.steps + cfg.train.ntp_steps == 0:
         raise ConfigError("train.steps and train.ntp_steps are both 0: nothing to train")
     if not cfg.train.out_dir.strip():
@@ -368,6 +373,9 @@ def check(cfg: Config) -> Config:
         raise ConfigError("model.grad_filter only acts in the fused loss (model.fused_loss = true, model.logprob = "
                           "'fused', algorithm.updates_per_batch = 1); set model.grad_filter = false")
     return cfg
+
+
+PRETRAIN_TASKS = ("parity", "toy")  # tasks with next-token targets (train.ntp_steps, training from scratch)
 
 
 def longest_prompt(cfg: Config) -> tuple[str, int]:

@@ -26,7 +26,9 @@ The samples are eval.split ("eval": the documents prepare held out); eval.sample
 of them across documents, seeded by train.seed (SampleStore.spread; 0 = all). A table goes to
 the console with truncated_frac (completions cut by rollout.max_tokens, which score 0), the
 numbers to a JSON file: --out, by default <model dir>/eval-<store name>.json (a hub name needs
---out), so evaluations of different models never overwrite each other.
+--out), so evaluations of different models never overwrite each other. The JSON also holds each
+sample's result (store row, plain right, Random@1), for breakdowns other than entropy
+(rptfast.tasks.toy groups by position kind).
 """
 
 from __future__ import annotations
@@ -231,6 +233,10 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         "max_tokens": cfg.rollout.max_tokens if e.reasoning else None,
         **stats,
         "splits": splits,
+        # per sample, in the order drawn: its store row, plain right (0/1), mean reward over the k completions
+        "per_sample": {"row": [int(r) for r in rows],
+                       "plain": None if plain is None else plain.astype(int).tolist(),
+                       "random@1": None if rewards is None else rewards.mean(axis=1).round(6).tolist()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)

@@ -208,11 +208,11 @@ def load_policy(path: str, *, dtype: torch.dtype, attn: str, trust_remote_code: 
 
 
 def write_scratch_model(out: Path, model_cfg, seed: int) -> Path:
-    """A randomly initialised model of a standard architecture for from-scratch training (parity)."""
+    """A randomly initialised model of a standard architecture for from-scratch training (parity, toy)."""
     from rptfast.testing import make_tiny_model
 
     heads = model_cfg.scratch_heads
-    vocab = 32 if model_cfg.scratch_tokenizer == "char" else 512
+    vocab = 32 if model_cfg.scratch_tokenizer in ("char", "toy") else 512
     return make_tiny_model(out, model_cfg.scratch_arch, vocab=vocab, layers=model_cfg.scratch_layers, seed=seed,
                            tokenizer=model_cfg.scratch_tokenizer, hidden=64 * heads, heads=heads,
                            kv_heads=heads, intermediate=4 * 64 * heads, init_std=0.02)

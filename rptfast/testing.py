@@ -8,6 +8,9 @@ that transformers and vLLM both load. Two tokenizers:
   with Qwen-style chat tokens and `<think>`/`</think>`.
 - "char": one token per character of a small alphabet (digits, separators) plus
   `<pad>`, `<bos>`, `<eos>`, for synthetic tasks such as parity.
+- "toy": the char alphabet plus what next-token reasoning needs (rptfast.tasks.toy): chat tokens,
+  `<think>`/`</think>`, `\\boxed{` as one token and `}`, with a chat template that has no words
+  (a model trained from scratch on the toy corpus knows none).
 
 head_dim is 64 because vLLM's CPU attention rejects smaller heads. Everything is
 deterministic for a seed (weights from `torch.manual_seed`, BPE training is
@@ -25,6 +28,15 @@ import torch
 CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 CHAR_SPECIALS = ["<pad>", "<bos>", "<eos>"]
 CHAR_ALPHABET = list("0123456789") + [" ", ",", ":", "=", "|", "+", "-", "?", "\n"]
+
+TOY_SPECIALS = CHAR_SPECIALS + ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+TOY_ALPHABET = CHAR_ALPHABET + ["}"]
+TOY_BOX = "\\boxed{"  # one (added, non-special) token, so a boxed answer costs 3 tokens
+# user turn between <|im_start|> and <|im_end|>, then the generation prompt opens the thought
+TOY_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['content'] + '<|im_end|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<think>' }}{%- endif %}"
+)
 
 # Thinking is on unless the caller passes enable_thinking=False (Qwen3 convention).
 CHAT_TEMPLATE = (
@@ -72,6 +84,23 @@ def _char_tokenizer():
     return tok
 
 
+def _toy_tokenizer():
+    """Byte-level BPE without merges over the toy alphabet: one token per character, and token
+    bytes exact as rptfast.data.tokens needs them (the byte-level table maps "\n" to "Ċ")."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from rptfast.data.tokens import _byte_decoder
+
+    byte_char = {b: c for c, b in _byte_decoder().items()}
+    vocab = {t: i for i, t in enumerate(TOY_SPECIALS + [byte_char[ord(c)] for c in TOY_ALPHABET])}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(TOY_SPECIALS)
+    tok.add_tokens([AddedToken(TOY_BOX, normalized=False)])
+    return tok
+
+
 def write_tokenizer(path: str | Path, kind: str = "bpe", vocab: int = 512) -> dict[str, int]:
     """Write tokenizer.json + tokenizer_config.json into `path`; return the special token ids."""
     path = Path(path)
@@ -84,8 +113,12 @@ def write_tokenizer(path: str | Path, kind: str = "bpe", vocab: int = 512) -> di
         tok = _char_tokenizer()
         eos, pad, bos = "<eos>", "<pad>", "<bos>"
         extra = {}
+    elif kind == "toy":
+        tok = _toy_tokenizer()
+        eos, pad, bos = "<eos>", "<pad>", "<bos>"
+        extra = {"chat_template": TOY_CHAT_TEMPLATE}
     else:
-        raise ValueError(f"tokenizer kind must be 'bpe' or 'char', got {kind!r}")
+        raise ValueError(f"tokenizer kind must be 'bpe', 'char' or 'toy', got {kind!r}")
     tok.save(str(path / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -8,13 +8,15 @@ answer in `\\boxed{}`.
 - "v0": the paper's v0 (its main runs), in substance: complete the text under "### Context" by
   predicting the next token, reason step by step, the most probable next token in \\boxed{},
   a leading space allowed (\\boxed{ para}, \\boxed{ =}), no \\text{}; then "### Context" and
-  the context. One sentence is ours, in every template: how to box a brace, a backslash or
+  the context. One sentence is ours, in every template but "bare": how to box a brace, a backslash or
   whitespace (rptfast.reward: without it a token such as `}` could not be answered at all).
 - "candidates": v0 plus "list several candidates for the next token and weigh them", an idea
   from the paper's other templates (rptfast's v0 before it followed the paper).
 - "multi": the same task stated for the prefix-matching reward: the next token or the next
   few, scored byte for byte, so predict only as far as you are sure.
 - "context_first": the context first, the instruction after it, nearest to the answer.
+- "bare": the context alone, no instructions: for a model trained from scratch that knows no
+  English (rptfast.tasks.toy); the chat wrapping and the open thought mark the task.
 
 The paper found initial accuracy differs by up to 2x between templates, hence the choice.
 
@@ -57,6 +59,7 @@ TEMPLATES = {
         "inside \\boxed{}, keeping a leading space if the token has one (for example \\boxed{ para}). "
         "Do not use \\text{}. " + ESCAPE_RULE
     ),
+    "bare": "{context}",
 }
 
 SLOT = "{context}"

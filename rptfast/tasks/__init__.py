@@ -38,5 +38,8 @@ def make_task(cfg, tokenizer, seed: int) -> Task:
     if cfg.data.task == "parity":
         from rptfast.tasks.parity import ParityTask
         return ParityTask(tokenizer, cfg.data, cfg.rollout, seed)
+    if cfg.data.task == "toy":
+        from rptfast.tasks.toy import ToyTask
+        return ToyTask(tokenizer, cfg.data, cfg.rollout, seed)
     from rptfast.tasks.rpt import RPTTask
     return RPTTask(tokenizer, cfg.data, cfg.rollout, seed)

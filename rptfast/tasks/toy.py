@@ -1,0 +1,297 @@
+"""RPT's own effect at CPU scale: a corpus with reducible and irreducible entropy (`make demo-rpt`).
+
+The corpus. A document is 2 to 6 records, one per line; a record is a modulus m, eight
+digits below m, and their sum mod m:
+
+    3:12021102=0
+    5:40312243=4
+    2:10110100=0
+
+Each character is one token of the toy tokenizer (rptfast.testing), and its true next-token
+distribution is known:
+- irreducible: the modulus (uniform over 2, 3, 5: ln 3 = 1.10 nats) and the digits (uniform
+  below m: ln m = 0.69, 1.10 or 1.61 nats). Nothing predicts them better than chance, with or
+  without reasoning.
+- reducible: the answer after "=". It is a function of the 8 digits before it (entropy 0), but
+  a model that does not compute it sees ln m, like a digit. Next-token training on sums of 8
+  digits mod m learns the format long before the function (the parity study of
+  rptfast.tasks.parity is the case m = 2 at 16 digits); a chain of running sums, one digit
+  per step, makes it easy.
+- fixed: ":", "=", the line break (only whether the document ends there is uncertain: a line
+  break after the second to fifth answer).
+So each of the paper's entropy splits holds both kinds: a proxy that cannot compute puts the
+answers of m = 2 in easy (> 0.5), m = 3 in medium (> 1.0) and m = 5 in hard (> 1.5), beside the
+digits and moduli of the same entropy. Position kinds are read back from the context alone
+(`kind`): a context that ends with "=" asks for a reducible token.
+
+The base model. `data.task = "toy"` is next-token pre-training (train.ntp_steps) from scratch
+on this corpus, with a share data.toy_demos of sequences that are next-token-reasoning
+demonstrations in the rollout format: the prompt a policy sees in RPT (PromptBuilder with
+data.template), then a thought, `</think>`, `\\boxed{answer}` and EOS. At an answer position the
+thought is the running sums mod m (the computation worked out); at a digit or a modulus it is
+empty, since there is nothing to compute. Like R1-Distill for the paper, the base can reason a
+little before RPT starts; the share sets how little.
+
+Evaluation during pre-training (`evaluate`): fresh documents from a stream disjoint from the
+training one, one position per document, drawn half from answers and half from the other
+random positions; plain (greedy next token on the raw context) and reasoning (one completion
+at rollout.temperature, scored with the prefix reward) accuracy, by kind. The paper's Table 1
+comes from `rptfast eval` on a prepared store instead (`table`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from rptfast.data.templates import PromptBuilder
+from rptfast.data.tokens import token_bytes
+from rptfast.errors import ConfigError
+from rptfast.reward import reward
+from rptfast.rollout import SamplingConfig
+from rptfast.tasks import Prompt
+
+MODULI = (2, 3, 5)
+DIGITS = 8  # digits per record
+RECORDS = (2, 6)  # records per document, both ends included
+EVAL_OFFSET = 10**12  # evaluation documents come from a stream disjoint from pre-training's
+CORPUS_OFFSET = 10**13  # `rptfast toy corpus` (what prepare, RPT and eval see) is disjoint from both
+KINDS = ("reducible", "random")
+
+
+def document(seed: int, index: int) -> str:
+    """Document `index` of the stream seeded by `seed`: records joined by line breaks."""
+    rng = np.random.default_rng([seed, index])
+    lines = []
+    for _ in range(int(rng.integers(RECORDS[0], RECORDS[1] + 1))):
+        m = int(rng.choice(MODULI))
+        x = rng.integers(0, m, DIGITS)
+        lines.append(f"{m}:{''.join(map(str, x))}={int(x.sum()) % m}")
+    return "\n".join(lines)
+
+
+def truth(text: str) -> list[tuple[str, float]]:
+    """Per character after the first: (kind, entropy in nats of its true next-token distribution).
+
+    kind is "reducible" (an answer), "random" (a digit or a modulus) or "fixed" (":", "=", a line break).
+    """
+    out = []
+    for i in range(1, len(text)):
+        line_start = text.rfind("\n", 0, i) + 1
+        col = i - line_start
+        if col == 0:
+            out.append(("random", math.log(len(MODULI))))
+        elif text[i - 1] == "=":
+            out.append(("reducible", 0.0))
+        elif 2 <= col < 2 + DIGITS:
+            out.append(("random", math.log(int(text[line_start]))))
+        else:  # ":", "=", and the line break (whose small entropy is the document's length)
+            out.append(("fixed", 0.0))
+    return out
+
+
+def kind(context: str) -> str:
+    """What a context asks for: "reducible" when it ends with "=", else "random" (for positions prepare keeps)."""
+    return "reducible" if context.endswith("=") else "random"
+
+
+def thought(record_prefix: str) -> str:
+    """The worked computation for a context that ends with "m:digits=": running sums mod m."""
+    m, digits = int(record_prefix[0]), record_prefix[2:2 + DIGITS]
+    sums = np.cumsum([int(c) for c in digits]) % m
+    return "".join(map(str, sums))
+
+
+def write_corpus(path: str | Path, documents: int, seed: int) -> Path:
+    """`documents` documents as JSONL ({"text": ...} per line), written to a temporary name and renamed."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        raise ConfigError(f"--out {str(path)!r}: the toy corpus is JSONL; name the file *.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with tmp.open("w") as f:
+        for i in range(documents):
+            f.write(json.dumps({"text": document(seed, CORPUS_OFFSET + i)}) + "\n")
+    tmp.replace(path)
+    return path
+
+
+class ToyTask:
+    """Next-token pre-training on the toy corpus with a share of reasoning demonstrations (no RL)."""
+
+    name = "toy"
+
+    def __init__(self, tokenizer, data_cfg, rollout_cfg, seed: int):
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.demos = data_cfg.toy_demos
+        self.build = PromptBuilder(tokenizer, data_cfg.template, data_cfg.max_prompt_tokens, token_bytes(tokenizer))
+        self.rollout = rollout_cfg
+        self.encode = lambda s: tokenizer.encode(s, add_special_tokens=False)
+        if tokenizer.unk_token_id in self.encode("0123456789:=\n</think>\\boxed{}"):
+            raise ConfigError("data.task = 'toy' needs the toy tokenizer (model.scratch_tokenizer = 'toy', or a "
+                              "model made with it)")
+        # the longest context: a whole document ("m:digits=a" and a line break per record) but its last character
+        longest, wrap = RECORDS[1] * (DIGITS + 5) - 2, data_cfg.max_prompt_tokens - self.build.budget
+        if self.build.budget < longest:
+            raise ConfigError(f"data.max_prompt_tokens ({data_cfg.max_prompt_tokens}) cuts toy documents: the longest "
+                              f"context is {longest} tokens and the wrapping {wrap}; raise it to {longest + wrap}")
+        need = DIGITS + len(self.encode("</think>\\boxed{0}")) + 1
+        if rollout_cfg.max_tokens < need:
+            raise ConfigError(f"rollout.max_tokens ({rollout_cfg.max_tokens}) cannot hold a worked answer of {need} "
+                              f"tokens; raise it")
+
+    def positions(self, text: str, rng: np.random.Generator) -> tuple[int, str]:
+        """A position that prepare could keep (reducible or random), half of the draws an answer."""
+        kinds = truth(text)
+        want = "reducible" if rng.random() < 0.5 else "random"
+        at = [i + 1 for i, (k, _) in enumerate(kinds) if k == want]
+        pos = int(rng.choice(at))
+        return pos, want
+
+    def demonstration(self, text: str, pos: int) -> tuple[list[int], list[int]]:
+        """(prompt, target): the RPT prompt for the context text[:pos], then the worked answer."""
+        context = text[:pos]
+        work = thought(context[context.rfind("\n") + 1:]) if kind(context) == "reducible" else ""
+        return self.build(self.encode(context)), self.encode(f"{work}</think>\\boxed{{{text[pos]}}}") + [
+            self.tokenizer.eos_token_id]
+
+    def pretrain_samples(self, start: int, count: int) -> list[tuple[list[int], list[int]]]:
+        """Sequence i: a demonstration with probability data.toy_demos, else document i (first token unscored)."""
+        out = []
+        for i in range(start, start + count):
+            rng = np.random.default_rng([self.seed, i, 1])
+            text = document(self.seed, i)
+            if rng.random() < self.demos:
+                out.append(self.demonstration(text, self.positions(text, rng)[0]))
+            else:
+                ids = self.encode(text)
+                out.append((ids[:1], ids[1:]))
+        return out
+
+    def prompts(self, start: int, count: int) -> list[Prompt]:
+        raise ConfigError("data.task = 'toy' is next-token pre-training only (train.steps = 0); RPT runs on the "
+                          "prepared store with data.task = 'rpt'")
+
+    def score(self, prompt: Prompt, completion: list[int]) -> float:
+        text = self.tokenizer.decode(completion, skip_special_tokens=False)
+        return reward(text, prompt.meta["truth"], prompt.meta["boundaries"])
+
+    def evaluate(self, engine, count: int, seed: int) -> dict[str, float]:
+        """Plain and reasoning accuracy on `count` fresh positions, by kind (half reducible, half random)."""
+        texts, pos, kinds = [], [], []
+        for i in range(count):
+            rng = np.random.default_rng([self.seed, EVAL_OFFSET + seed * count + i, 1])
+            text = document(self.seed, EVAL_OFFSET + seed * count + i)
+            p, k = self.positions(text, rng)
+            texts.append(text)
+            pos.append(p)
+            kinds.append(k)
+        contexts = [self.encode(t[:p]) for t, p in zip(texts, pos)]
+        plain = engine.generate(contexts, 1, SamplingConfig(temperature=0.0, max_tokens=1),
+                                seeds=[seed + i for i in range(count)])
+        right_plain = np.array([self.tokenizer.decode(c.token_ids) == t[p] for c, t, p in zip(plain, texts, pos)])
+        sampling = SamplingConfig(self.rollout.temperature, self.rollout.top_p, self.rollout.max_tokens)
+        comps = engine.generate([self.build(c) for c in contexts], 1, sampling, seeds=[seed + i for i in range(count)])
+        right_reason = np.array([
+            reward(self.tokenizer.decode(c.token_ids, skip_special_tokens=False), t[p].encode(), [1]) for c, t, p in
+            zip(comps, texts, pos)])
+        kinds = np.array(kinds)
+        out = {}
+        for k in KINDS:
+            mask = kinds == k
+            out[f"plain/{k}"] = float(right_plain[mask].mean())
+            out[f"reasoning/{k}"] = float(right_reason[mask].mean())
+        out["response_len"] = float(np.mean([len(c.token_ids) for c in comps]))
+        return out
+
+
+# ---------------------------------------------------------------- the table (the paper's Table 1)
+
+ROWS = (  # (label, which evaluation, which mode)
+    ("next-token prediction, base", "base", "plain"),
+    ("next-token reasoning, before RPT", "base", "random@1"),
+    ("next-token reasoning, after RPT", "rpt", "random@1"),
+    ("next-token prediction, base + NTP control", "control", "plain"),
+)
+
+
+def cells(result: dict, kinds: np.ndarray, entropy: np.ndarray, mode: str) -> dict[tuple[str, str], tuple]:
+    """(split, kind) -> (accuracy, positions) of one evaluation's per-sample results."""
+    from rptfast.eval import split_masks
+
+    values = result["per_sample"][mode]
+    if values is None:
+        raise ConfigError(f"{result['model']}: its evaluation ran without mode {mode!r}; rerun rptfast eval with "
+                          f"eval.plain and eval.reasoning on")
+    values = np.asarray(values, dtype=float)
+    out = {}
+    for split, mask in split_masks(entropy).items():
+        for k in ("all", *KINDS):
+            m = mask & (kinds == k) if k != "all" else mask
+            out[split, k] = (float(values[m].mean()) if m.any() else float("nan"), int(m.sum()))
+    return out
+
+
+def table(evals: dict[str, Path], data: str, out_dir: Path, rpt_run: Path | None = None) -> str:
+    """Table 1 from the eval JSONs of the base, the RPT model and the control on the same samples.
+
+    evals: "base" | "rpt" | "control" -> the JSON `rptfast eval` wrote. Writes rpt_toy_table.txt and
+    .json into out_dir, and the RPT run's curves when rpt_run is given.
+    """
+    from rptfast.data.store import SampleStore, write_json
+    from rptfast.errors import PathError
+
+    results = {}
+    for name, path in evals.items():
+        if not Path(path).is_file():
+            raise PathError(f"--{name} {str(path)!r}: no evaluation there; run rptfast eval on that model first")
+        results[name] = json.loads(Path(path).read_text())
+    rows = {tuple(r["per_sample"]["row"]) for r in results.values()}
+    if len(rows) != 1:
+        raise ConfigError("the evaluations were made on different samples (eval.samples, eval.split or train.seed "
+                          "differ); evaluate all three with the same config")
+    store = SampleStore(data)
+    picked = np.array(next(iter(rows)))
+    kinds = np.array([kind(store.get(int(r))["context"]) for r in picked])
+    entropy = store.entropy[picked]
+    grid = {label: cells(results[which], kinds, entropy, mode) for label, which, mode in ROWS}
+    splits = ("easy", "medium", "hard")
+    width = max(len(label) for label, _, _ in ROWS)
+    head = f"{'accuracy (%)':<{width}} " + " ".join(f"{s:>8}" for s in splits) + "   " + " ".join(
+        f"{s + ' red.':>10} {s + ' rnd.':>10}" for s in splits)
+    lines = [head, "-" * len(head)]
+    for label, _, _ in ROWS:
+        g = grid[label]
+        lines.append(f"{label:<{width}} " + " ".join(f"{100 * g[s, 'all'][0]:8.2f}" for s in splits) + "   " +
+                     " ".join(f"{100 * g[s, 'reducible'][0]:10.2f} {100 * g[s, 'random'][0]:10.2f}" for s in splits))
+    g = grid[ROWS[0][0]]
+    lines.append(f"{'positions':<{width}} " + " ".join(f"{g[s, 'all'][1]:8d}" for s in splits) + "   " +
+                 " ".join(f"{g[s, 'reducible'][1]:10d} {g[s, 'random'][1]:10d}" for s in splits))
+    lines.append("splits: the base's entropy at the position (easy > 0.5, medium > 1.0, hard > 1.5 nats, nested); "
+                 "red. = reducible (an answer), rnd. = random (a digit or a modulus); held-out documents")
+    text = "\n".join(lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "rpt_toy_table.txt").write_text(text + "\n")
+    write_json(out_dir / "rpt_toy_table.json", {
+        "rows": {label: {f"{s}/{k}": {"accuracy": a, "positions": n} for (s, k), (a, n) in grid[label].items()}
+                 for label, _, _ in ROWS},
+        "evals": {name: str(path) for name, path in evals.items()}, "data": str(data)})
+    if rpt_run is not None:
+        curves(rpt_run, out_dir)
+    return text
+
+
+def curves(run_dir: Path, out_dir: Path) -> None:
+    """Reward and held-out accuracy by split against step, from the RPT run's metrics.jsonl."""
+    from rptfast.metrics import plot, read_jsonl
+
+    rows = read_jsonl(run_dir)
+    plot(rows, {"train reward": "reward", "greedy-free accuracy (all)": "eval/random@1"},
+         out_dir / "rpt_toy_reward.png", "reward / accuracy")
+    plot(rows, {s: f"eval/random@1/{s}" for s in ("easy", "medium", "hard")}, out_dir / "rpt_toy_accuracy.png",
+         "held-out reasoning accuracy (Random@1)")
