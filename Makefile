@@ -29,7 +29,7 @@ demo: setup
 # reasoning demonstrations, RPT on it, a next-token control of as many steps, and the paper's Table 1.
 TOY := runs/rpt-toy
 RPT := $(VENV)/bin/rptfast
-RPT_STEPS := 60
+RPT_STEPS := 80
 demo-rpt: setup
 	rm -rf $(TOY)
 	$(RPT) toy corpus --out $(TOY)/corpus.jsonl

@@ -1,19 +1,19 @@
 """RPT's own effect at CPU scale: a corpus with reducible and irreducible entropy (`make demo-rpt`).
 
-The corpus. A document is 2 to 6 records, one per line; a record is a modulus m, eight
-digits below m, and their sum mod m:
+The corpus. A document is 2 to 6 records, one per line; a record is a modulus m, six digits
+below m, and their sum mod m:
 
-    3:12021102=0
-    5:40312243=4
-    2:10110100=0
+    3:120211=1
+    5:403122=1
+    2:101101=0
 
 Each character is one token of the toy tokenizer (rptfast.testing), and its true next-token
 distribution is known:
 - irreducible: the modulus (uniform over 2, 3, 5: ln 3 = 1.10 nats) and the digits (uniform
   below m: ln m = 0.69, 1.10 or 1.61 nats). Nothing predicts them better than chance, with or
   without reasoning.
-- reducible: the answer after "=". It is a function of the 8 digits before it (entropy 0), but
-  a model that does not compute it sees ln m, like a digit. Next-token training on sums of 8
+- reducible: the answer after "=". It is a function of the 6 digits before it (entropy 0), but
+  a model that does not compute it sees ln m, like a digit. Next-token training on sums of 6
   digits mod m learns the format long before the function (the parity study of
   rptfast.tasks.parity is the case m = 2 at 16 digits); a chain of running sums, one digit
   per step, makes it easy.
@@ -56,11 +56,12 @@ from rptfast.rollout import SamplingConfig
 from rptfast.tasks import Prompt
 
 MODULI = (2, 3, 5)
-DIGITS = 8  # digits per record
+DIGITS = 6  # digits per record
 RECORDS = (2, 6)  # records per document, both ends included
 EVAL_OFFSET = 10**12  # evaluation documents come from a stream disjoint from pre-training's
 CORPUS_OFFSET = 10**13  # `rptfast toy corpus` (what prepare, RPT and eval see) is disjoint from both
 KINDS = ("reducible", "random")
+ANSWER_SHARE = 0.75  # demonstrations at answers (a worked sum); the rest at random positions (an empty thought)
 
 
 def document(seed: int, index: int) -> str:
@@ -146,9 +147,9 @@ class ToyTask:
                               f"tokens; raise it")
 
     def positions(self, text: str, rng: np.random.Generator) -> tuple[int, str]:
-        """A position that prepare could keep (reducible or random), half of the draws an answer."""
+        """A position that prepare could keep: an answer (reducible) with probability ANSWER_SHARE, else random."""
         kinds = truth(text)
-        want = "reducible" if rng.random() < 0.5 else "random"
+        want = "reducible" if rng.random() < ANSWER_SHARE else "random"
         at = [i + 1 for i, (k, _) in enumerate(kinds) if k == want]
         pos = int(rng.choice(at))
         return pos, want
