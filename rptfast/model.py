@@ -206,23 +206,24 @@ class _SharedAttention(torch.autograd.Function):
         # q [Hq, T, D], k/v [Hkv, T, D]
         H, T, D = q.shape
         acc = torch.promote_types(q.dtype, torch.float32)  # the merge's dtype: fp32 (fp64 for fp64 inputs)
-        out_own = torch.empty_like(q)  # [Hq, T, D]
-        lse_own = q.new_empty(H, T, dtype=acc)
+        out = torch.empty_like(q)  # [Hq, T, D]: the own part, then merged in place at completion tokens
+        lse = q.new_empty(H, T, dtype=acc)  # [Hq, T]
         for length, idx in layout.own:
-            o, lse = _flash_fwd(*(_rows(x, idx, length) for x in (q, k, v)), 0.0, True, scale=scale)
-            out_own.index_copy_(1, idx, _flat(o))
-            lse_own.index_copy_(1, idx, _flat(lse))
-        # one extra token at index T takes the padding queries' outputs and is dropped
-        out_cross = q.new_zeros(H, T + 1, D, dtype=acc)
-        lse_cross = q.new_full((H, T + 1), float("-inf"), dtype=acc)
-        for p_len, q_len, k_idx, q_get, q_put in layout.cross:
-            o, lse = _flash_fwd(_rows(q, q_get, q_len), _rows(k, k_idx, p_len), _rows(v, k_idx, p_len), 0.0, False,
-                                scale=scale)
-            out_cross.index_copy_(1, q_put, _flat(o).to(acc))
-            lse_cross.index_copy_(1, q_put, _flat(lse))
-        lse = torch.logaddexp(lse_own, lse_cross[:, :T])  # [Hq, T] fp32
-        out = ((lse_own - lse).exp()[..., None] * out_own.to(acc)
-               + (lse_cross[:, :T] - lse).exp()[..., None] * out_cross[:, :T]).to(q.dtype)  # [Hq, T, D]
+            o, lse_own = _flash_fwd(*(_rows(x, idx, length) for x in (q, k, v)), 0.0, True, scale=scale)
+            out.index_copy_(1, idx, _flat(o))
+            lse.index_copy_(1, idx, _flat(lse_own))
+        for p_len, q_len, k_idx, q_idx, pad in layout.cross:
+            o, lse_x = _flash_fwd(_rows(q, q_idx, q_len), _rows(k, k_idx, p_len), _rows(v, k_idx, p_len), 0.0, False,
+                                  scale=scale)
+            real = ~pad.flatten()
+            dst = q_idx[real]  # [Q] completion tokens, each in exactly one cross batch
+            o, lse_x = _flat(o)[:, real].to(acc), _flat(lse_x)[:, real]  # [Hq, Q, D], [Hq, Q]
+            lse_own = lse[:, dst]
+            lse_m = torch.logaddexp(lse_own, lse_x)
+            merged = ((lse_own - lse_m).exp()[..., None] * out[:, dst].to(acc)
+                      + (lse_x - lse_m).exp()[..., None] * o)  # [Hq, Q, D]
+            out.index_copy_(1, dst, merged.to(q.dtype))
+            lse.index_copy_(1, dst, lse_m)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale = layout, scale
         return out
@@ -231,7 +232,6 @@ class _SharedAttention(torch.autograd.Function):
     def backward(ctx, d_out):
         q, k, v, out, lse = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
-        H, T, D = q.shape
         d_out = d_out.contiguous()
         dq = torch.empty_like(q)  # every token is in exactly one own-part call, so these are all written
         dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -239,15 +239,14 @@ class _SharedAttention(torch.autograd.Function):
             g = _flash_bwd(*(_rows(x, idx, length) for x in (d_out, q, k, v, out, lse)), 0.0, True, scale=scale)
             for grad, part in zip((dq, dk, dv), g):
                 grad.index_copy_(1, idx, _flat(part))
-        # the padding token T: zero gradient and output, and a log-sum-exp of +inf (probabilities exp(s - inf) = 0,
-        # whatever its query's scores), so its queries add exactly zero to dq, dk and dv
-        d_out, out = (torch.cat([x, x.new_zeros(H, 1, D)], 1) for x in (d_out, out))
-        lse = torch.cat([lse, lse.new_full((H, 1), float("inf"))], 1)
-        for p_len, q_len, k_idx, q_get, q_put in layout.cross:
-            gq, gk, gv = _flash_bwd(_rows(d_out, q_put, q_len), _rows(q, q_get, q_len), _rows(k, k_idx, p_len),
-                                    _rows(v, k_idx, p_len), _rows(out, q_put, q_len), _rows(lse, q_put, q_len),
-                                    0.0, False, scale=scale)
-            dq.index_add_(1, q_get, _flat(gq))
+        for p_len, q_len, k_idx, q_idx, pad in layout.cross:
+            # padding queries: zero gradient and output, and a log-sum-exp of +inf (probabilities exp(s - inf) = 0
+            # whatever the scores), so they add exactly zero to dq, dk and dv
+            gq, gk, gv = _flash_bwd(_rows(d_out, q_idx, q_len).masked_fill(pad[..., None], 0), _rows(q, q_idx, q_len),
+                                    _rows(k, k_idx, p_len), _rows(v, k_idx, p_len),
+                                    _rows(out, q_idx, q_len).masked_fill(pad[..., None], 0),
+                                    _rows(lse, q_idx, q_len).masked_fill(pad, float("inf")), 0.0, False, scale=scale)
+            dq.index_add_(1, q_idx, _flat(gq))
             dk.index_add_(1, k_idx, _flat(gk))
             dv.index_add_(1, k_idx, _flat(gv))
         return dq, dk, dv, None, None
@@ -343,7 +342,7 @@ class SharedLayout:
     segments: list[tuple[int, int, int, int]]  # (start, length, prompt start, prompt length); prompt length 0: a prompt
     own: list[tuple[int, torch.Tensor]]  # per segment length L: (L, token indices [n * L]), n segments of that length
     # per batch of units of equal prompt length: (p_len, q_len, prompt token indices [n * p_len], completion token
-    # indices [n * q_len] to read queries from (padding: 0) and to write outputs to (padding: T, the row's length))
+    # indices [n * q_len] (padding reads token 0), padding [n, 1, q_len] bool)
     cross: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]
 
     PAD_FRACTION = 0.25  # a cross batch takes another unit only while its padding queries stay below this share
@@ -351,7 +350,6 @@ class SharedLayout:
     @classmethod
     def build(cls, segments: list[tuple[int, int, int, int]], device: torch.device) -> SharedLayout:
         """Index tensors of each batched call, made once per micro-batch (every layer uses them)."""
-        T = sum(length for _, length, _, _ in segments)
         by_len: dict[int, list[int]] = {}
         units: dict[int, list[int]] = {}  # prompt start -> its completions' tokens, in row order
         p_lens: dict[int, int] = {}
@@ -379,9 +377,9 @@ class SharedLayout:
             for b in batches:
                 q_len = len(units[b[0]])
                 k_idx = [i for s in b for i in range(s, s + p_len)]
-                get = [i for s in b for i in units[s] + [0] * (q_len - len(units[s]))]
-                put = [i for s in b for i in units[s] + [T] * (q_len - len(units[s]))]
-                cross.append((p_len, q_len, t(k_idx), t(get), t(put)))
+                q_idx = [i for s in b for i in units[s] + [0] * (q_len - len(units[s]))]
+                pad = [[i >= len(units[s]) for i in range(q_len)] for s in b]
+                cross.append((p_len, q_len, t(k_idx), t(q_idx), torch.tensor(pad, device=device)[:, None]))
         return cls(segments, own, cross)
 
     def token_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
