@@ -3,6 +3,7 @@
     python bench/shared_attention.py                       # P = 1021, G = 8, R in 200..400, 2 units, Hq 4, Hkv 2, D 64
     python bench/shared_attention.py --heads 2 --kv-heads 1 --threads 1 --csv bench/results/shared_attention.csv
     python bench/shared_attention.py --tiny                # toy sizes: proves the script runs, numbers mean nothing
+    python bench/shared_attention.py --model runs/bench/tiny-qwen3-4k --heads 2 --kv-heads 1 --threads 1
 
 The same random completions and q, k, v (fp32) through each variant:
 - unshared:       the per_seq backend on unshared rows (every sequence its prompt + completion; G prompts per unit);
@@ -16,6 +17,11 @@ Counted FLOPs are those of exact attention on the variant's own rows (4 Hq D per
 twice that backward), so unshared counts its G prompts; a variant that computes masked-out pairs gets no credit for
 them. The roofline is an fp32 [2048, 2048] matmul in the same run. Times are medians over --reps after one warm-up;
 the load average before and after is printed, since the CPU is shared. The last stdout line is JSON.
+
+--model DIR also times the whole policy on the same sequences (PolicyLogprob: forward, and forward + backward
+of the summed log-probs, no optimizer): unshared rows, prompt-once rows with the previous attention (gather + mask,
+patched in), and prompt-once rows as the trainer runs them; with the model's counted FLOPs (model.forward_flops).
+It isolates the update's compute from the engine and the optimizer, whose times swing with the machine's load.
 """
 
 import argparse
@@ -31,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from rptfast import model
 from rptfast.model import Sequence, _per_seq_unshared, _shared_attention, collate, collate_shared
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +135,49 @@ def time_variant(fn, q, k, v, d_out, reps: int) -> tuple[float, float]:
     return fwd, median_ms(step, reps)
 
 
+def model_rows(path: str, seqs: list[Sequence], reps: int, seed: int) -> dict:
+    """The whole policy (fp32, per_seq attention) on seqs: unshared, prompt-once with the previous attention, and
+    prompt-once as the trainer runs it. Returns per variant: fwd_ms, fwd_bwd_ms, GFLOP/s (counted, fwd + bwd)."""
+    cpu = torch.device("cpu")
+    lm = model.load_policy(path, dtype=torch.float32, attn=model.resolve_attn("per_seq", cpu), trust_remote_code=False,
+                           gradient_checkpointing=False)
+    policy, rates = model.PolicyLogprob(lm), model.flop_rates(lm)
+    g = torch.Generator().manual_seed(seed)
+    vocab = lm.config.vocab_size
+    prompts: dict[tuple[int, ...], list[int]] = {}  # random tokens for the same lengths, one prompt per unit
+    real = []
+    for s in seqs:
+        key = tuple(s.tokens[:s.start])
+        if key not in prompts:
+            prompts[key] = torch.randint(0, vocab, (s.start,), generator=g).tolist()
+        real.append(Sequence(prompts[key] + torch.randint(0, vocab, (s.n_scored,), generator=g).tolist(), s.start))
+    seqs = real
+    idx = list(range(len(seqs)))
+    shared, unshared = collate_shared(seqs, idx, cpu), collate(seqs, idx, cpu)
+
+    def before(query, key, value, layout, scaling=None):
+        return gather_mask(query, key, value, layout, scaling).transpose(0, 1)[None], None
+
+    def step(mb):
+        policy.zero_grad(set_to_none=True)
+        policy(mb, 1.0)[0].sum().backward()
+
+    out = {}
+    current = model._shared_attention
+    for name, mb, attention in [("model, unshared", unshared, current), ("model, gather + mask", shared, before),
+                                ("model, two-part", shared, current)]:
+        model._shared_attention = attention
+        try:
+            with torch.no_grad():
+                fwd = median_ms(lambda: policy(mb, 1.0), reps)  # noqa: B023 (called before the loop moves on)
+            full = median_ms(lambda: step(mb), reps)  # noqa: B023
+        finally:
+            model._shared_attention = current
+        out[name] = dict(fwd_ms=fwd, fwd_bwd_ms=full, gflops_fwd_bwd=3 * model.forward_flops(rates, mb) / full / 1e6,
+                         tokens=mb.n_tokens)
+    return out
+
+
 def git_commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return out.stdout.strip() or "unknown"
@@ -148,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, 1 rep: the script runs, numbers mean nothing")
     parser.add_argument("--csv", type=Path, default=None, help="append rows to this CSV")
+    parser.add_argument("--model", default=None, help="HF model directory: also time the whole policy (see above)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.prompt, args.group, args.units, args.r_min, args.r_max, args.reps = 37, 3, 3, 5, 11, 1
@@ -201,11 +252,14 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{name} differs from two-part, flash by {err:.2e}")
         fwd, full = time_variant(fn, q, k, v, d_out[0], args.reps)
         results[name] = dict(fwd_ms=fwd, fwd_bwd_ms=full, gflops_fwd_bwd=3 * flop_per_pair * pairs / full / 1e6)
+    if args.model:
+        results.update(model_rows(args.model, seqs, args.reps, args.seed))
     load_after = os.getloadavg()[0]
     base = results["unshared"]["fwd_bwd_ms"]
     print(f"{'variant':<18} {'fwd ms':>9} {'fwd+bwd ms':>11} {'GFLOP/s':>8} {'% roof':>7} {'x unshared':>10}")
     for name, r in results.items():
-        r.update(roofline_pct=100 * r["gflops_fwd_bwd"] / roof, x_unshared=base / r["fwd_bwd_ms"])
+        unshared_ms = results["model, unshared"]["fwd_bwd_ms"] if name.startswith("model") else base
+        r.update(roofline_pct=100 * r["gflops_fwd_bwd"] / roof, x_unshared=unshared_ms / r["fwd_bwd_ms"])
         print(f"{name:<18} {r['fwd_ms']:9.1f} {r['fwd_bwd_ms']:11.1f} {r['gflops_fwd_bwd']:8.2f} "
               f"{r['roofline_pct']:7.1f} {r['x_unshared']:10.2f}")
     print(f"load average after: {load_after:.2f}")
@@ -219,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                 w.writerow(dict(date=datetime.date.today().isoformat(), commit=git_commit(),
                                 device=f"cpu {platform.machine()} {torch.get_num_threads()} threads", shape=shape,
                                 variant=name, load_before=round(load_before, 2), load_after=round(load_after, 2),
-                                **{k: round(v, 3) for k, v in r.items()}))
+                                **{k: round(v, 3) for k, v in r.items() if k in FIELDS}))
     print(json.dumps({"shape": shape, "roofline_gflops": roof, "load": [load_before, load_after], **results}))
 
 

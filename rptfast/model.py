@@ -206,11 +206,11 @@ class _SharedAttention(torch.autograd.Function):
         # q [Hq, T, D], k/v [Hkv, T, D]
         H, T, D = q.shape
         acc = torch.promote_types(q.dtype, torch.float32)  # the merge's dtype: fp32 (fp64 for fp64 inputs)
-        out = torch.empty_like(q)  # [Hq, T, D]: the own part, then merged in place at completion tokens
+        out = q.new_empty(H, T, D, dtype=acc)  # [Hq, T, D]: the own part, then merged in place at completion tokens
         lse = q.new_empty(H, T, dtype=acc)  # [Hq, T]
         for length, idx in layout.own:
             o, lse_own = _flash_fwd(*(_rows(x, idx, length) for x in (q, k, v)), 0.0, True, scale=scale)
-            out.index_copy_(1, idx, _flat(o))
+            out.index_copy_(1, idx, _flat(o).to(acc))
             lse.index_copy_(1, idx, _flat(lse_own))
         for p_len, q_len, k_idx, q_idx, pad in layout.cross:
             o, lse_x = _flash_fwd(_rows(q, q_idx, q_len), _rows(k, k_idx, p_len), _rows(v, k_idx, p_len), 0.0, False,
@@ -220,10 +220,11 @@ class _SharedAttention(torch.autograd.Function):
             o, lse_x = _flat(o)[:, real].to(acc), _flat(lse_x)[:, real]  # [Hq, Q, D], [Hq, Q]
             lse_own = lse[:, dst]
             lse_m = torch.logaddexp(lse_own, lse_x)
-            merged = ((lse_own - lse_m).exp()[..., None] * out[:, dst].to(acc)
+            merged = ((lse_own - lse_m).exp()[..., None] * out[:, dst]
                       + (lse_x - lse_m).exp()[..., None] * o)  # [Hq, Q, D]
-            out.index_copy_(1, dst, merged.to(q.dtype))
+            out.index_copy_(1, dst, merged)
             lse.index_copy_(1, dst, lse_m)
+        out = out.to(q.dtype)  # one rounding to the compute dtype, after the merge
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale = layout, scale
         return out
@@ -233,12 +234,13 @@ class _SharedAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         d_out = d_out.contiguous()
-        dq = torch.empty_like(q)  # every token is in exactly one own-part call, so these are all written
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        acc = torch.promote_types(q.dtype, torch.float32)  # the parts' gradients add up in fp32
+        # every token is in exactly one own-part call, so these are all written
+        dq, dk, dv = (torch.empty_like(x, dtype=acc) for x in (q, k, v))
         for length, idx in layout.own:
             g = _flash_bwd(*(_rows(x, idx, length) for x in (d_out, q, k, v, out, lse)), 0.0, True, scale=scale)
             for grad, part in zip((dq, dk, dv), g):
-                grad.index_copy_(1, idx, _flat(part))
+                grad.index_copy_(1, idx, _flat(part).to(acc))
         for p_len, q_len, k_idx, q_idx, pad in layout.cross:
             # padding queries: zero gradient and output, and a log-sum-exp of +inf (probabilities exp(s - inf) = 0
             # whatever the scores), so they add exactly zero to dq, dk and dv
@@ -246,10 +248,10 @@ class _SharedAttention(torch.autograd.Function):
                                     _rows(k, k_idx, p_len), _rows(v, k_idx, p_len),
                                     _rows(out, q_idx, q_len).masked_fill(pad[..., None], 0),
                                     _rows(lse, q_idx, q_len).masked_fill(pad, float("inf")), 0.0, False, scale=scale)
-            dq.index_add_(1, q_idx, _flat(gq))
-            dk.index_add_(1, k_idx, _flat(gk))
-            dv.index_add_(1, k_idx, _flat(gv))
-        return dq, dk, dv, None, None
+            dq.index_add_(1, q_idx, _flat(gq).to(acc))
+            dk.index_add_(1, k_idx, _flat(gk).to(acc))
+            dv.index_add_(1, k_idx, _flat(gv).to(acc))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def load_policy(path: str, *, dtype: torch.dtype, attn: str, trust_remote_code: bool,
@@ -368,9 +370,9 @@ class SharedLayout:
             starts.sort(key=lambda s: -len(units[s]))
             batches: list[list[int]] = []
             for s in starts:  # longest first, so a batch's first unit sets its padded length
-                b = batches[-1] if batches else None
-                if b and (len(b) + 1) * len(units[b[0]]) * (1 - cls.PAD_FRACTION) <= sum(
-                        len(units[u]) for u in b) + len(units[s]):
+                b = batches[-1] if batches else []
+                real = sum(len(units[u]) for u in b) + len(units[s])  # queries with s added; padded: (n + 1) q_len
+                if b and real >= (1 - cls.PAD_FRACTION) * (len(b) + 1) * len(units[b[0]]):
                     b.append(s)
                 else:
                     batches.append([s])
@@ -559,11 +561,14 @@ def collate_shared(seqs: list[Sequence], idx: list[int], device: torch.device) -
 
 
 def shares_prompts(lm: nn.Module) -> bool:
-    """Whether lm's attention backend runs prompt-once rows. per_seq and sdpa do; flash and varlen
-    are not wired (they would need separate query and key cu_seqlens over gathered keys, untestable
-    without a GPU), so those run unshared. Sliding-window layers are outside the shared mask too."""
+    """Whether lm's attention backend runs prompt-once rows. per_seq on the CPU and sdpa do; flash and
+    varlen are not wired (they would need separate query and key cu_seqlens over gathered keys, untestable
+    without a GPU), and neither is per_seq off the CPU (_SharedAttention calls the CPU flash kernels), so
+    those run unshared. Sliding-window layers are outside the shared mask too."""
     layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
-    return lm.config._attn_implementation in (PER_SEQ, "sdpa") and set(layer_types) == {"full_attention"}
+    backend = lm.config._attn_implementation
+    return ((backend == "sdpa" or backend == PER_SEQ and lm.device.type == "cpu")
+            and set(layer_types) == {"full_attention"})
 
 
 def attention_pairs(mb: MicroBatch) -> int:

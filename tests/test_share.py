@@ -15,6 +15,7 @@ from rptfast.model import (
     pack,
     pack_shared,
     resolve_attn,
+    shares_prompts,
 )
 
 CPU = torch.device("cpu")
@@ -215,3 +216,10 @@ def test_shared_attention_against_fp64(G, heads, kv_heads):
                                  grads(shared, q, torch.float32)):
         torch.testing.assert_close(x64, w, rtol=0, atol=1e-10, msg=name)
         assert x32.isfinite().all(), name
+
+
+def test_per_seq_shares_prompts_on_cpu_only(tiny_dir):
+    """_SharedAttention calls the CPU flash kernels: per_seq off the CPU runs unshared (the trainer says so)."""
+    lm = policy(tiny_dir, "per_seq").lm
+    assert shares_prompts(lm)
+    assert not shares_prompts(lm.to("meta"))
