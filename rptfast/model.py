@@ -18,9 +18,10 @@ Prompt-once packing (`train.share_prompts`, see `pack_shared`): a group's G comp
 one prompt, so a packed row holds the prompt once and its completions after it. Positions
 continue from the prompt; the prompt attends causally to itself, each completion to the
 whole prompt and causally to itself, never to another completion. Backends for that mask:
-"per_seq" (each completion's queries against [prompt keys; its own keys], batched over
-equal lengths: exact, no work on the masked blocks) and "sdpa" (a dense [T, T] boolean mask
-from the same rule: exact, O(T^2)). flash and varlen run the unshared packing.
+"per_seq" (_SharedAttention: each segment causally against its own keys, and each prompt's
+completions all at once against the prompt's keys, merged by log-sum-exp: exact, no work on the
+masked blocks, the prompt's keys read once) and "sdpa" (a dense [T, T] boolean mask from the same
+rule: exact, O(T^2)). flash and varlen run the unshared packing.
 
 Log-probs of completion tokens come from the final hidden states through
 `linear_logprob` (lm_head fused with log-softmax, tiled over the vocabulary), so the
@@ -157,25 +158,100 @@ def _per_seq_unshared(query, key, value, scaling=None, **kwargs):
     return out.transpose(0, 1)[None], None  # [1, T, H, D]
 
 
+# the CPU flash-attention kernels that scaled_dot_product_attention dispatches to, called directly for
+# their log-sum-exp: [B, Hq, Lq, D] x [B, Hkv, Lk, D] -> out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32 (GQA native)
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor, length: int) -> torch.Tensor:
+    """x [H, T, ...] at flat token indices idx [n * length] -> [n, H, length, ...]."""
+    return x.index_select(1, idx).unflatten(1, (idx.numel() // length, length)).transpose(0, 1)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[n, H, length, ...] -> [H, n * length, ...], the inverse of _rows's reshape."""
+    return x.transpose(0, 1).flatten(1, 2)
+
+
 def _shared_attention(query, key, value, layout: SharedLayout, scaling=None):
-    """Attention over a prompt-once row: each segment's queries against its keys (a prompt's own,
-    causal; a completion's [prompt; own], causal bottom-right aligned), one SDPA call per batch of
-    segments of equal (query length, prompt length). Exact: the masked-out blocks (other
-    completions, other groups) are never computed. The prompt's keys and values are gathered once
-    per completion, so their gradients add up over the G completions in index_select's backward.
+    """Attention over a prompt-once row (per_seq backend): query [1, Hq, T, D], key/value [1, Hkv, T, D]
+    -> [1, T, Hq, D]. See _SharedAttention."""
+    out = _SharedAttention.apply(query[0], key[0], value[0], layout, scaling)  # [Hq, T, D]
+    return out.transpose(0, 1)[None], None
+
+
+class _SharedAttention(torch.autograd.Function):
+    """Exact attention over a prompt-once row in two parts, merged by log-sum-exp.
+
+    own:   every segment (a prompt or a completion) against its own keys, causal; segments of equal
+           length in one flash call.
+    cross: a unit's completions (all of them, one after another) against its prompt's keys, no mask;
+           units of equal prompt length in one call, their completion queries padded to the batch's
+           longest (padding at most 1/4 of a batch's queries, else a new batch).
+    A completion token's output is (e^lse_own o_own + e^lse_cross o_cross) / (e^lse_own + e^lse_cross),
+    in fp32; a prompt token's is its own part alone. Nothing is masked inside a call, so the masked-out
+    blocks (other completions, other units) are never computed and the prompt's keys and values are read
+    once per unit, not gathered once per completion.
+
+    The CPU flash kernels return a log-sum-exp but no gradient through it, so the backward is written
+    here: each part's backward is the kernel's, given the merged output and merged log-sum-exp (the
+    probabilities it recomputes, exp(s - lse), are then those of the full softmax over both parts, and
+    its rowsum(dO * O) term is the full one), and the parts' gradients add up.
+    Left out: dropout (the trainer sets it to 0) and sliding windows (shares_prompts refuses them).
     """
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    gqa = key.shape[1] != query.shape[1]
-    q, k, v = query[0], key[0], value[0]  # [H, T, D]
-    out = torch.zeros_like(q)
-    for q_len, p_len, q_idx, k_idx, mask in layout.batches:
-        n = q_idx.numel() // q_len
-        qs = q.index_select(1, q_idx).unflatten(1, (n, q_len)).transpose(0, 1)  # [n, H, q_len, D]
-        ks, vs = (x.index_select(1, k_idx).unflatten(1, (n, p_len + q_len)).transpose(0, 1)
-                  for x in (k, v))  # [n, Hkv, p_len + q_len, D]
-        o = sdpa(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa)
-        out = out.index_copy(1, q_idx, o.transpose(0, 1).flatten(1, 2))
-    return out.transpose(0, 1)[None], None  # [1, T, H, D]
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: SharedLayout, scale: float | None):
+        # q [Hq, T, D], k/v [Hkv, T, D]
+        H, T, D = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)  # the merge's dtype: fp32 (fp64 for fp64 inputs)
+        out = q.new_empty(H, T, D, dtype=acc)  # [Hq, T, D]: the own part, then merged in place at completion tokens
+        lse = q.new_empty(H, T, dtype=acc)  # [Hq, T]
+        for length, idx in layout.own:
+            o, lse_own = _flash_fwd(*(_rows(x, idx, length) for x in (q, k, v)), 0.0, True, scale=scale)
+            out.index_copy_(1, idx, _flat(o).to(acc))
+            lse.index_copy_(1, idx, _flat(lse_own))
+        for p_len, q_len, k_idx, q_idx, pad in layout.cross:
+            o, lse_x = _flash_fwd(_rows(q, q_idx, q_len), _rows(k, k_idx, p_len), _rows(v, k_idx, p_len), 0.0, False,
+                                  scale=scale)
+            real = ~pad.flatten()
+            dst = q_idx[real]  # [Q] completion tokens, each in exactly one cross batch
+            o, lse_x = _flat(o)[:, real].to(acc), _flat(lse_x)[:, real]  # [Hq, Q, D], [Hq, Q]
+            lse_own = lse[:, dst]
+            lse_m = torch.logaddexp(lse_own, lse_x)
+            merged = ((lse_own - lse_m).exp()[..., None] * out[:, dst]
+                      + (lse_x - lse_m).exp()[..., None] * o)  # [Hq, Q, D]
+            out.index_copy_(1, dst, merged)
+            lse.index_copy_(1, dst, lse_m)
+        out = out.to(q.dtype)  # one rounding to the compute dtype, after the merge
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale = layout, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        layout, scale = ctx.layout, ctx.scale
+        d_out = d_out.contiguous()
+        acc = torch.promote_types(q.dtype, torch.float32)  # the parts' gradients add up in fp32
+        # every token is in exactly one own-part call, so these are all written
+        dq, dk, dv = (torch.empty_like(x, dtype=acc) for x in (q, k, v))
+        for length, idx in layout.own:
+            g = _flash_bwd(*(_rows(x, idx, length) for x in (d_out, q, k, v, out, lse)), 0.0, True, scale=scale)
+            for grad, part in zip((dq, dk, dv), g):
+                grad.index_copy_(1, idx, _flat(part).to(acc))
+        for p_len, q_len, k_idx, q_idx, pad in layout.cross:
+            # padding queries: zero gradient and output, and a log-sum-exp of +inf (probabilities exp(s - inf) = 0
+            # whatever the scores), so they add exactly zero to dq, dk and dv
+            gq, gk, gv = _flash_bwd(_rows(d_out, q_idx, q_len).masked_fill(pad[..., None], 0), _rows(q, q_idx, q_len),
+                                    _rows(k, k_idx, p_len), _rows(v, k_idx, p_len),
+                                    _rows(out, q_idx, q_len).masked_fill(pad[..., None], 0),
+                                    _rows(lse, q_idx, q_len).masked_fill(pad, float("inf")), 0.0, False, scale=scale)
+            dq.index_add_(1, q_idx, _flat(gq).to(acc))
+            dk.index_add_(1, k_idx, _flat(gk).to(acc))
+            dv.index_add_(1, k_idx, _flat(gv).to(acc))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def load_policy(path: str, *, dtype: torch.dtype, attn: str, trust_remote_code: bool,
@@ -258,32 +334,55 @@ class MicroBatch:
 
 @dataclass
 class SharedLayout:
-    """How a prompt-once row is cut into segments, and which keys each segment's queries read.
+    """How a prompt-once row is cut into segments, and the index tensors of _SharedAttention's calls.
 
     A segment is a prompt (keys: its own tokens, causal) or a completion (keys: its prompt, then
-    its own tokens, causal bottom-right aligned). Segments tile the row in order.
+    its own tokens, causal bottom-right aligned). Segments tile the row in order; a unit is a prompt
+    and the completions after it.
     """
 
     segments: list[tuple[int, int, int, int]]  # (start, length, prompt start, prompt length); prompt length 0: a prompt
-    # per shape of segment: (q_len, p_len, q_idx [n * q_len], k_idx [n * (p_len + q_len)],
-    # mask [q_len, p_len + q_len] bool, None for prompts: plain causal)
-    batches: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    own: list[tuple[int, torch.Tensor]]  # per segment length L: (L, token indices [n * L]), n segments of that length
+    # per batch of units of equal prompt length: (p_len, q_len, prompt token indices [n * p_len], completion token
+    # indices [n * q_len] (padding reads token 0), padding [n, 1, q_len] bool)
+    cross: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    PAD_FRACTION = 0.25  # a cross batch takes another unit only while its padding queries stay below this share
 
     @classmethod
     def build(cls, segments: list[tuple[int, int, int, int]], device: torch.device) -> SharedLayout:
-        """Index tensors of each batch of equal (length, prompt length), made once per micro-batch."""
-        by_shape: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        """Index tensors of each batched call, made once per micro-batch (every layer uses them)."""
+        by_len: dict[int, list[int]] = {}
+        units: dict[int, list[int]] = {}  # prompt start -> its completions' tokens, in row order
+        p_lens: dict[int, int] = {}
         for start, length, p_start, p_len in segments:
-            q_idx, k_idx = by_shape.setdefault((length, p_len), ([], []))
-            q_idx += range(start, start + length)
-            k_idx += [*range(p_start, p_start + p_len), *range(start, start + length)]
-        # query i of a completion sees the whole prompt and its own tokens 0..i (causal, bottom-right aligned)
-        masks = {shape: torch.ones(shape[0], sum(shape), dtype=torch.bool, device=device).tril(shape[1])
-                 for shape in by_shape if shape[1]}
-        batches = [(q_len, p_len, torch.tensor(q, dtype=torch.long, device=device),
-                    torch.tensor(k, dtype=torch.long, device=device), masks.get((q_len, p_len)))
-                   for (q_len, p_len), (q, k) in by_shape.items()]
-        return cls(segments, batches)
+            by_len.setdefault(length, []).extend(range(start, start + length))
+            if p_len:
+                units.setdefault(p_start, []).extend(range(start, start + length))
+                p_lens[p_start] = p_len
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        own = [(length, t(idx)) for length, idx in by_len.items()]
+        by_p: dict[int, list[int]] = {}
+        for p_start in units:
+            by_p.setdefault(p_lens[p_start], []).append(p_start)
+        cross = []
+        for p_len, starts in by_p.items():
+            starts.sort(key=lambda s: -len(units[s]))
+            batches: list[list[int]] = []
+            for s in starts:  # longest first, so a batch's first unit sets its padded length
+                b = batches[-1] if batches else []
+                real = sum(len(units[u]) for u in b) + len(units[s])  # queries with s added; padded: (n + 1) q_len
+                if b and real >= (1 - cls.PAD_FRACTION) * (len(b) + 1) * len(units[b[0]]):
+                    b.append(s)
+                else:
+                    batches.append([s])
+            for b in batches:
+                q_len = len(units[b[0]])
+                k_idx = [i for s in b for i in range(s, s + p_len)]
+                q_idx = [i for s in b for i in units[s] + [0] * (q_len - len(units[s]))]
+                pad = [[i >= len(units[s]) for i in range(q_len)] for s in b]
+                cross.append((p_len, q_len, t(k_idx), t(q_idx), torch.tensor(pad, device=device)[:, None]))
+        return cls(segments, own, cross)
 
     def token_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token: its unit (a prompt and the completions after it) and its completion (0: the prompt)."""
@@ -462,11 +561,14 @@ def collate_shared(seqs: list[Sequence], idx: list[int], device: torch.device) -
 
 
 def shares_prompts(lm: nn.Module) -> bool:
-    """Whether lm's attention backend runs prompt-once rows. per_seq and sdpa do; flash and varlen
-    are not wired (they would need separate query and key cu_seqlens over gathered keys, untestable
-    without a GPU), so those run unshared. Sliding-window layers are outside the shared mask too."""
+    """Whether lm's attention backend runs prompt-once rows. per_seq on the CPU and sdpa do; flash and
+    varlen are not wired (they would need separate query and key cu_seqlens over gathered keys, untestable
+    without a GPU), and neither is per_seq off the CPU (_SharedAttention calls the CPU flash kernels), so
+    those run unshared. Sliding-window layers are outside the shared mask too."""
     layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
-    return lm.config._attn_implementation in (PER_SEQ, "sdpa") and set(layer_types) == {"full_attention"}
+    backend = lm.config._attn_implementation
+    return ((backend == "sdpa" or backend == PER_SEQ and lm.device.type == "cpu")
+            and set(layer_types) == {"full_attention"})
 
 
 def attention_pairs(mb: MicroBatch) -> int:

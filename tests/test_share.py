@@ -8,12 +8,14 @@ from rptfast import trainer
 from rptfast.model import (
     PolicyLogprob,
     Sequence,
+    _shared_attention,
     collate,
     collate_shared,
     load_policy,
     pack,
     pack_shared,
     resolve_attn,
+    shares_prompts,
 )
 
 CPU = torch.device("cpu")
@@ -58,15 +60,16 @@ def run_batches(pol, seqs, bins, collate_fn):
     return per_seq, total, grads
 
 
-@pytest.mark.parametrize("G, attn, budget, checkpointing", [
-    (2, "per_seq", 4096, False),
-    (8, "per_seq", 4096, False),
-    (8, "sdpa", 4096, False),
-    (8, "per_seq", 60, False),  # groups split across micro-batches: the prompt repeated once per part
-    (2, "per_seq", 4096, True),  # the layout reaches the attention through checkpointed layers
+@pytest.mark.parametrize("G, attn, budget, checkpointing, prompts", [
+    (2, "per_seq", 4096, False, [17, 5, 30, 9]),
+    (8, "per_seq", 4096, False, [17, 5, 30, 9]),
+    (8, "per_seq", 4096, False, [17, 5, 17, 30, 17]),  # units of equal prompt length share attention calls
+    (8, "sdpa", 4096, False, [17, 5, 30, 9]),
+    (8, "per_seq", 60, False, [17, 5, 30, 9]),  # groups split across micro-batches: the prompt repeated once per part
+    (2, "per_seq", 4096, True, [17, 5, 30, 9]),  # the layout reaches the attention through checkpointed layers
 ])
-def test_shared_equals_unshared(tiny_dir, G, attn, budget, checkpointing):
-    seqs = groups_of(G, [17, 5, 30, 9], seed=G + budget)
+def test_shared_equals_unshared(tiny_dir, G, attn, budget, checkpointing, prompts):
+    seqs = groups_of(G, prompts, seed=G + budget)
     pol = policy(tiny_dir, attn, checkpointing)
     shared_bins = pack_shared(seqs, budget)
     if budget < 4096:  # a real split: some prompt in two micro-batches
@@ -156,3 +159,67 @@ def test_dense_mask_matches_rule():
                           for k in range(T)] for q in range(T)])
     assert torch.equal(mb.shared.dense_mask(CPU), want)
     assert mb.shared.attention_pairs == int(want.sum())
+
+
+def naive_attention(q, k, v, allowed, scale):
+    """softmax(q k^T scale, masked) v in fp64, GQA by repeating each kv head: q [Hq, T, D], k/v [Hkv, T, D]."""
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+    scores = (q @ k.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))  # [Hq, T, T]
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("G, heads, kv_heads", [(2, 4, 2), (8, 2, 1), (8, 3, 3)])
+def test_shared_attention_against_fp64(G, heads, kv_heads):
+    """_SharedAttention against a naive fp64 masked softmax on random q, k, v with a random upstream gradient.
+
+    In fp64 the two-part form must agree to 1e-10 (it is exact; what remains is rounding). In fp32, the output
+    must be within twice the error of torch's own fp32 dense-mask attention, and the q/k/v gradients within 10x:
+    the backward recomputes probabilities from the merged log-sum-exp, which is rounded to fp32 once more than a
+    single kernel's, and the parts' gradients are rounded before they are added (1-8x was seen over 12 seeds).
+    """
+    seqs = groups_of(G, [23, 6, 23, 11, 23], seed=heads)  # three units of prompt 23: batched, padded queries
+    layout = collate_shared(seqs, list(range(len(seqs))), CPU).shared
+    assert any(pad.shape[0] > 1 and pad.any() for _, _, _, _, pad in layout.cross)
+    T, D = layout.segments[-1][0] + layout.segments[-1][1], 64
+    g = torch.Generator().manual_seed(G)
+    q, k, v = (torch.randn(h, T, D, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    d_out = torch.randn(heads, T, D, generator=g, dtype=torch.float64)
+    allowed = layout.dense_mask(CPU)
+    scale = 0.37
+
+    def grads(fn, q, dtype):
+        x = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+        out = fn(*x)
+        out.backward(d_out.to(dtype))
+        return [out.detach().double()] + [t.grad.double() for t in x]
+
+    def naive(q, k, v):
+        return naive_attention(q, k, v, allowed, scale)
+
+    def shared(q, k, v):
+        return _shared_attention(q[None], k[None], v[None], layout, scale)[0][0].transpose(0, 1)  # [H, T, D]
+
+    def dense_fp32(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                                                enable_gqa=kv_heads != heads)
+
+    want, torch_fp32, got = grads(naive, q, torch.float64), grads(dense_fp32, q, torch.float32), grads(shared, q,
+                                                                                                       torch.float32)
+    for name, w, t, x, factor in zip(["out", "dq", "dk", "dv"], want, torch_fp32, got, [2, 10, 10, 10]):
+        assert (x - w).abs().max().item() <= factor * (t - w).abs().max().item() + 1e-7, name
+    # token 0 is what padding queries read: with its scores huge (exp(120) overflows fp32), padding must still add
+    # exactly nothing
+    q[:, 0] *= 40
+    want = grads(naive, q, torch.float64)
+    for name, w, x64, x32 in zip(["out", "dq", "dk", "dv"], want, grads(shared, q, torch.float64),
+                                 grads(shared, q, torch.float32)):
+        torch.testing.assert_close(x64, w, rtol=0, atol=1e-10, msg=name)
+        assert x32.isfinite().all(), name
+
+
+def test_per_seq_shares_prompts_on_cpu_only(tiny_dir):
+    """_SharedAttention calls the CPU flash kernels: per_seq off the CPU runs unshared (the trainer says so)."""
+    lm = policy(tiny_dir, "per_seq").lm
+    assert shares_prompts(lm)
+    assert not shares_prompts(lm.to("meta"))

@@ -234,10 +234,11 @@ def test_torchrun_two_ranks_equals_one(tiny_dir, tmp_path):
     # the gradient norms, not the weights after AdamW: Adam's first step is lr * sign(g), which turns bf16 noise in
     # near-zero gradients (GRPO's first-token terms cancel over a group) into differences of 2 lr (8% of the
     # update measured), and it is blind to a gradient's scale. The norm sees a missing reduction over ranks
-    # (a factor ~sqrt 2) or a rank training on other data; measured 1.7e-4 and 2.3e-6 relative (bf16 sums in
-    # another order, shared vs unshared attention)
-    for two, one in zip(two_log[1:], one_log[1:]):
-        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=2e-3)
+    # (a factor ~sqrt 2) or a rank training on other data. Step 1 (same weights): bf16 rounding only, measured
+    # 3.4e-4 relative (sums in another order; the shared attention merges two softmax parts). Later steps start
+    # from weights that Adam's sign-like first step has already moved apart: measured 1.1% at step 2
+    for step, (two, one) in enumerate(zip(two_log[1:], one_log[1:])):
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=2e-3 if step == 0 else 3e-2)
     assert len(two_log) == len(one_log)  # only rank 0 wrote
     # engine (vLLM, bf16) vs trainer (bf16 compute) on the sampled tokens, after each sync: bf16 rounding
     # only (measured max 4.5e-3); stale or wrongly cast weights after a step at lr 1e-2 are off by far more
