@@ -37,11 +37,6 @@ def rptfast(*args: str) -> None:
 
 
 def run_point(demos: float, seed: int, out: Path, extra: list[str]) -> dict:
-    import numpy as np
-
-    from rptfast.data.store import SampleStore
-    from rptfast.tasks.toy import cells, kind
-
     t0 = time.time()
     sets = [a for s in extra for a in ("--set", s)]
     base, samples = out / "base", out / "samples"
@@ -55,9 +50,20 @@ def run_point(demos: float, seed: int, out: Path, extra: list[str]) -> dict:
             "--set", f"train.seed={seed}", "--set", f"train.out_dir={out / 'rpt'}", "--set", "log.progress=false",
             *sets)
     rptfast("eval", "--config", "rpt-toy", "--model", str(out / "rpt/final"), "--data", str(samples), *sets)
-    before = json.loads((base / "final/eval-samples.json").read_text())
+    return measure(demos, seed, out, (time.time() - t0) / 60)
+
+
+def measure(demos: float, seed: int, out: Path, minutes: float) -> dict:
+    """The CSV row of a finished point: out holds base/, samples/ and rpt/ with their evaluations
+    (the layout of make demo-rpt's runs/rpt-toy, so that run can be measured too)."""
+    import numpy as np
+
+    from rptfast.data.store import SampleStore
+    from rptfast.tasks.toy import cells, kind
+
+    before = json.loads((out / "base/final/eval-samples.json").read_text())
     after = json.loads((out / "rpt/final/eval-samples.json").read_text())
-    store = SampleStore(str(samples))
+    store = SampleStore(str(out / "samples"))
     rows = np.array(before["per_sample"]["row"])
     kinds = np.array([kind(store.get(int(r))["context"]) for r in rows])
     entropy = store.entropy[rows]
@@ -68,7 +74,7 @@ def run_point(demos: float, seed: int, out: Path, extra: list[str]) -> dict:
         row[f"{name}_hard"] = grid["hard", "all"][0]
         row[f"{name}_reducible"] = grid["easy", "reducible"][0]
         row[f"{name}_random"] = grid["easy", "random"][0]
-    row.update(minutes=(time.time() - t0) / 60, commit=commit(), date=datetime.date.today().isoformat())
+    row.update(minutes=minutes, commit=commit(), date=datetime.date.today().isoformat())
     return row
 
 
@@ -89,7 +95,7 @@ def main() -> None:
             new = not args.csv.exists()
             args.csv.parent.mkdir(parents=True, exist_ok=True)
             with args.csv.open("a", newline="") as f:
-                w = csv.DictWriter(f, FIELDS)
+                w = csv.DictWriter(f, FIELDS, lineterminator="\n")
                 if new:
                     w.writeheader()
                 w.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()})

@@ -292,7 +292,7 @@ def curves(run_dir: Path, out_dir: Path) -> None:
     from rptfast.metrics import plot, read_jsonl
 
     rows = read_jsonl(run_dir)
-    plot(rows, {"train reward": "reward", "greedy-free accuracy (all)": "eval/random@1"},
+    plot(rows, {"train reward": "reward", "held-out Random@1 (all)": "eval/random@1"},
          out_dir / "rpt_toy_reward.png", "reward / accuracy")
     plot(rows, {s: f"eval/random@1/{s}" for s in ("easy", "medium", "hard")}, out_dir / "rpt_toy_accuracy.png",
          "held-out reasoning accuracy (Random@1)")
