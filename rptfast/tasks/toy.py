@@ -27,14 +27,14 @@ digits and moduli of the same entropy. Position kinds are read back from the con
 The base model. `data.task = "toy"` is next-token pre-training (train.ntp_steps) from scratch
 on this corpus, with a share data.toy_demos of sequences that are next-token-reasoning
 demonstrations in the rollout format: the prompt a policy sees in RPT (PromptBuilder with
-data.template), then a thought, `</think>`, `\\boxed{answer}` and EOS. At an answer position the
-thought is the running sums mod m (the computation worked out); at a digit or a modulus it is
-empty, since there is nothing to compute. Like R1-Distill for the paper, the base can reason a
+data.template), then a thought, `</think>`, `\\boxed{answer}` and EOS. Three quarters of them
+are at an answer, where the thought is the running sums mod m (the computation worked out); the
+rest at a digit or a modulus, where it is empty, since there is nothing to compute. Like R1-Distill for the paper, the base can reason a
 little before RPT starts; the share sets how little.
 
 Evaluation during pre-training (`evaluate`): fresh documents from a stream disjoint from the
-training one, one position per document, drawn half from answers and half from the other
-random positions; plain (greedy next token on the raw context) and reasoning (one completion
+training one, one position per document, drawn as the demonstrations' are (ANSWER_SHARE
+answers, the rest other random positions); plain (greedy next token on the raw context) and reasoning (one completion
 at rollout.temperature, scored with the prefix reward) accuracy, by kind. The paper's Table 1
 comes from `rptfast eval` on a prepared store instead (`table`).
 """
@@ -122,7 +122,8 @@ def write_corpus(path: str | Path, documents: int, seed: int) -> Path:
 
 
 class ToyTask:
-    """Next-token pre-training on the toy corpus with a share of reasoning demonstrations (no RL)."""
+    """Next-token pre-training on the toy corpus with a share of reasoning demonstrations. No RL prompts
+    (config.check refuses train.steps > 0 for it), so nothing is scored but the evaluation."""
 
     name = "toy"
 
@@ -177,10 +178,6 @@ class ToyTask:
     def prompts(self, start: int, count: int) -> list[Prompt]:
         raise ConfigError("data.task = 'toy' is next-token pre-training only (train.steps = 0); RPT runs on the "
                           "prepared store with data.task = 'rpt'")
-
-    def score(self, prompt: Prompt, completion: list[int]) -> float:
-        text = self.tokenizer.decode(completion, skip_special_tokens=False)
-        return reward(text, prompt.meta["truth"], prompt.meta["boundaries"])
 
     def evaluate(self, engine, count: int, seed: int) -> dict[str, float]:
         """Plain and reasoning accuracy on `count` fresh positions, by kind (half reducible, half random)."""
