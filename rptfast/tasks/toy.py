@@ -29,8 +29,9 @@ on this corpus, with a share data.toy_demos of sequences that are next-token-rea
 demonstrations in the rollout format: the prompt a policy sees in RPT (PromptBuilder with
 data.template), then a thought, `</think>`, `\\boxed{answer}` and EOS. Three quarters of them
 are at an answer, where the thought is the running sums mod m (the computation worked out); the
-rest at a digit or a modulus, where it is empty, since there is nothing to compute. Like R1-Distill for the paper, the base can reason a
-little before RPT starts; the share sets how little.
+rest at a digit or a modulus, where it is empty, since there is nothing to compute. Like
+R1-Distill for the paper, the base can reason before RPT starts; the share sets how well
+(docs/rpt.md: at 0.5 it cannot compute, at 0.9 it does).
 
 Evaluation during pre-training (`evaluate`): fresh documents from a stream disjoint from the
 training one, one position per document, drawn as the demonstrations' are (ANSWER_SHARE
