@@ -344,8 +344,8 @@ def check(cfg: Config) -> Config:
         raise ConfigError(f"prompt ({prompt_key} -> {prompt} tokens) + rollout.max_tokens ({r.max_tokens}) exceeds "
                           f"rollout.max_model_len ({r.max_model_len}); raise max_model_len or lower the others")
     if cfg.train.warmup_steps > max(cfg.train.steps, cfg.train.ntp_steps):
-        raise ConfigError(f"train.warmup_steps ({cfg.train.warmup_steps}) exceeds train.steps "
-                          f"({cfg.train.steps}); lower the warmup or raise the steps")
+        raise ConfigError(f"train.warmup_steps ({cfg.train.warmup_steps}) exceeds train.steps ({cfg.train.steps}) and "
+                          f"train.ntp_steps ({cfg.train.ntp_steps}); lower the warmup or raise the steps")
     if cfg.prepare.context_tokens < cfg.prepare.min_context_tokens:
         raise ConfigError(f"prepare.context_tokens ({cfg.prepare.context_tokens}) is below prepare.min_context_tokens "
                           f"({cfg.prepare.min_context_tokens}): a sample could not keep the context it was chosen for")

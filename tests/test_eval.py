@@ -75,7 +75,7 @@ def test_templates_are_the_config_choices(tok):
         build = PromptBuilder(tok, name, 400, tb)
         text = tok.decode(build(context), skip_special_tokens=False)
         assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n<think>\n")
-        assert " and the river runs south to the sea" in text and "\\boxed{" in text
+        assert " and the river runs south to the sea" in text and ("\\boxed{" in text) == (name != "bare")
     with pytest.raises(ConfigError, match="max_prompt_tokens"):
         PromptBuilder(tok, "v0", 100, tb)  # the v0 wrapping alone takes more than 100 tiny-BPE tokens
 

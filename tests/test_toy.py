@@ -97,7 +97,8 @@ def test_demonstrations_work_the_sum_out_and_earn_the_reward(tok):
             assert work[-1] == nxt
         else:
             assert work == ""
-    assert 110 < n_demo < 190 and 0.3 < n_reducible / n_demo < 0.7  # shares 0.5 and 0.5 of 300, sd ~ 9
+    # shares 0.5 of 300 (sd ~ 9) and ANSWER_SHARE of those (sd ~ 0.035 at 0.75)
+    assert 110 < n_demo < 190 and abs(n_reducible / n_demo - toy.ANSWER_SHARE) < 0.12
     assert task.pretrain_samples(40, 5) == task.pretrain_samples(0, 45)[40:]
 
 

@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SHRINK = {  # the first two words of a command -> overrides appended to it
     ("toy", "corpus"): ["--documents", "24"],
     ("train", "rpt-toy-base"): ["--set", "model.scratch_layers=1", "--set", "train.ntp_sequences=8",
-                                "--set", "train.eval_prompts=8", "--set", "train.eval_every=0"],
+                                "--set", "train.eval_prompts=8", "--set", "train.eval_every=0",
+                                "--set", "train.warmup_steps=0"],
     ("prepare", "--config"): [],
     ("eval", "--config"): ["--set", "eval.samples=16"],
     ("train", "rpt-toy"): ["--set", "train.prompts_per_step=4", "--set", "rollout.n=2",
-                           "--set", "train.eval_prompts=8", "--set", "train.eval_every=0"],
+                           "--set", "train.eval_prompts=8", "--set", "train.eval_every=0",
+                           "--set", "train.warmup_steps=0"],
     ("toy", "table"): [],
 }
 
