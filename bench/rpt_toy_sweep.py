@@ -56,17 +56,12 @@ def run_point(demos: float, seed: int, out: Path, extra: list[str]) -> dict:
 def measure(demos: float, seed: int, out: Path, minutes: float) -> dict:
     """The CSV row of a finished point: out holds base/, samples/ and rpt/ with their evaluations
     (the layout of make demo-rpt's runs/rpt-toy, so that run can be measured too)."""
-    import numpy as np
-
     from rptfast.data.store import SampleStore
-    from rptfast.tasks.toy import cells, kind
+    from rptfast.tasks.toy import cells, sample_kinds
 
     before = json.loads((out / "base/final/eval-samples.json").read_text())
     after = json.loads((out / "rpt/final/eval-samples.json").read_text())
-    store = SampleStore(str(out / "samples"))
-    rows = np.array(before["per_sample"]["row"])
-    kinds = np.array([kind(store.get(int(r))["context"]) for r in rows])
-    entropy = store.entropy[rows]
+    kinds, entropy = sample_kinds(SampleStore(str(out / "samples")), before["per_sample"]["row"])
     plain, reason, rpt = (cells(r, kinds, entropy, mode) for r, mode in
                           ((before, "plain"), (before, "random@1"), (after, "random@1")))
     row = {"demos": demos, "seed": seed, "samples_hard": plain["hard", "all"][1]}

@@ -219,6 +219,12 @@ ROWS = (  # (label, which evaluation, which mode)
 )
 
 
+def sample_kinds(store, rows) -> tuple[np.ndarray, np.ndarray]:
+    """[N] kind ("reducible" | "random") and [N] stored entropy of the store rows an evaluation drew."""
+    rows = np.asarray(rows)
+    return np.array([kind(store.get(int(r))["context"]) for r in rows]), store.entropy[rows]
+
+
 def cells(result: dict, kinds: np.ndarray, entropy: np.ndarray, mode: str) -> dict[tuple[str, str], tuple]:
     """(split, kind) -> (accuracy, positions) of one evaluation's per-sample results."""
     from rptfast.eval import split_masks
@@ -254,10 +260,7 @@ def table(evals: dict[str, Path], data: str, out_dir: Path, rpt_run: Path | None
     if len(rows) != 1:
         raise ConfigError("the evaluations were made on different samples (eval.samples, eval.split or train.seed "
                           "differ); evaluate all three with the same config")
-    store = SampleStore(data)
-    picked = np.array(next(iter(rows)))
-    kinds = np.array([kind(store.get(int(r))["context"]) for r in picked])
-    entropy = store.entropy[picked]
+    kinds, entropy = sample_kinds(SampleStore(data), next(iter(rows)))
     grid = {label: cells(results[which], kinds, entropy, mode) for label, which, mode in ROWS}
     splits = ("easy", "medium", "hard")
     width = max(len(label) for label, _, _ in ROWS)
