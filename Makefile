@@ -39,7 +39,8 @@ demo-rpt: setup
 	$(RPT) train rpt-toy --set train.steps=$(RPT_STEPS)
 	$(RPT) eval --config rpt-toy --model $(TOY)/rpt/final --data $(TOY)/samples
 	$(RPT) train rpt-toy-base --set model.path=$(TOY)/base/final --set train.ntp_steps=$(RPT_STEPS) \
-		--set train.ntp_lr=1e-4 --set train.warmup_steps=0 --set train.seed=1 --set train.out_dir=$(TOY)/control
+		--set data.toy_think_from=0 --set train.ntp_lr=1e-4 --set train.warmup_steps=0 --set train.seed=1 \
+		--set train.out_dir=$(TOY)/control
 	$(RPT) eval --config rpt-toy --model $(TOY)/control/final --data $(TOY)/samples
 	$(RPT) toy table --base $(TOY)/base/final/eval-samples.json --rpt $(TOY)/rpt/final/eval-samples.json \
 		--control $(TOY)/control/final/eval-samples.json --data $(TOY)/samples --run $(TOY)/rpt --out $(TOY)

@@ -1,13 +1,16 @@
-"""The RPT toy sweep behind docs/rpt.md: the share of reasoning demonstrations in the base's pre-training.
+"""The RPT toy sweep behind docs/rpt.md: one setting of the base's pre-training, by default the share of
+answers its last steps work out (data.toy_think, the p_cot of the parity study).
 
-    .venv/bin/python bench/rpt_toy_sweep.py [--demos 0.1 0.3 0.5] [--seeds 0] [--set KEY=VALUE ...]
+    .venv/bin/python bench/rpt_toy_sweep.py [--key data.toy_think] [--values 0.05 0.2 0.4] [--seeds 0]
+                                            [--set KEY=VALUE ...]
 
 Each point runs the demo-rpt chain without its control (rptfast/configs/rpt-toy-base.toml and
-rpt-toy.toml as they are, data.toy_demos changed): pre-train, prepare with the base as proxy,
+rpt-toy.toml as they are, --key changed in the base): pre-train, prepare with the base as proxy,
 eval, RPT, eval. It appends one row per point to bench/results/rpt_toy_sweep.csv (with commit
 and date) and prints a markdown table: the hard split's plain accuracy of the base, its reasoning
-accuracy before and after RPT, and the same for reducible and random positions over all splits.
-On this 2-core CPU a point takes about 10 minutes.
+accuracy before and after RPT, the same for reducible and random positions over all splits, and the
+completion length at reducible positions before and after. On this 2-core CPU a point takes about
+8 minutes.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "rpt_toy_sweep.csv"
-FIELDS = ["demos", "seed", "samples_hard", "base_plain_hard", "base_reasoning_hard", "rpt_reasoning_hard",
+FIELDS = ["key", "value", "seed", "samples_hard", "base_plain_hard", "base_reasoning_hard", "rpt_reasoning_hard",
           "base_plain_reducible", "base_reasoning_reducible", "rpt_reasoning_reducible", "base_plain_random",
-          "base_reasoning_random", "rpt_reasoning_random", "minutes", "commit", "date"]
+          "base_reasoning_random", "rpt_reasoning_random", "base_len_reducible", "rpt_len_reducible", "minutes",
+          "commit", "date"]
 
 
 def commit() -> str:
@@ -36,12 +40,12 @@ def rptfast(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "rptfast", *args], check=True, stdout=subprocess.DEVNULL)
 
 
-def run_point(demos: float, seed: int, out: Path, extra: list[str]) -> dict:
+def run_point(key: str, value: str, seed: int, out: Path, extra: list[str]) -> dict:
     t0 = time.time()
     sets = [a for s in extra for a in ("--set", s)]
     base, samples = out / "base", out / "samples"
     rptfast("toy", "corpus", "--out", str(out / "corpus.jsonl"), "--seed", str(seed))
-    rptfast("train", "rpt-toy-base", "--set", f"data.toy_demos={demos}", "--set", f"train.seed={seed}",
+    rptfast("train", "rpt-toy-base", "--set", f"{key}={value}", "--set", f"train.seed={seed}",
             "--set", f"train.out_dir={base}", "--set", "log.progress=false", *sets)
     rptfast("prepare", "--config", "rpt-toy", "--corpus", str(out / "corpus.jsonl"), "--proxy", str(base / "final"),
             "--out", str(samples), *sets)
@@ -50,10 +54,10 @@ def run_point(demos: float, seed: int, out: Path, extra: list[str]) -> dict:
             "--set", f"train.seed={seed}", "--set", f"train.out_dir={out / 'rpt'}", "--set", "log.progress=false",
             *sets)
     rptfast("eval", "--config", "rpt-toy", "--model", str(out / "rpt/final"), "--data", str(samples), *sets)
-    return measure(demos, seed, out, (time.time() - t0) / 60)
+    return measure(key, value, seed, out, (time.time() - t0) / 60)
 
 
-def measure(demos: float, seed: int, out: Path, minutes: float) -> dict:
+def measure(key: str, value: str, seed: int, out: Path, minutes: float) -> dict:
     """The CSV row of a finished point: out holds base/, samples/ and rpt/ with their evaluations
     (the layout of make demo-rpt's runs/rpt-toy, so that run can be measured too)."""
     from rptfast.data.store import SampleStore
@@ -62,20 +66,24 @@ def measure(demos: float, seed: int, out: Path, minutes: float) -> dict:
     before = json.loads((out / "base/final/eval-samples.json").read_text())
     after = json.loads((out / "rpt/final/eval-samples.json").read_text())
     kinds, entropy = sample_kinds(SampleStore(str(out / "samples")), before["per_sample"]["row"])
-    plain, reason, rpt = (cells(r, kinds, entropy, mode) for r, mode in
-                          ((before, "plain"), (before, "random@1"), (after, "random@1")))
-    row = {"demos": demos, "seed": seed, "samples_hard": plain["hard", "all"][1]}
+    plain, reason, rpt, len_before, len_after = (cells(r, kinds, entropy, mode) for r, mode in (
+        (before, "plain"), (before, "random@1"), (after, "random@1"), (before, "response_len"),
+        (after, "response_len")))
+    row = {"key": key, "value": value, "seed": seed, "samples_hard": plain["hard", "all"][1]}
     for name, grid in (("base_plain", plain), ("base_reasoning", reason), ("rpt_reasoning", rpt)):
         row[f"{name}_hard"] = grid["hard", "all"][0]
         row[f"{name}_reducible"] = grid["easy", "reducible"][0]
         row[f"{name}_random"] = grid["easy", "random"][0]
+    row.update(base_len_reducible=len_before["easy", "reducible"][0],
+               rpt_len_reducible=len_after["easy", "reducible"][0])
     row.update(minutes=minutes, commit=commit(), date=datetime.date.today().isoformat())
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--demos", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    ap.add_argument("--key", default="data.toy_think", help="the base's setting to sweep")
+    ap.add_argument("--values", nargs="+", default=["0.05", "0.2", "0.4"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for every command")
     ap.add_argument("--out", type=Path, default=Path("runs/rpt-toy-sweep"))
@@ -83,10 +91,10 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for seed in args.seeds:
-        for demos in args.demos:
-            out = args.out / f"demos{demos}-seed{seed}"
+        for value in args.values:
+            out = args.out / f"{args.key}={value}-seed{seed}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
-            rows.append(run_point(demos, seed, out, args.set))
+            rows.append(run_point(args.key, value, seed, out, args.set))
             new = not args.csv.exists()
             args.csv.parent.mkdir(parents=True, exist_ok=True)
             with args.csv.open("a", newline="") as f:
@@ -95,12 +103,12 @@ def main() -> None:
                     w.writeheader()
                 w.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()})
             print(json.dumps(rows[-1]), flush=True)
-    print("| demos | seed | hard: plain | hard: reasoning before | after RPT | reducible: plain | before | after "
-          "| random: plain | before | after |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.key} | seed | hard: plain | hard: reasoning before | after RPT | reducible: plain | before | after "
+          "| random: plain | before | after | reducible: tokens before | after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['demos']} | {r['seed']} | " + " | ".join(
-            f"{100 * r[k]:.1f}" for k in FIELDS[3:12]) + " |")
+        print(f"| {r['value']} | {r['seed']} | " + " | ".join(f"{100 * r[k]:.1f}" for k in FIELDS[4:13]) + " | " +
+              " | ".join(f"{r[k]:.1f}" for k in FIELDS[13:15]) + " |")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ class DataConfig:
     parity_p_cot: float = 0.25  # parity: probability that a pre-training target is the long chain
     parity_reward: str = "answer"  # parity: answer (last bit before EOS) | chain (whole chain right)
     toy_demos: float = 0.05  # toy: share of pre-training sequences that are reasoning demonstrations
+    toy_think: float = 1.0  # toy: share of demonstrations at an answer that work the sum out (the rest answer at once)
+    toy_think_from: int = 0  # toy: the pre-training step from which toy_think applies (before it, all are worked)
     samples: str = ""  # rpt: directory written by `rptfast prepare`
     template: str = "v0"  # rpt: prompt template name (rptfast.data.templates)
     max_prompt_tokens: int = 1024  # rpt: context cut from the left to fit this many prompt tokens
@@ -197,6 +199,8 @@ BOUNDS = {
     "data.parity_d": (lambda v: v >= 2, "an integer >= 2"),
     "data.parity_p_cot": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
     "data.toy_demos": (lambda v: 0.0 <= v <= 1.0, "a share in [0, 1]"),
+    "data.toy_think": (lambda v: 0.0 <= v <= 1.0, "a share in [0, 1]"),
+    "data.toy_think_from": (lambda v: v >= 0, "a step >= 0"),
     "data.max_prompt_tokens": (lambda v: v >= 8, "an integer >= 8"),
     "data.first_token_set": (lambda v: v >= 1, "an integer >= 1"),
     "data.prompt_len": (lambda v: v >= 1, "an integer >= 1"),
@@ -327,6 +331,10 @@ def check(cfg: Config) -> Config:
     if cfg.data.task == "toy" and cfg.train.steps:
         raise ConfigError(f"train.steps = {cfg.train.steps} with data.task = 'toy': the toy task is next-token "
                           f"pre-training only; set train.steps = 0 (RPT runs on the prepared store, data.task = 'rpt')")
+    if cfg.data.task == "toy" and cfg.data.toy_think < 1 and cfg.data.toy_think_from >= cfg.train.ntp_steps:
+        raise ConfigError(f"data.toy_think_from = {cfg.data.toy_think_from} is not before train.ntp_steps = "
+                          f"{cfg.train.ntp_steps}, so data.toy_think = {cfg.data.toy_think} would never apply; lower "
+                          f"data.toy_think_from (0 applies it from the first step)")
     if cfg.train.steps + cfg.train.ntp_steps == 0:
         raise ConfigError("train.steps and train.ntp_steps are both 0: nothing to train")
     if not cfg.train.out_dir.strip():

@@ -84,21 +84,22 @@ def plain_correct(lm, contexts: list[list[int]], truths: list[int], batch_tokens
 
 
 def reasoning_rewards(engine, prompts: list[list[int]], score: Callable[[int, list[int]], float], k: int,
-                      sampling: SamplingConfig, seed: int, bar=None) -> tuple[np.ndarray, dict[str, float]]:
-    """[N, k] rewards of k completions per prompt, and response length / truncation stats."""
-    rewards = np.zeros((len(prompts), k))
+                      sampling: SamplingConfig, seed: int, bar=None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """[N, k] rewards and [N, k] token lengths of k completions per prompt, and response length / truncation stats."""
+    rewards, lengths = np.zeros((len(prompts), k)), np.zeros((len(prompts), k), dtype=np.int64)
     comps = []
     for at in range(0, len(prompts), GENERATE_CHUNK):
         chunk = prompts[at:at + GENERATE_CHUNK]
         got = engine.generate(chunk, k, sampling, seeds=[seed + (at + i) * k for i in range(len(chunk))])
         for c in got:
             rewards[at + c.prompt_index, c.sample_index] = score(at + c.prompt_index, c.token_ids)
+            lengths[at + c.prompt_index, c.sample_index] = len(c.token_ids)
         comps += got
         if bar is not None:
             bar.update(len(chunk))
     stats = {"response_len": float(np.mean([len(c.token_ids) for c in comps])),
              "truncated_frac": float(np.mean([c.finish_reason == "length" for c in comps]))}
-    return rewards, stats
+    return rewards, lengths, stats
 
 
 def summarize(entropy: np.ndarray, plain: np.ndarray | None, rewards: np.ndarray | None) -> dict[str, dict]:
@@ -185,7 +186,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.model.dtype, device)
     show = progress if progress is not None else cfg.log.progress and sys.stderr.isatty()
-    plain = rewards = None
+    plain = rewards = lengths = None
     stats: dict[str, float] = {}
     if e.plain:
         lm = load_policy(model, dtype=dtype, attn=resolve_attn(cfg.model.attn, device),
@@ -209,7 +210,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         try:
             with tqdm(total=len(samples), desc="eval reasoning", unit="sample", disable=not show,
                       dynamic_ncols=True) as bar:
-                rewards, stats = reasoning_rewards(engine, [build.pre + c + build.post for c in contexts],
+                rewards, lengths, stats = reasoning_rewards(engine, [build.pre + c + build.post for c in contexts],
                                                    sample_scorer(tokenizer, samples, cfg.data.reward), e.k, sampling,
                                                    cfg.train.seed, bar)
         finally:
@@ -233,10 +234,12 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         "max_tokens": cfg.rollout.max_tokens if e.reasoning else None,
         **stats,
         "splits": splits,
-        # per sample, in the order drawn: its store row, plain right (0/1), mean reward over the k completions
+        # per sample, in the order drawn: its store row, plain right (0/1), mean reward and mean length in tokens
+        # over the k completions
         "per_sample": {"row": [int(r) for r in rows],
                        "plain": None if plain is None else plain.astype(int).tolist(),
-                       "random@1": None if rewards is None else rewards.mean(axis=1).round(6).tolist()},
+                       "random@1": None if rewards is None else rewards.mean(axis=1).round(6).tolist(),
+                       "response_len": None if lengths is None else lengths.mean(axis=1).round(3).tolist()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)

@@ -73,7 +73,7 @@ def test_demonstrations_work_the_sum_out_and_earn_the_reward(tok):
     cfg = config.from_dict({"data": {"task": "toy", "template": "bare", "max_prompt_tokens": 136,
                                      "toy_demos": 0.5}, "rollout": {"max_tokens": 16},
                             "train": {"steps": 0, "ntp_steps": 1}})
-    task = toy.ToyTask(tok, cfg.data, cfg.rollout, seed=2)
+    task = toy.ToyTask(tok, cfg.data, cfg.rollout, seed=2, sequences_per_step=8)
     build = PromptBuilder(tok, "bare", 136, token_bytes(tok))
     n_demo = n_reducible = 0
     for i, (prompt, target) in enumerate(task.pretrain_samples(0, 300)):
@@ -100,6 +100,35 @@ def test_demonstrations_work_the_sum_out_and_earn_the_reward(tok):
     # shares 0.5 of 300 (sd ~ 9) and ANSWER_SHARE of those (sd ~ 0.035 at 0.75)
     assert 110 < n_demo < 190 and abs(n_reducible / n_demo - toy.ANSWER_SHARE) < 0.12
     assert task.pretrain_samples(40, 5) == task.pretrain_samples(0, 45)[40:]
+
+
+def test_think_share_sets_how_often_an_answer_is_worked_out(tok):
+    """data.toy_think is the p_cot of the parity study: from step data.toy_think_from on, a share of the answers
+    is worked out and the rest answered at once (an empty thought, still the true answer); before it, all are."""
+    cfg = config.from_dict({"data": {"task": "toy", "template": "bare", "max_prompt_tokens": 136,
+                                     "toy_demos": 1.0, "toy_think": 0.3, "toy_think_from": 10},
+                            "rollout": {"max_tokens": 16}, "train": {"steps": 0, "ntp_steps": 100}})
+    task = toy.ToyTask(tok, cfg.data, cfg.rollout, seed=5, sequences_per_step=20)
+    build = PromptBuilder(tok, "bare", 136, token_bytes(tok))
+    worked = []
+    for i, (prompt, target) in enumerate(task.pretrain_samples(0, 800)):
+        context = tok.decode(prompt[len(build.pre):-len(build.post)])
+        completion = tok.decode(target, skip_special_tokens=False)
+        if toy.kind(context) == "reducible":
+            line = context[context.rfind("\n") + 1:]
+            assert completion.split("</think>")[0] in ("", toy.thought(line))
+            worked.append((i, not completion.startswith("</think>")))
+        else:
+            assert completion.startswith("</think>")
+    before = [w for i, w in worked if i < 200]  # steps 0-9: 200 sequences
+    after = [w for i, w in worked if i >= 200]
+    assert all(before) and len(before) > 100
+    # ~450 answers at a share of 0.3: sd ~ 0.022
+    assert abs(np.mean(after) - 0.3) < 0.08
+    # a share that would never apply is refused, naming the key
+    with pytest.raises(config.ConfigError, match="data.toy_think_from = 100 is not before train.ntp_steps = 100"):
+        config.from_dict({"data": {"task": "toy", "toy_think": 0.3, "toy_think_from": 100},
+                          "train": {"steps": 0, "ntp_steps": 100}})
 
 
 def test_corpus_file_is_jsonl_from_its_own_stream(tmp_path):

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 SHRINK = {  # the first two words of a command -> overrides appended to it
     ("toy", "corpus"): ["--documents", "24"],
@@ -44,7 +46,7 @@ def test_demo_rpt_chain_runs_and_writes_the_table(tmp_path):
     for argv in commands:
         extra = SHRINK[tuple(argv[:2])]
         if argv[:2] == ["train", "rpt-toy-base"] and "model.path=runs/rpt-toy/base/final" not in argv:
-            extra = extra + ["--set", "train.ntp_steps=3"]
+            extra = extra + ["--set", "train.ntp_steps=3", "--set", "data.toy_think_from=2"]
         r = subprocess.run([rptfast, *argv, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, f"{shlex.join(argv)}\n{r.stdout}\n{r.stderr}"
@@ -71,4 +73,8 @@ def test_demo_rpt_chain_runs_and_writes_the_table(tmp_path):
     assert len([r for r in rl if r.get("phase") == "rl"]) == 2
     control = [json.loads(x) for x in (toy / "control/metrics.jsonl").read_text().splitlines()]
     assert len([r for r in control if r.get("phase") == "ntp"]) == 2  # as many steps as RPT took
-    assert (toy / "rpt_toy_reward.png").stat().st_size > 0 and (toy / "rpt_toy_accuracy.png").stat().st_size > 0
+    assert all((toy / f"rpt_toy_{name}.png").stat().st_size > 0 for name in ("reward", "accuracy", "length"))
+    # completion lengths: the per-sample lengths eval wrote, regrouped the same way
+    lengths = result["lengths"]["completion tokens, before RPT"]
+    easy = np.array(evals["base"]["per_sample"]["response_len"])
+    assert abs(lengths["easy/all"] - easy.mean()) < 1e-9 and (easy >= 1).all()

@@ -40,6 +40,6 @@ def make_task(cfg, tokenizer, seed: int) -> Task:
         return ParityTask(tokenizer, cfg.data, cfg.rollout, seed)
     if cfg.data.task == "toy":
         from rptfast.tasks.toy import ToyTask
-        return ToyTask(tokenizer, cfg.data, cfg.rollout, seed)
+        return ToyTask(tokenizer, cfg.data, cfg.rollout, seed, cfg.train.ntp_sequences)
     from rptfast.tasks.rpt import RPTTask
     return RPTTask(tokenizer, cfg.data, cfg.rollout, seed)

@@ -74,8 +74,8 @@ class RPTTask:
         rows = self.store.spread(self.eval_rows if heldout else self.train_rows, count, self.seed)
         samples = [self.store.get(int(r)) for r in rows]
         sampling = SamplingConfig(self.rollout.temperature, self.rollout.top_p, self.rollout.max_tokens)
-        rewards, stats = reasoning_rewards(engine, [self.build(s["context_ids"]) for s in samples],
-                                           sample_scorer(self.tokenizer, samples, self.mode), 1, sampling, seed)
+        rewards, _, stats = reasoning_rewards(engine, [self.build(s["context_ids"]) for s in samples],
+                                              sample_scorer(self.tokenizer, samples, self.mode), 1, sampling, seed)
         splits = summarize(self.store.entropy[rows], None, rewards)
         out = {"random@1": splits["all"]["random@1"], "heldout": float(heldout), **stats}
         out.update({f"random@1/{name}": row["random@1"] for name, row in splits.items()

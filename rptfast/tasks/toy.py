@@ -27,16 +27,21 @@ digits and moduli of the same entropy. Position kinds are read back from the con
 The base model. `data.task = "toy"` is next-token pre-training (train.ntp_steps) from scratch
 on this corpus, with a share data.toy_demos of sequences that are next-token-reasoning
 demonstrations in the rollout format: the prompt a policy sees in RPT (PromptBuilder with
-data.template), then a thought, `</think>`, `\\boxed{answer}` and EOS. Three quarters of them
-are at an answer, where the thought is the running sums mod m (the computation worked out); the
-rest at a digit or a modulus, where it is empty, since there is nothing to compute. Like
-R1-Distill for the paper, the base can reason before RPT starts; the share sets how well
-(docs/rpt.md: at 0.5 it cannot compute, at 0.9 it does).
+data.template), then a thought, `</think>`, `\\boxed{answer}` and EOS. ANSWER_SHARE of them are at
+an answer, the rest at a digit or a modulus, where the thought is empty since there is nothing to
+compute. At an answer the thought is the running sums mod m (the computation worked out); from step
+data.toy_think_from on, only a share data.toy_think of the answers are worked, the rest answered at
+once (an empty thought, then the true answer). So the base learns the computation first (it needs
+most answers worked out to learn it at all: docs/rpt.md), then is calibrated to use it rarely: it
+thinks at an answer about toy_think of the time, like the parity study's p_cot, and its reasoning
+mode is no better than plain prediction (R1-Distill's was far worse for the paper: 1.41 against
+20.43 on hard). What RPT can teach it is when a thought pays.
 
 Evaluation during pre-training (`evaluate`): fresh documents from a stream disjoint from the
 training one, one position per document, drawn as the demonstrations' are (ANSWER_SHARE
 answers, the rest other random positions); plain (greedy next token on the raw context) and reasoning (one completion
-at rollout.temperature, scored with the prefix reward) accuracy, by kind. The paper's Table 1
+at rollout.temperature, scored with the prefix reward) accuracy, by kind, how often a completion
+thinks (a non-empty thought), and how often a thought is right. The paper's Table 1
 comes from `rptfast eval` on a prepared store instead (`table`).
 """
 
@@ -128,10 +133,11 @@ class ToyTask:
 
     name = "toy"
 
-    def __init__(self, tokenizer, data_cfg, rollout_cfg, seed: int):
+    def __init__(self, tokenizer, data_cfg, rollout_cfg, seed: int, sequences_per_step: int):
         self.tokenizer = tokenizer
         self.seed = seed
-        self.demos = data_cfg.toy_demos
+        self.demos, self.think = data_cfg.toy_demos, data_cfg.toy_think
+        self.think_from = data_cfg.toy_think_from * sequences_per_step  # the first sequence index toy_think applies to
         self.build = PromptBuilder(tokenizer, data_cfg.template, data_cfg.max_prompt_tokens, token_bytes(tokenizer))
         self.rollout = rollout_cfg
         self.encode = lambda s: tokenizer.encode(s, add_special_tokens=False)
@@ -156,21 +162,26 @@ class ToyTask:
         pos = int(rng.choice(at))
         return pos, want
 
-    def demonstration(self, text: str, pos: int) -> tuple[list[int], list[int]]:
-        """(prompt, target): the RPT prompt for the context text[:pos], then the worked answer."""
+    def demonstration(self, text: str, pos: int, worked: bool) -> tuple[list[int], list[int]]:
+        """(prompt, target): the RPT prompt for the context text[:pos], then the answer, worked out at an answer
+        when `worked`, else at once (an empty thought)."""
         context = text[:pos]
-        work = thought(context[context.rfind("\n") + 1:]) if kind(context) == "reducible" else ""
+        work = thought(context[context.rfind("\n") + 1:]) if worked and kind(context) == "reducible" else ""
         return self.build(self.encode(context)), self.encode(f"{work}</think>\\boxed{{{text[pos]}}}") + [
             self.tokenizer.eos_token_id]
 
     def pretrain_samples(self, start: int, count: int) -> list[tuple[list[int], list[int]]]:
-        """Sequence i: a demonstration with probability data.toy_demos, else document i (first token unscored)."""
+        """Sequence i: a demonstration with probability data.toy_demos, else document i (first token unscored).
+
+        A demonstration at an answer works the sum out, from step data.toy_think_from on with probability
+        data.toy_think only."""
         out = []
         for i in range(start, start + count):
             rng = np.random.default_rng([self.seed, i, 1])
             text = document(self.seed, i)
             if rng.random() < self.demos:
-                out.append(self.demonstration(text, self.positions(text, rng)[0]))
+                pos, _ = self.positions(text, rng)
+                out.append(self.demonstration(text, pos, worked=rng.random() < self.think or i < self.think_from))
             else:
                 ids = self.encode(text)
                 out.append((ids[:1], ids[1:]))
@@ -196,15 +207,19 @@ class ToyTask:
         right_plain = np.array([self.tokenizer.decode(c.token_ids) == t[p] for c, t, p in zip(plain, texts, pos)])
         sampling = SamplingConfig(self.rollout.temperature, self.rollout.top_p, self.rollout.max_tokens)
         comps = engine.generate([self.build(c) for c in contexts], 1, sampling, seeds=[seed + i for i in range(count)])
-        right_reason = np.array([
-            reward(self.tokenizer.decode(c.token_ids, skip_special_tokens=False), t[p].encode(), [1]) for c, t, p in
-            zip(comps, texts, pos)])
+        completions = [self.tokenizer.decode(c.token_ids, skip_special_tokens=False) for c in comps]
+        right_reason = np.array([reward(c, t[p].encode(), [1]) for c, t, p in zip(completions, texts, pos)])
+        thinks = np.array([not c.startswith("</think>") for c in completions])
         kinds = np.array(kinds)
         out = {}
         for k in KINDS:
             mask = kinds == k
             out[f"plain/{k}"] = float(right_plain[mask].mean())
             out[f"reasoning/{k}"] = float(right_reason[mask].mean())
+            out[f"thinks/{k}"] = float(thinks[mask].mean())
+        worked = thinks & (kinds == "reducible")
+        if worked.any():  # accuracy of the thoughts themselves, whatever their share
+            out["reasoning/reducible/thinking"] = float(right_reason[worked].mean())
         out["response_len"] = float(np.mean([len(c.token_ids) for c in comps]))
         return out
 
@@ -217,6 +232,7 @@ ROWS = (  # (label, which evaluation, which mode)
     ("next-token reasoning, after RPT", "rpt", "random@1"),
     ("next-token prediction, base + NTP control", "control", "plain"),
 )
+LENGTHS = (("completion tokens, before RPT", "base"), ("completion tokens, after RPT", "rpt"))  # how much it thinks
 
 
 def sample_kinds(store, rows) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +245,7 @@ def cells(result: dict, kinds: np.ndarray, entropy: np.ndarray, mode: str) -> di
     """(split, kind) -> (accuracy, positions) of one evaluation's per-sample results."""
     from rptfast.eval import split_masks
 
-    values = result["per_sample"][mode]
+    values = result["per_sample"].get(mode)
     if values is None:
         raise ConfigError(f"{result['model']}: its evaluation ran without mode {mode!r}; rerun rptfast eval with "
                           f"eval.plain and eval.reasoning on")
@@ -262,6 +278,7 @@ def table(evals: dict[str, Path], data: str, out_dir: Path, rpt_run: Path | None
                           "differ); evaluate all three with the same config")
     kinds, entropy = sample_kinds(SampleStore(data), next(iter(rows)))
     grid = {label: cells(results[which], kinds, entropy, mode) for label, which, mode in ROWS}
+    lengths = {label: cells(results[which], kinds, entropy, "response_len") for label, which in LENGTHS}
     splits = ("easy", "medium", "hard")
     width = max(len(label) for label, _, _ in ROWS)
     head = f"{'accuracy (%)':<{width}} " + " ".join(f"{s:>8}" for s in splits) + "   " + " ".join(
@@ -274,14 +291,20 @@ def table(evals: dict[str, Path], data: str, out_dir: Path, rpt_run: Path | None
     g = grid[ROWS[0][0]]
     lines.append(f"{'positions':<{width}} " + " ".join(f"{g[s, 'all'][1]:8d}" for s in splits) + "   " +
                  " ".join(f"{g[s, 'reducible'][1]:10d} {g[s, 'random'][1]:10d}" for s in splits))
+    for label, _ in LENGTHS:
+        g = lengths[label]
+        lines.append(f"{label:<{width}} " + " ".join(f"{g[s, 'all'][0]:8.1f}" for s in splits) + "   " +
+                     " ".join(f"{g[s, 'reducible'][0]:10.1f} {g[s, 'random'][0]:10.1f}" for s in splits))
     lines.append("splits: the base's entropy at the position (easy > 0.5, medium > 1.0, hard > 1.5 nats, nested); "
-                 "red. = reducible (an answer), rnd. = random (a digit or a modulus); held-out documents")
+                 "red. = reducible (an answer), rnd. = random (a digit or a modulus); held-out documents; an answer "
+                 f"given at once is 5 tokens, a worked one {DIGITS + 5}")
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "rpt_toy_table.txt").write_text(text + "\n")
     write_json(out_dir / "rpt_toy_table.json", {
         "rows": {label: {f"{s}/{k}": {"accuracy": a, "positions": n} for (s, k), (a, n) in grid[label].items()}
                  for label, _, _ in ROWS},
+        "lengths": {label: {f"{s}/{k}": mean for (s, k), (mean, _) in lengths[label].items()} for label, _ in LENGTHS},
         "evals": {name: str(path) for name, path in evals.items()}, "data": str(data)})
     if rpt_run is not None:
         curves(rpt_run, out_dir)
@@ -289,7 +312,7 @@ def table(evals: dict[str, Path], data: str, out_dir: Path, rpt_run: Path | None
 
 
 def curves(run_dir: Path, out_dir: Path) -> None:
-    """Reward and held-out accuracy by split against step, from the RPT run's metrics.jsonl."""
+    """Reward, held-out accuracy by split and completion length against step, from the RPT run's metrics.jsonl."""
     from rptfast.metrics import plot, read_jsonl
 
     rows = read_jsonl(run_dir)
@@ -297,3 +320,5 @@ def curves(run_dir: Path, out_dir: Path) -> None:
          out_dir / "rpt_toy_reward.png", "reward / accuracy")
     plot(rows, {s: f"eval/random@1/{s}" for s in ("easy", "medium", "hard")}, out_dir / "rpt_toy_accuracy.png",
          "held-out reasoning accuracy (Random@1)")
+    plot(rows, {"train": "response_len", "held-out": "eval/response_len"}, out_dir / "rpt_toy_length.png",
+         "completion tokens (5: an answer at once; worked out: more)")
