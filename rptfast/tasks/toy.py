@@ -321,4 +321,4 @@ def curves(run_dir: Path, out_dir: Path) -> None:
     plot(rows, {s: f"eval/random@1/{s}" for s in ("easy", "medium", "hard")}, out_dir / "rpt_toy_accuracy.png",
          "held-out reasoning accuracy (Random@1)")
     plot(rows, {"train": "response_len", "held-out": "eval/response_len"}, out_dir / "rpt_toy_length.png",
-         "completion tokens (5: an answer at once; worked out: more)")
+         "completion tokens (5: at once, 11: worked)")
