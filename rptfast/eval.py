@@ -164,7 +164,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         raise PathError(f"--out {str(path)!r} is a directory; give a JSON file path")
     check_writable_dir(path.parent, f"--out {str(path)!r}: its directory")
     store = SampleStore(data)
-    tokenizer = load_tokenizer(model, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model, cfg.model.trust_remote_code, "--model")
     check_tokenizer(store, tokenizer, f"model {model!r}")
     if e.reasoning and tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of --model {model!r} has no EOS token, so completions never end; set "
@@ -210,9 +210,9 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         try:
             with tqdm(total=len(samples), desc="eval reasoning", unit="sample", disable=not show,
                       dynamic_ncols=True) as bar:
-                rewards, lengths, stats = reasoning_rewards(engine, [build.pre + c + build.post for c in contexts],
-                                                   sample_scorer(tokenizer, samples, cfg.data.reward), e.k, sampling,
-                                                   cfg.train.seed, bar)
+                rewards, lengths, stats = reasoning_rewards(
+                    engine, [build.pre + c + build.post for c in contexts],
+                    sample_scorer(tokenizer, samples, cfg.data.reward), e.k, sampling, cfg.train.seed, bar)
         finally:
             if own and hasattr(engine, "close"):
                 engine.close()

@@ -167,6 +167,8 @@ def test_prepare_bad_inputs(tiny_dir, tmp_path, broken, capsys):
          ["--proxy", "proxy-dir", "does not exist"]),
         (["prepare", "--corpus", corpus, "--proxy", "nobody-rptfast/proxy", "--out", str(tmp_path / "o")],
          ["--proxy", "HF_HUB_OFFLINE"]),
+        (ok + ["--out", str(tmp_path / "o"), "--set", "model.path=runs/none/final"],
+         ["model.path (the policy's tokenizer)", "runs/none/final", "does not exist"]),
         (["prepare", "--corpus", corpus, "--proxy", str(broken / "truncated"), "--out", str(tmp_path / "o")],
          ["model.safetensors", "truncated"]),
         (["prepare", "--corpus", str(tmp_path / "none.txt"), "--proxy", tiny_dir, "--out", str(tmp_path / "o")],

@@ -54,7 +54,7 @@ from rptfast.data.store import COLUMNS, FORMAT, SCHEMA, ShardWriter, shard_name,
 from rptfast.data.tokens import fingerprint, raw_text_encoder, token_bytes
 from rptfast.errors import PathError, check_writable_dir
 from rptfast.model import resolve_dtype
-from rptfast.rollout import check_model_dir
+from rptfast.rollout import check_model_dir, is_hub_name
 
 MAX_SKIP_EXAMPLES = 20  # skipped documents listed by id in the manifest
 SKIP_REASONS = {
@@ -69,13 +69,16 @@ SKIP_REASONS = {
 }
 
 
-def load_tokenizer(path: str, trust_remote_code: bool):
+def load_tokenizer(path: str, trust_remote_code: bool, key: str = "the tokenizer"):
+    """The tokenizer at a local directory or hub name; `key` names where the path came from in errors."""
     from transformers import AutoTokenizer
 
+    if "/" in path and not is_hub_name(path) and not Path(path).exists():  # a path, and none there
+        raise PathError(f"{key} {path!r} does not exist; give a directory with a tokenizer, or a hub name (org/name)")
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # ValueError: HFValidationError for a path that is no repo id either
-        raise PathError(f"cannot load a tokenizer from {path!r}: {e}") from None
+        raise PathError(f"{key} {path!r}: cannot load a tokenizer there: {e}") from None
 
 
 def heldout_documents(n_docs: int, fraction: float, seed: int) -> set[int]:
@@ -126,9 +129,10 @@ def _prepare(cfg: Config, corpus: list[str], proxy: str, out: str, tokenizer: st
     check_model_dir(proxy, key="--proxy")
     sources = open_sources(corpus, p)
     tok_path = tokenizer or cfg.model.path or proxy
-    policy_tok = load_tokenizer(tok_path, cfg.model.trust_remote_code)
+    key = "--tokenizer" if tokenizer else "model.path (the policy's tokenizer)" if cfg.model.path else "--proxy"
+    policy_tok = load_tokenizer(tok_path, cfg.model.trust_remote_code, key)
     fp = fingerprint(policy_tok)
-    if tok_path != proxy and fingerprint(load_tokenizer(proxy, cfg.model.trust_remote_code)) != fp:
+    if tok_path != proxy and fingerprint(load_tokenizer(proxy, cfg.model.trust_remote_code, "--proxy")) != fp:
         raise CorpusError(f"the proxy {proxy!r} tokenizes text differently from the policy tokenizer {tok_path!r}; "
                           f"entropies would be of other tokens than the ones the policy predicts. Use a proxy of "
                           f"the policy's family, or pass --tokenizer for the policy's own tokenizer")
