@@ -145,7 +145,9 @@ def trl_peer(cfg: config.Config, steps: int, warmup: int) -> dict:
                             "--warmup", str(warmup), "--json", str(out), "--out-dir", str(Path(tmp) / "trl")],
                            capture_output=True, text=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"})
         if r.returncode != 0:
-            last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
+            lines = r.stderr.strip().splitlines()
+            errors = [line for line in lines if "Error" in line]  # the exception, not a progress bar after it
+            last = (errors or lines or [f"exit code {r.returncode}"])[-1]
             return {"note": f"TRL run failed: {last}"}
         return json.loads(out.read_text())
 

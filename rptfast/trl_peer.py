@@ -82,7 +82,26 @@ def build_trainer(cfg: config.Config, steps: int, out_dir: str, use_vllm: bool):
 
     trainer = GRPOTrainer(model=cfg.model.path, reward_funcs=reward, args=args, train_dataset=data,
                           processing_class=tok, callbacks=[StepTimer()])
+    if use_vllm and not cuda:
+        sync_by_reload(trainer.vllm_generation)
     return trainer, times
+
+
+def sync_by_reload(gen) -> None:
+    """TRL's colocated sync through vLLM's `model_runner.reload_weights` on the CPU, as rptfast's engine does it.
+
+    vLLM's CPU backend packs linear weights for its GEMM kernels at start-up (seen on AMX machines), after which
+    `model.load_weights`, TRL's colocated sync, fails ("'Parameter' object has no attribute 'weight_loader'").
+    `reload_weights` runs the loader and the packing again, so the peer does the same work per step as rptfast.
+    Left out: re-packing a tied lm_head, which rptfast's engine adds (the peer's timing does not depend on it).
+    """
+    runner = gen.llm.llm_engine.model_executor.driver_worker.model_runner
+
+    def sync_weights():
+        runner.reload_weights(weights_iterator=gen._iter_named_params())
+        gen.llm.reset_prefix_cache()
+
+    gen.sync_weights = sync_weights
 
 
 def main() -> None:
