@@ -97,7 +97,7 @@ def reasoning_rewards(engine, prompts: list[list[int]], score: Callable[[int, li
         comps += got
         if bar is not None:
             bar.update(len(chunk))
-    stats = {"response_len": float(np.mean([len(c.token_ids) for c in comps])),
+    stats = {"response_len": float(lengths.mean()),
              "truncated_frac": float(np.mean([c.finish_reason == "length" for c in comps]))}
     return rewards, lengths, stats
 
