@@ -148,10 +148,19 @@ def append_rows(src: Path, dst: Path) -> int:
 def part_kernels(out: Path, dry: bool, results: Path) -> dict:
     """pytest tests/kernels (compiled on a GPU; the interpreter-free CPU path in a dry run), then
     bench/kernels.py at the DESIGN sizes (--tiny in a dry run) with its own roofline and targets."""
-    tests = ["tests/kernels/test_kernel_advantages.py"] if dry else ["tests/kernels"]
-    code, last = run_logged([sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider"],
-                            out / "pytest.log", timeout=420)
-    res = {"pytest": {"exit": code, "summary": last}}
+    files = ["tests/kernels/test_kernel_advantages.py"] if dry else sorted(
+        str(f.relative_to(ROOT)) for f in (ROOT / "tests" / "kernels").glob("test_*.py"))
+    # one process per file: a CUDA error (a device-side assert, say) ends the CUDA context of its process, and
+    # in a shared one it would fail every test after it
+    logs, summaries, code = [], {}, 0
+    for f in files:
+        c, last = run_logged([sys.executable, "-m", "pytest", f, "-q", "-p", "no:cacheprovider"],
+                             out / "pytest.log", timeout=300)
+        logs.append((out / "pytest.log").read_text())
+        summaries[Path(f).stem] = last
+        code = code or (c if c != 5 else 0)  # 5: every test of the file skipped (the CPU-only compile test)
+    (out / "pytest.log").write_text("\n".join(logs))
+    res = {"pytest": {"exit": code, "summary": "; ".join(f"{k}: {v}" for k, v in summaries.items())}}
     bench = [sys.executable, "bench/kernels.py", "--csv", str(out / "kernels.csv")] + (["--tiny", "--no-compile"]
                                                                                       if dry else [])
     code, last = run_logged(bench, out / "kernels.log", timeout=420)
@@ -210,7 +219,7 @@ def check_attention(model_dir: Path, device, lengths: list[int]) -> dict:
     from rptfast.model import _torch_varlen_available, hidden_states, load_policy, resolve_attn
 
     def hidden(attn: str, dtype):
-        lm = load_policy(str(model_dir), dtype=dtype, attn=resolve_attn(attn, device), trust_remote_code=False,
+        lm = load_policy(str(model_dir), dtype=dtype, attn=resolve_attn(attn, device, dtype), trust_remote_code=False,
                          gradient_checkpointing=False).to(device)
         with torch.no_grad():
             return hidden_states(lm, _packed(lm.config.vocab_size, lengths, device)).float()
@@ -319,7 +328,8 @@ def _step_cost(variant: str, model_dir: str, device: str, lengths: list[int], qu
     d = distributed.Dist(0, 1, 0, dev)
     dtype = torch.bfloat16 if variant != "fp32" else torch.float32
     lm = load_policy(model_dir, dtype=torch.bfloat16 if variant == "bf16 weights" else torch.float32,
-                     attn=resolve_attn("auto", dev), trust_remote_code=False, gradient_checkpointing=False).to(dev)
+                     attn=resolve_attn("auto", dev, dtype), trust_remote_code=False,
+                     gradient_checkpointing=False).to(dev)
     policy = PolicyLogprob(lm)
     if variant == "fsdp2 world-size-1":
         distributed.shard(policy, lm.model.layers, d, compute_dtype=dtype)
@@ -357,6 +367,22 @@ def _step_cost(variant: str, model_dir: str, device: str, lengths: list[int], qu
     queue.put((min(times[1:]), peak, first.numpy(), new.numpy(), str(master)))
 
 
+def _result_of(p, q, what: str, timeout: float):
+    """The child's one result, or an error as soon as it dies without one (not after the whole timeout)."""
+    import queue
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        try:
+            return q.get(timeout=2)
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"{what}: its process exited with code {p.exitcode} and no result; "
+                                   "its traceback is in this part's log") from None
+    p.kill()
+    raise TimeoutError(f"{what}: no result after {timeout:.0f} s")
+
+
 def check_mixed_precision(model_dir: Path, device, lengths: list[int]) -> dict:
     """fp32 masters + bf16 compute: FSDP2 on a world-size-1 mesh (NCCL on a GPU, gloo on the CPU) against
     autocast, bf16 weights and the fp32 reference: step time, peak memory (CUDA: allocated beyond the model;
@@ -369,7 +395,7 @@ def check_mixed_precision(model_dir: Path, device, lengths: list[int]) -> dict:
         q = ctx.Queue()
         p = ctx.Process(target=_step_cost, args=(variant, str(model_dir), str(device), lengths, q))
         p.start()
-        sec, peak, g, w, master = q.get(timeout=300)
+        sec, peak, g, w, master = _result_of(p, q, variant, timeout=300)
         p.join()
         res[variant] = (sec, peak, torch.from_numpy(g), torch.from_numpy(w), master)
     ref_g, ref_w = res["fp32"][2], res["fp32"][3]
@@ -407,14 +433,14 @@ def check_engine_mismatch(model_dir: Path, device, n_prompts: int, max_tokens: i
     mb = collate(seqs, list(range(len(seqs))), device)
     out = {"tokens": int(mb.targets.numel())}
     with torch.no_grad():
-        lm64 = load_policy(str(model_dir), dtype=torch.float64, attn=resolve_attn("sdpa", device),
+        lm64 = load_policy(str(model_dir), dtype=torch.float64, attn=resolve_attn("sdpa", device, torch.float64),
                            trust_remote_code=False, gradient_checkpointing=False).to(device)
         exact = PolicyLogprob(lm64, "reference")(mb, 1.0)[0].double()
         del lm64
         out["engine_vs_fp64"] = {"mean": (mb.rollout_logprobs.double() - exact).abs().mean().item(),
                                  "max": (mb.rollout_logprobs.double() - exact).abs().max().item()}
         for fp32_head in (False, True):
-            lm = load_policy(str(model_dir), dtype=torch.float32, attn=resolve_attn("auto", device),
+            lm = load_policy(str(model_dir), dtype=torch.float32, attn=resolve_attn("auto", device, torch.bfloat16),
                              trust_remote_code=False, gradient_checkpointing=False).to(device)
             policy = distributed.shard(PolicyLogprob(lm, "fused", fp32_head), lm.model.layers,
                                        distributed.Dist(0, 1, 0, device), compute_dtype=torch.bfloat16)
@@ -431,7 +457,7 @@ def part_paths(out: Path, dry: bool, results: Path) -> dict:
 
     from rptfast.testing import make_tiny_model
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     lengths = [37, 5, 64, 64, 13, 101, 2, 64] if not dry else [9, 5, 9, 3]
     shape = TOY if dry else dict(QWEN3_06B, layers=4)
     res = {}

@@ -139,8 +139,8 @@ def model_rows(path: str, seqs: list[Sequence], reps: int, seed: int) -> dict:
     """The whole policy (fp32, per_seq attention) on seqs: unshared, prompt-once with the previous attention, and
     prompt-once as the trainer runs it. Returns per variant: fwd_ms, fwd_bwd_ms, GFLOP/s (counted, fwd + bwd)."""
     cpu = torch.device("cpu")
-    lm = model.load_policy(path, dtype=torch.float32, attn=model.resolve_attn("per_seq", cpu), trust_remote_code=False,
-                           gradient_checkpointing=False)
+    lm = model.load_policy(path, dtype=torch.float32, attn=model.resolve_attn("per_seq", cpu, torch.float32),
+                           trust_remote_code=False, gradient_checkpointing=False)
     policy, rates = model.PolicyLogprob(lm), model.flop_rates(lm)
     g = torch.Generator().manual_seed(seed)
     vocab = lm.config.vocab_size

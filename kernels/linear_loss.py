@@ -95,9 +95,14 @@ def _linear_loss_rows_kernel(
     """One row of logits: logsumexp + entropy pass, the token's loss, then -dlogp * p / T in place."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = tile_ptr + row * stride_row
-    lse, entropy = _softmax_stats(row_ptr, V, inv_temp, True, BLOCK_V)
     target = tl.load(targets_ptr + row)
-    logp = tl.load(row_ptr + target).to(tl.float32) * inv_temp - lse
+    # The target logit is loaded BEFORE the stats pass, not after it: the pass ends in cross-warp
+    # reductions (a barrier each), so every warp holds it before any warp leaves the pass and starts
+    # overwriting the row below. Loaded after the pass, a late warp could read a value another warp had
+    # already replaced (no barrier separates the two in the sm_90 PTX). kernels/loss.py does the same.
+    z_target = tl.load(row_ptr + target).to(tl.float32) * inv_temp
+    lse, entropy = _softmax_stats(row_ptr, V, inv_temp, True, BLOCK_V)
+    logp = z_target - lse
     old = logp  # on-policy: the old log-probs are this forward's own, detached
     if not ON_POLICY:
         old = tl.load(old_ptr + row).to(tl.float32)

@@ -57,8 +57,13 @@ def init() -> Dist:
 def _single_process_group(d: Dist) -> None:
     """A world-size-1 default group for FSDP2 (vLLM in this process may have made one already)."""
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1, device_id=d.device if d.device.type == "cuda" else None)
+        cuda = d.device.type == "cuda"
+        # NCCL's device_id needs an index: a bare torch.device("cuda") crashes or waits out the timeout
+        device_id = None
+        if cuda:
+            device_id = torch.device("cuda", torch.cuda.current_device() if d.device.index is None else d.device.index)
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device_id)
 
 
 def shard(model: torch.nn.Module, decoder_layers: torch.nn.ModuleList, d: Dist,

@@ -189,7 +189,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
     plain = rewards = lengths = None
     stats: dict[str, float] = {}
     if e.plain:
-        lm = load_policy(model, dtype=dtype, attn=resolve_attn(cfg.model.attn, device),
+        lm = load_policy(model, dtype=dtype, attn=resolve_attn(cfg.model.attn, device, dtype),
                          trust_remote_code=cfg.model.trust_remote_code, gradient_checkpointing=False).to(device).eval()
         with tqdm(total=len(samples), desc="eval plain", unit="sample", disable=not show, dynamic_ncols=True) as bar:
             plain = plain_correct(lm, contexts, [s["continuation_ids"][0] for s in samples], e.batch_tokens, bar)

@@ -67,10 +67,19 @@ def _torch_varlen_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def resolve_attn(name: str, device: torch.device) -> str:
-    """The transformers attn_implementation for model.attn."""
-    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    varlen = device.type == "cuda" and _torch_varlen_available()
+def resolve_attn(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The transformers attn_implementation for model.attn, for attention computed in `dtype`.
+
+    FlashAttention (flash-attn's and torch's varlen, which calls it) takes fp16 and bf16 only: in fp32
+    or fp64 "auto" is SDPA with a block-diagonal mask, and naming flash or varlen is a config error.
+    """
+    half = dtype in (torch.float16, torch.bfloat16)
+    if name in ("flash", "varlen") and device.type == "cuda" and not half:
+        raise ConfigError(f"model.attn = {name!r} computes in fp16 or bf16 only (FlashAttention), but the model "
+                          f"computes in {str(dtype).removeprefix('torch.')}; set model.dtype = 'bfloat16' or "
+                          "model.attn = 'auto' (SDPA)")
+    flash = device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None
+    varlen = device.type == "cuda" and half and _torch_varlen_available()
     if name == "auto":
         name = "flash" if flash else "varlen" if varlen else "sdpa" if device.type == "cuda" else "per_seq"
     if name == "flash":

@@ -26,7 +26,7 @@ import math
 import os
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -116,6 +116,7 @@ class Run:
     n_params: int = 0
     own_engine: bool = True
     final_dtype: torch.dtype = torch.float32  # dtype of the weights in final/
+    offloaded: list = field(default_factory=list)  # (device storage, host copy) while the engine runs
 
 
 def lock_run_dir(run_dir: Path):
@@ -210,7 +211,7 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
                                  sync_bucket_mb=r.sync_bucket_mb, enforce_eager=r.enforce_eager,
                                  trust_remote_code=cfg.model.trust_remote_code)
     torch.manual_seed(t.seed)  # after the engine: vLLM reseeds the global RNG when it starts
-    attn = resolve_attn(cfg.model.attn, d.device)
+    attn = resolve_attn(cfg.model.attn, d.device, dtype)
 
     def policy_from(path: str, frozen: bool) -> PolicyLogprob:
         # the frozen reference needs no masters: it is loaded in the compute dtype
@@ -319,19 +320,47 @@ def train(cfg: config.Config, resume: bool = False, engine=None) -> Path:
 # ---------------------------------------------------------------- colocation
 
 
-def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    for state in optimizer.state.values():
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor) and v.device != device:
-                state[k] = v.to(device, non_blocking=True)
+def _storages(tensors) -> list[torch.UntypedStorage]:
+    """The distinct storages behind `tensors` (a DTensor's: its local shard's), 0-dim tensors left out."""
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            s = (t._local_tensor if hasattr(t, "_local_tensor") else t).untyped_storage()
+            if s.nbytes():
+                seen.setdefault(s.data_ptr(), s)
+    return list(seen.values())
 
 
-def _pin_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    for state in optimizer.state.values():
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor) and v.device.type == "cuda":
-                state[k] = v.to("cpu", non_blocking=True).pin_memory()
-    torch.cuda.synchronize()
+def offload(tensors) -> list[tuple[torch.UntypedStorage, torch.UntypedStorage]]:
+    """Copies each storage behind `tensors` to host memory (pinned where CUDA is), then frees it in place.
+
+    In place, storage by storage (resize to 0), as FSDP2 frees unsharded parameters: the tensors the
+    optimizer and the model hold stay the same objects, DTensors included (whose ops have no sharding
+    rule for is_pinned, so a DTensor cannot be moved with .to().pin_memory()). Returns what restore needs.
+    """
+    pin = torch.cuda.is_available()
+    stash = []
+    for s in _storages(tensors):
+        host = torch.UntypedStorage(s.nbytes(), device="cpu")
+        host = host.pin_memory() if pin else host
+        host.copy_(s, non_blocking=pin)
+        stash.append((s, host))
+    if pin:
+        torch.cuda.synchronize()
+    for s, _ in stash:
+        s.resize_(0)
+    return stash
+
+
+def restore(stash: list[tuple[torch.UntypedStorage, torch.UntypedStorage]]) -> None:
+    """Undoes offload: each storage regrown on its device and filled from its host copy."""
+    for s, host in stash:
+        s.resize_(host.nbytes())
+        s.copy_(host, non_blocking=True)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
 def trainer_out(run: Run) -> None:
@@ -339,8 +368,8 @@ def trainer_out(run: Run) -> None:
     if run.d.device.type != "cuda":
         return  # on the CPU there is nowhere else to put them
     if run.cfg.train.offload_optimizer:
-        _pin_optimizer_state(run.optimizer)
-    if run.cfg.train.offload_weights:
+        run.offloaded = offload(_optimizer_tensors(run.optimizer))
+    if run.cfg.train.offload_weights:  # plain tensors only (no FSDP: build() says so); sync reads them on the host
         for p in run.policy.parameters():
             p.data = p.data.to("cpu", non_blocking=True).pin_memory()
     torch.cuda.empty_cache()
@@ -353,7 +382,8 @@ def trainer_in(run: Run) -> None:
     if run.cfg.train.offload_weights:
         for p in run.policy.parameters():
             p.data = p.data.to(run.d.device, non_blocking=True)
-    _move_optimizer_state(run.optimizer, run.d.device)
+    restore(run.offloaded)
+    run.offloaded = []
 
 
 def sync(run: Run) -> None:

@@ -159,7 +159,7 @@ def test_eval_end_to_end_and_plain_accuracy_equals_hf(tiny_dir, store, vllm_engi
         assert 0.0 <= r1 <= pk <= 1.0
     # the random tiny model is mostly wrong: check the packed forward against HF on chosen truths too
     truths = [a if i % 2 == 0 else (a + 1) % 512 for i, a in enumerate(argmax)]
-    packed = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn("auto", torch.device("cpu")),
+    packed = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn("auto", torch.device("cpu"), torch.float32),
                          trust_remote_code=False, gradient_checkpointing=False).eval()  # as run_eval loads it
     got = plain_correct(packed, contexts, truths, batch_tokens=100)
     assert got.tolist() == [i % 2 == 0 for i in range(len(samples))]

@@ -35,8 +35,8 @@ def groups_of(G: int, prompt_lens: list[int], seed: int) -> list[Sequence]:
 
 
 def policy(tiny_dir, attn: str, checkpointing: bool = False):
-    lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn(attn, CPU), trust_remote_code=False,
-                     gradient_checkpointing=checkpointing)
+    lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn(attn, CPU, torch.float32),
+                     trust_remote_code=False, gradient_checkpointing=checkpointing)
     return PolicyLogprob(lm)
 
 

@@ -66,7 +66,7 @@ def test_packed_micro_batch_equals_sequences_one_by_one(tiny_dir, attn):
     """Loss and every gradient of a packed micro-batch == the HF model run per sequence + reference loss,
     with the block-diagonal mask (sdpa) and with per-sequence attention (per_seq, the CPU default)."""
     torch.manual_seed(0)
-    lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn(attn, torch.device("cpu")),
+    lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn(attn, torch.device("cpu"), torch.float32),
                      trust_remote_code=False, gradient_checkpointing=False)
     g = torch.Generator().manual_seed(3)
     seqs = []
@@ -255,7 +255,7 @@ def test_packed_gradients_unchanged_by(tiny_dir, option):
             for n, k in [(9, 4), (14, 9), (5, 2), (9, 6)]]  # two of length 9: one batched call
 
     def grads(checkpointing: bool, padded: bool, attn: str):
-        lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn(attn, torch.device("cpu")),
+        lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn(attn, torch.device("cpu"), torch.float32),
                          trust_remote_code=False, gradient_checkpointing=checkpointing)
         mb = collate(seqs, [0, 1, 2, 3], torch.device("cpu"), padded=padded)
         logp, _ = PolicyLogprob(lm)(mb, 1.0)
@@ -285,7 +285,8 @@ def test_fused_loss_gradients_equal_two_step(tiny_dir, old):
     old_lp = None if old == "on-policy" else rollout
 
     def run(fused: bool):
-        lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn("per_seq", torch.device("cpu")),
+        attn = resolve_attn("per_seq", torch.device("cpu"), torch.float32)
+        lm = load_policy(tiny_dir, dtype=torch.float32, attn=attn,
                          trust_remote_code=False, gradient_checkpointing=False)
         policy = PolicyLogprob(lm)
         if fused:
@@ -311,7 +312,7 @@ def test_fused_loss_gradients_equal_two_step(tiny_dir, old):
 
 def test_per_seq_attention_finds_boundaries_in_position_ids(tiny_dir):
     """A caller that packs rows but passes no cu_seqlens (only restarting positions) is still exact."""
-    lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn("per_seq", torch.device("cpu")),
+    lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn("per_seq", torch.device("cpu"), torch.float32),
                      trust_remote_code=False, gradient_checkpointing=False)
     seqs = [Sequence(list(range(1 + i, 8 + 3 * i)), 2) for i in range(3)]
     mb = collate(seqs, [0, 1, 2], torch.device("cpu"))
@@ -340,3 +341,42 @@ def test_fp32_masters_keep_small_updates_under_bf16_compute(tiny_dir, vllm_engin
     b = torch.cat([d.flatten() for d in delta["bfloat16"].values()])
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
     assert all(w.dtype == torch.float32 for w in runs["bfloat16"].values())  # the checkpoint holds the masters
+
+
+def test_offload_frees_dtensor_optimizer_state_in_place_and_restores_it(tiny_dir):
+    """trainer_out's optimizer offload on FSDP2 state (DTensors, whose ops have no sharding rule for
+    is_pinned: the first GPU run failed there): every storage is freed in place, the optimizer keeps the
+    same tensor objects, and restore brings each value back bit for bit."""
+    from rptfast import distributed
+
+    cpu = torch.device("cpu")
+    lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn("per_seq", cpu, torch.float32),
+                     trust_remote_code=False, gradient_checkpointing=False)
+    policy = distributed.shard(PolicyLogprob(lm), lm.model.layers, distributed.Dist(0, 1, 0, cpu),
+                               compute_dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    for p in policy.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = trainer._optimizer_tensors(opt)
+    assert any(type(t).__name__ == "DTensor" for t in state)
+    before = [t.full_tensor().clone() if hasattr(t, "full_tensor") else t.clone() for t in state]
+    stash = trainer.offload(state)
+    assert len(stash) == 2 * len(list(policy.parameters()))  # exp_avg and exp_avg_sq; the 0-d steps stay
+    assert all(s.nbytes() == 0 for s, _ in stash)
+    trainer.restore(stash)
+    after = trainer._optimizer_tensors(opt)
+    assert all(a is b for a, b in zip(state, after, strict=True))
+    for b, t in zip(before, after, strict=True):
+        assert torch.equal(b, t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def test_attention_backend_follows_the_compute_dtype():
+    """FlashAttention (and torch's varlen, which calls it) takes fp16 and bf16 only: an fp32 model on CUDA gets
+    SDPA from 'auto' and a config error for an explicit 'varlen' or 'flash' (the first GPU run crashed there)."""
+    cuda = torch.device("cuda", 0)  # a device object needs no GPU: resolve_attn only reads its type
+    assert model.resolve_attn("auto", cuda, torch.float32) == "sdpa"
+    for name in ("varlen", "flash"):
+        with pytest.raises(config.ConfigError, match="fp16 or bf16 only"):
+            model.resolve_attn(name, cuda, torch.float32)
+    assert model.resolve_attn("auto", torch.device("cpu"), torch.float32) == model.PER_SEQ

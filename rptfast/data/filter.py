@@ -56,7 +56,7 @@ class Proxy:
 
     def __init__(self, path: str, *, dtype: torch.dtype, attn: str, device: torch.device, trust_remote_code: bool,
                  top_k: int, batch_tokens: int, window: int):
-        self.lm = load_policy(path, dtype=dtype, attn=resolve_attn(attn, device),
+        self.lm = load_policy(path, dtype=dtype, attn=resolve_attn(attn, device, dtype),
                               trust_remote_code=trust_remote_code, gradient_checkpointing=False).to(device).eval()
         self.device, self.top_k, self.batch_tokens, self.window = device, top_k, batch_tokens, window
         self.vocab = self.lm.get_output_embeddings().weight.shape[0]

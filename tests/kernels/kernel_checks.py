@@ -48,3 +48,13 @@ def assert_close(actual, gold, baseline, *, what: str, factor: float = 2.0, dtyp
     assert err <= factor * base + floor, (
         f"{what}: kernel error {err:.3g} > {factor} x torch error {base:.3g} + floor {floor:.3g}"
     )
+
+
+def host_if_cuda(*args):
+    """The arguments of a case with out-of-range ids, moved to the CPU when DEVICE is CUDA.
+
+    On CUDA the id check is a device-side assert (kernels._utils.check_ids: no host sync), which ends
+    the CUDA context of the whole test process: every later test would fail. There the ValueError path
+    is checked on host copies, and test_kernel_bad_ids.py checks the assert in a child process.
+    """
+    return tuple(a.cpu() if DEVICE.type == "cuda" and isinstance(a, torch.Tensor) else a for a in args)

@@ -31,3 +31,26 @@ def test_tiny_benchmark_writes_json_and_csv(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(summary["rows"])
     assert {r["device"] for r in rows} == {summary["device"]} and all(r["commit"] and r["date"] for r in rows)
+
+
+def test_a_failing_case_is_a_row_and_the_next_case_runs():
+    """One case that fails (an OOM at one shape, say) becomes a row naming it; rows reach the sink as they
+    finish, so a run cut short by a timeout keeps what it measured."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import kernels as bench_kernels
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    seen = []
+    bench = bench_kernels.Bench(torch.device("cpu"), False, copy_gbps=1.0, mm_tflops=1.0, sink=seen.append)
+
+    def run_broken(n, v, dtype):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    bench.case(run_broken, 32768, 151936, torch.bfloat16)
+    bench.case(bench.run_group_advantages, 4, 8, False)
+    assert [r["kernel"] for r in seen] == ["broken", "group_advantages"] and seen == bench.rows
+    assert seen[0]["phase"] == "failed" and seen[0]["shape"] == "32768x151936" and seen[0]["dtype"] == "bfloat16"
+    assert "OutOfMemoryError" in seen[0]["note"] and seen[1]["ms"] > 0

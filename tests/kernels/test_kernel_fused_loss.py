@@ -1,6 +1,6 @@
 import pytest
 import torch
-from kernel_checks import DEVICE, FLOOR, SLOW, assert_close, randint, randn
+from kernel_checks import DEVICE, FLOOR, SLOW, assert_close, host_if_cuda, randint, randn
 from rptfast.kernels import fused_policy_loss_from_logits, reference
 from test_kernel_policy_loss import AGGREGATIONS, make_batch
 
@@ -118,15 +118,16 @@ def test_row_strided_logits_are_written_in_place():
     [
         (lambda x, t, o: (x.t(), t, o), "unit stride"),
         (lambda x, t, o: (x, t, o[:, None]), "flat tensor"),
-        (lambda x, t, o: (x, t + 100, o), r"outside \[0, 8\)"),
+        (lambda x, t, o: host_if_cuda(x, t + 100, o), r"outside \[0, 8\)"),
         (lambda x, t, o: (x.int(), t, o), "dtype"),
     ],
 )
 def test_bad_inputs_raise(make, match):
     x, t, o = randn(8, 8, seed=40), randint(8, 8, seed=41), randn(8, seed=42)
     logits, targets, old = make(x, t, o)
+    adv = o.to(logits.device)
     with pytest.raises(ValueError, match=match):
-        fused_policy_loss_from_logits(logits, targets, old, o, o > 0)
+        fused_policy_loss_from_logits(logits, targets, old, adv, adv > 0)
     with pytest.raises(ValueError, match="temperature"):
         fused_policy_loss_from_logits(x, t, o, o, o > 0, temperature=-1.0)
     with pytest.raises(ValueError, match="needs seq_ids"):

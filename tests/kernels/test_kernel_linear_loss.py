@@ -1,6 +1,6 @@
 import pytest
 import torch
-from kernel_checks import DEVICE, SLOW, assert_close, randint, randn
+from kernel_checks import DEVICE, SLOW, assert_close, host_if_cuda, randint, randn
 from rptfast.kernels import _utils as kernel_utils
 from rptfast.kernels import linear_logprob, linear_policy_loss, policy_loss, reference
 from rptfast.kernels import linear_loss as linear_loss_module
@@ -176,7 +176,7 @@ def test_only_weight_needs_grad():
         (dict(adv=lambda a: a[:-1]), r"advantages must be a flat tensor of shape \(5,\)"),
         (dict(old=lambda o: o[:-1]), "old_logprobs has shape"),
         (dict(w=lambda w: w.t()), "not transposed"),
-        (dict(t=lambda t: t + 40), r"outside \[0, 40\)"),
+        (dict(t=lambda t: t + 40, host=True), r"outside \[0, 40\)"),
         (dict(kw=dict(kl_coef=0.1)), "kl_coef > 0 needs ref_logprobs"),
         (dict(kw=dict(temperature=0.0)), "temperature"),
     ],
@@ -184,6 +184,8 @@ def test_only_weight_needs_grad():
 def test_bad_inputs_raise(change, match):
     h, w, t = randn(5, 8, seed=90), randn(40, 8, seed=91), randint(40, 5, seed=92)
     old, adv, mask = randn(5, seed=93), randn(5, seed=94), randn(5, seed=95) > 0
+    if change.get("host"):
+        h, w, t, old, adv, mask = host_if_cuda(h, w, t, old, adv, mask)
     f = lambda key, x: change[key](x) if key in change else x  # noqa: E731
     with pytest.raises(ValueError, match=match):
         linear_policy_loss(f("h", h), f("w", w), f("t", t), f("old", old), f("adv", adv), mask, **change.get("kw", {}))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_checks import DEVICE, SLOW, assert_close, gen, randn
+from kernel_checks import DEVICE, SLOW, assert_close, gen, host_if_cuda, randn
 from rptfast.kernels import policy_loss, reference
 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -230,12 +230,6 @@ def test_bad_layouts_raise():
         policy_loss(x, x, x, x > 0, seq_ids=torch.zeros(12, dtype=torch.int64, device=DEVICE))
     with pytest.raises(ValueError, match=r"\[B, L\]"):
         policy_loss(x[None], x[None], x[None], x[None] > 0)
+    row, seq_ids = host_if_cuda(x[0], torch.tensor([0, -1, 0, 0], device=DEVICE))
     with pytest.raises(ValueError, match="negative"):
-        policy_loss(
-            x[0],
-            x[0],
-            x[0],
-            x[0] > 0,
-            aggregation="seq-mean-token-mean",
-            seq_ids=torch.tensor([0, -1, 0, 0], device=DEVICE),
-        )
+        policy_loss(row, row, row, row > 0, aggregation="seq-mean-token-mean", seq_ids=seq_ids)
