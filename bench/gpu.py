@@ -216,7 +216,7 @@ def check_attention(model_dir: Path, device, lengths: list[int]) -> dict:
     backend's max error must be at most twice that of torch's own bf16 path (sdpa, block-diagonal mask)."""
     import torch
 
-    from rptfast.model import _torch_varlen_available, hidden_states, load_policy, resolve_attn
+    from rptfast.model import hidden_states, load_policy, resolve_attn, torch_varlen_available
 
     def hidden(attn: str, dtype):
         lm = load_policy(str(model_dir), dtype=dtype, attn=resolve_attn(attn, device, dtype), trust_remote_code=False,
@@ -226,7 +226,7 @@ def check_attention(model_dir: Path, device, lengths: list[int]) -> dict:
 
     ref = hidden("sdpa", torch.float32)
     scale = ref.abs().max().item()
-    backends = ["sdpa", "per_seq"] + (["varlen"] if device.type == "cuda" and _torch_varlen_available() else [])
+    backends = ["sdpa", "per_seq"] + (["varlen"] if device.type == "cuda" and torch_varlen_available() else [])
     err = {b: (hidden(b, torch.bfloat16) - ref).abs().max().item() / scale for b in backends}
     out = {f"{b}_max_rel_err": e for b, e in err.items()}
     out["ok"] = all(e <= 2 * err["sdpa"] + 1e-6 for e in err.values())
@@ -278,7 +278,8 @@ def check_offload(model_dir: Path, device, tmp: Path) -> dict:
     compute (FSDP2 world-size-1), weight offload under fp32 compute (offload_weights needs no FSDP)."""
     import torch
 
-    from rptfast import config, trainer
+    from rptfast import config
+    from rptfast import train as trainer
 
     out = {}
     for name, sets in {"optimizer_bf16_compute_fp32_masters": {"model": {"dtype": "bfloat16"}},

@@ -12,7 +12,8 @@ The same random completions and q, k, v (fp32) through each variant:
 - dense mask:     the sdpa backend: one SDPA over the row with the [T, T] prompt-once mask;
 - two-part, matmul: own part (causal) and cross part (completions vs prompt) as explicit fp32 matmuls and
                   logsumexp, merged by log-sum-exp, differentiated by autograd (the option the kernels were held to);
-- two-part, flash: rptfast.model._shared_attention (the CPU flash kernels, merged by log-sum-exp; the trainer's).
+- two-part, flash: rptfast.model.shared_prompt.shared_attention (the CPU flash kernels, merged by log-sum-exp;
+  the trainer's).
 Counted FLOPs are those of exact attention on the variant's own rows (4 Hq D per attended (query, key) pair forward,
 twice that backward), so unshared counts its G prompts; a variant that computes masked-out pairs gets no credit for
 them. The roofline is an fp32 [2048, 2048] matmul in the same run. Times are medians over --reps after one warm-up;
@@ -38,7 +39,10 @@ from pathlib import Path
 import torch
 
 from rptfast import model
-from rptfast.model import Sequence, _per_seq_unshared, _shared_attention, collate, collate_shared
+from rptfast.model import Sequence, collate, collate_shared
+from rptfast.model import attention as attention_module
+from rptfast.model.attention import _per_seq_unshared
+from rptfast.model.shared_prompt import shared_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ["date", "commit", "device", "shape", "variant", "fwd_ms", "fwd_bwd_ms", "gflops_fwd_bwd", "roofline_pct",
@@ -58,7 +62,7 @@ def rows(P: int, G: int, units: int, r_min: int, r_max: int, seed: int) -> list[
 
 
 def gather_mask(q, k, v, layout, scale):
-    """The previous _shared_attention: per (completion length, prompt length), the completions' queries against
+    """The previous shared_attention: per (completion length, prompt length), the completions' queries against
     their prompt's keys gathered once per completion followed by their own, under an explicit [R, P + R] mask."""
     by_shape: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
     for start, length, p_start, p_len in layout.segments:
@@ -163,16 +167,16 @@ def model_rows(path: str, seqs: list[Sequence], reps: int, seed: int) -> dict:
         policy(mb, 1.0)[0].sum().backward()
 
     out = {}
-    current = model._shared_attention
+    current = attention_module.shared_attention
     for name, mb, attention in [("model, unshared", unshared, current), ("model, gather + mask", shared, before),
                                 ("model, two-part", shared, current)]:
-        model._shared_attention = attention
+        attention_module.shared_attention = attention  # what the per_seq backend calls
         try:
             with torch.no_grad():
                 fwd = median_ms(lambda: policy(mb, 1.0), reps)  # noqa: B023 (called before the loop moves on)
             full = median_ms(lambda: step(mb), reps)  # noqa: B023
         finally:
-            model._shared_attention = current
+            attention_module.shared_attention = current
         out[name] = dict(fwd_ms=fwd, fwd_bwd_ms=full, gflops_fwd_bwd=3 * model.forward_flops(rates, mb) / full / 1e6,
                          tokens=mb.n_tokens)
     return out
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         "dense mask": (lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=dense, scale=scale, enable_gqa=True)[0], sh, layout.attention_pairs),
         "two-part, matmul": (lambda q, k, v: two_part_matmul(q, k, v, layout, scale), sh, layout.attention_pairs),
-        "two-part, flash": (lambda q, k, v: _shared_attention(q, k, v, layout, scale)[0][0].transpose(0, 1), sh,
+        "two-part, flash": (lambda q, k, v: shared_attention(q, k, v, layout, scale)[0][0].transpose(0, 1), sh,
                             layout.attention_pairs),
     }
     a = torch.randn(2048, 2048, generator=g)

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         from rptfast import config
 
         if args.command == "train":
-            from rptfast.trainer import train
+            from rptfast.train import train
 
             train(config.load(args.config, args.set), resume=args.resume)
         elif args.command == "prepare":

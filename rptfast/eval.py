@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from rptfast.config import Config, ConfigError
-from rptfast.data.store import SampleStore, check_tokenizer, write_json
+from rptfast.data.store import SPLITS, SampleStore, check_tokenizer, split_masks, write_json
 from rptfast.data.templates import PromptBuilder, check_lengths
 from rptfast.data.tokens import token_bytes
 from rptfast.errors import PathError, check_writable_dir
@@ -50,12 +50,7 @@ from rptfast.model import Sequence, collate, hidden_states, load_policy, resolve
 from rptfast.reward import reward
 from rptfast.rollout import SamplingConfig, check_model_dir, is_hub_name, make_engine
 
-SPLITS = {"all": None, "easy": 0.5, "medium": 1.0, "hard": 1.5}  # entropy above which a sample belongs
 GENERATE_CHUNK = 16  # prompts per generate call (the progress bar moves per call; seeds are per prompt)
-
-
-def split_masks(entropy: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: np.ones(len(entropy), bool) if low is None else entropy > low for name, low in SPLITS.items()}
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rptfast import cli, trainer
+from rptfast import cli
+from rptfast import train as trainer
 from rptfast.data.store import FORMAT
 
 

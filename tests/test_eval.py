@@ -11,7 +11,8 @@ import torch
 from rpt_corpus import prepare_config, write_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rptfast import cli, config, trainer
+from rptfast import cli, config
+from rptfast import train as trainer
 from rptfast.config import ConfigError
 from rptfast.data.inspect_samples import inspect_store
 from rptfast.data.prepare import prepare

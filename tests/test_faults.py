@@ -15,9 +15,13 @@ import torch
 from safetensors.torch import load_file
 from test_trainer import make_cfg, rows
 
-from rptfast import checkpoint, cli, config, trainer
+from rptfast import checkpoint, cli, config, distributed
+from rptfast import train as trainer
 from rptfast.errors import NonFiniteError
 from rptfast.metrics import MetricsLogger
+from rptfast.model import load_policy
+from rptfast.train import optimize as train_optimize
+from rptfast.train import run as train_run
 
 
 def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
@@ -55,14 +59,14 @@ def test_broken_policy_is_not_scored(tiny_dir, vllm_engine, tmp_path):
 
 
 def test_consecutive_skips_stop_the_run(tiny_dir, vllm_engine, tmp_path, monkeypatch):
-    real = trainer.policy_loss
+    real = train_optimize.policy_loss
 
     def always_nan(*args, **kwargs):
         loss, m = real(*args, **kwargs)
         return loss * float("nan"), m
 
-    monkeypatch.setattr(trainer, "policy_loss", always_nan)
-    # the two-step loss path (the fused one does not go through trainer.policy_loss)
+    monkeypatch.setattr(train_optimize, "policy_loss", always_nan)
+    # the two-step loss path (the fused one does not go through update.policy_loss)
     cfg = make_cfg(tiny_dir, tmp_path / "run", train__steps=4, train__max_skipped=2, train__ckpt_every=1,
                    model__fused_loss=False)
     with pytest.raises(NonFiniteError, match="2 updates in a row skipped"):
@@ -74,11 +78,11 @@ def test_consecutive_skips_stop_the_run(tiny_dir, vllm_engine, tmp_path, monkeyp
 
 
 def test_save_refuses_non_finite_tensors(tiny_dir, tmp_path):
-    lm = trainer.load_policy(tiny_dir, dtype=torch.float32, attn="sdpa", trust_remote_code=False,
-                             gradient_checkpointing=False)
+    lm = load_policy(tiny_dir, dtype=torch.float32, attn="sdpa", trust_remote_code=False,
+                     gradient_checkpointing=False)
     with torch.no_grad():
         lm.model.layers[1].mlp.up_proj.weight[3, 5] = float("inf")
-    d = trainer.distributed.init()
+    d = distributed.init()
     with pytest.raises(NonFiniteError, match="up_proj"):
         checkpoint.save(tmp_path, 1, lm, torch.optim.AdamW(lm.parameters()), {}, d, keep=2)
     with pytest.raises(NonFiniteError, match="up_proj"):
@@ -122,7 +126,7 @@ def test_run_dir_reuse_extend_and_lock(tiny_dir, vllm_engine, tmp_path, monkeypa
         raise config.ConfigError("engine refused")
 
     # a start that fails after claiming the directory does not brick it
-    monkeypatch.setattr(trainer, "make_engine", no_engine)
+    monkeypatch.setattr(train_run, "make_engine", no_engine)
     with pytest.raises(config.ConfigError, match="engine refused"):
         trainer.train(cfg)
     monkeypatch.undo()

@@ -12,7 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rptfast import config, trainer
+from rptfast import config
+from rptfast import train as trainer
+from rptfast.errors import TrainingStopped
 from rptfast.metrics import Timer
 from rptfast.rollout.torch_engine import TorchEngine
 from rptfast.tasks import Prompt
@@ -160,7 +162,7 @@ def test_mismatch_above_threshold_stops(char_dir, tmp_path):
     run = build_run(char_dir, tmp_path / "run", algorithm__mismatch_stop=0.1)
     timer = Timer(run.d.device)
     groups, _ = trainer.rollout(run, 0, timer)
-    with pytest.raises(trainer.TrainingStopped, match=r"mismatch 1\.\d+ per token .* > 0\.1 .*stale weights after a "
+    with pytest.raises(TrainingStopped, match=r"mismatch 1\.\d+ per token .* > 0\.1 .*stale weights after a "
                                                       r"wake, a sync that skipped a tensor, corrupted buffers"):
         trainer.update(run, groups, 0, timer)
     # top_p < 1 widens the threshold by -ln(top_p): the most a nucleus renormalisation can lift a log-prob

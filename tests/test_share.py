@@ -3,12 +3,11 @@
 
 import pytest
 import torch
+from rptfast.kernels import policy_loss
 
-from rptfast import trainer
 from rptfast.model import (
     PolicyLogprob,
     Sequence,
-    _shared_attention,
     collate,
     collate_shared,
     load_policy,
@@ -17,6 +16,7 @@ from rptfast.model import (
     resolve_attn,
     shares_prompts,
 )
+from rptfast.model.shared_prompt import shared_attention
 
 CPU = torch.device("cpu")
 
@@ -52,7 +52,7 @@ def run_batches(pol, seqs, bins, collate_fn):
         for k, i in enumerate(b):
             per_seq[i] = logp.detach()[mb.seq_ids == k]
         old = logp.detach() + 0.05 * torch.sin(mb.targets * 1.7)  # ratios off 1 (clipping active), per token
-        loss, _ = trainer.policy_loss(logp, old, mb.advantages, mb.mask, eps_low=0.2, eps_high=0.28,
+        loss, _ = policy_loss(logp, old, mb.advantages, mb.mask, eps_low=0.2, eps_high=0.28,
                                       aggregation="token-mean", seq_ids=mb.seq_ids, normalizer=n_tokens)
         loss.backward()
         total += loss.item()
@@ -198,7 +198,7 @@ def test_shared_attention_against_fp64(G, heads, kv_heads):
         return naive_attention(q, k, v, allowed, scale)
 
     def shared(q, k, v):
-        return _shared_attention(q[None], k[None], v[None], layout, scale)[0][0].transpose(0, 1)  # [H, T, D]
+        return shared_attention(q[None], k[None], v[None], layout, scale)[0][0].transpose(0, 1)  # [H, T, D]
 
     def dense_fp32(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,

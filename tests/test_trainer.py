@@ -12,8 +12,13 @@ from rptfast.kernels import policy_loss, reference
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rptfast import checkpoint, config, model, trainer
+from rptfast import checkpoint, config, model
+from rptfast import train as trainer
+from rptfast.errors import TrainingStopped
+from rptfast.metrics import MetricsLogger
 from rptfast.model import PolicyLogprob, Sequence, collate, hidden_states, load_policy, pack, resolve_attn
+from rptfast.model import policy as model_policy
+from rptfast.train import loop as train_loop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +84,7 @@ def test_packed_micro_batch_equals_sequences_one_by_one(tiny_dir, attn):
     mb = collate(seqs, list(range(len(seqs))), torch.device("cpu"))
     logp, _ = PolicyLogprob(lm)(mb, T)
     old = logp.detach() + 0.1 * torch.randn(logp.shape, generator=g)  # ratios away from 1: clipping active
-    loss, _ = trainer.policy_loss(logp, old, mb.advantages, mb.mask, seq_ids=mb.seq_ids, normalizer=len(seqs),
+    loss, _ = policy_loss(logp, old, mb.advantages, mb.mask, seq_ids=mb.seq_ids, normalizer=len(seqs),
                                   **opts)
     loss.backward()
     packed_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
@@ -109,17 +114,17 @@ def test_kill_and_resume_is_bitwise(tiny_dir, vllm_engine, tmp_path, monkeypatch
     kw = dict(train__steps=4, train__ckpt_every=2, train__keep_ckpts=1, algorithm__updates_per_batch=2)
     whole = trainer.train(make_cfg(tiny_dir, tmp_path / "whole", **kw), engine=vllm_engine)
     cfg = make_cfg(tiny_dir, tmp_path / "killed", **kw)
-    log = trainer.MetricsLogger.log
+    log = MetricsLogger.log
 
     def die_at_step_3(self, step, metrics):
         if step == 3:
             raise Killed
         log(self, step, metrics)
 
-    monkeypatch.setattr(trainer.MetricsLogger, "log", die_at_step_3)
+    monkeypatch.setattr(MetricsLogger, "log", die_at_step_3)
     with pytest.raises(Killed):
         trainer.train(cfg, engine=vllm_engine)
-    monkeypatch.setattr(trainer.MetricsLogger, "log", log)
+    monkeypatch.setattr(MetricsLogger, "log", log)
     assert checkpoint.latest(tmp_path / "killed").name == "step_000002"
     assert not (tmp_path / "killed" / "final").exists()
     resumed = trainer.train(cfg, resume=True, engine=vllm_engine)
@@ -132,7 +137,7 @@ def test_kill_and_resume_is_bitwise(tiny_dir, vllm_engine, tmp_path, monkeypatch
 
 
 def test_nan_loss_skips_update(tiny_dir, vllm_engine, tmp_path, monkeypatch):
-    real = model.linear_policy_loss  # the loss of on-policy batches (model.fused_loss)
+    real = model_policy.linear_policy_loss  # the loss of on-policy batches (model.fused_loss)
     calls = {"n": 0}
 
     def nan_on_second_step(*args, **kwargs):
@@ -140,7 +145,7 @@ def test_nan_loss_skips_update(tiny_dir, vllm_engine, tmp_path, monkeypatch):
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 2 else loss), *rest
 
-    monkeypatch.setattr(model, "linear_policy_loss", nan_on_second_step)
+    monkeypatch.setattr(model_policy, "linear_policy_loss", nan_on_second_step)
     cfg = make_cfg(tiny_dir, tmp_path / "run", train__steps=3, train__micro_batch_tokens=512)
     trainer.train(cfg, engine=vllm_engine)
     steps = [r for r in rows(tmp_path / "run") if r.get("phase") == "rl"]
@@ -167,7 +172,7 @@ def test_dynamic_sampling_fills_batch_with_useful_groups(tiny_dir, vllm_engine, 
 def test_stale_engine_weights_stop_the_run(tiny_dir, vllm_engine, tmp_path, monkeypatch):
     """One sync skipped after 3 steps at lr 1e-2 (the engine wakes with the weights it had): the mean mismatch
     is ~0.35 per token (measured), far above fp32 noise (~2e-7), so step 4 stops the run and nothing is saved."""
-    real, calls = trainer.sync, []
+    real, calls = train_loop.sync, []
 
     def skip_the_fourth(run):
         calls.append(1)
@@ -176,8 +181,8 @@ def test_stale_engine_weights_stop_the_run(tiny_dir, vllm_engine, tmp_path, monk
             return
         real(run)
 
-    monkeypatch.setattr(trainer, "sync", skip_the_fourth)
-    with pytest.raises(trainer.TrainingStopped, match="step 4: mean rollout vs trainer logprob mismatch 0\\.[1-9]"):
+    monkeypatch.setattr(train_loop, "sync", skip_the_fourth)
+    with pytest.raises(TrainingStopped, match="step 4: mean rollout vs trainer logprob mismatch 0\\.[1-9]"):
         trainer.train(make_cfg(tiny_dir, tmp_path / "run", train__steps=6), engine=vllm_engine)
     steps = [r for r in rows(tmp_path / "run") if r.get("phase") == "rl"]
     assert [r["step"] for r in steps] == [1, 2, 3] and max(r["mismatch_mean"] for r in steps) < 1e-5
@@ -358,14 +363,14 @@ def test_offload_frees_dtensor_optimizer_state_in_place_and_restores_it(tiny_dir
     for p in policy.parameters():
         p.grad = torch.randn_like(p)
     opt.step()
-    state = trainer._optimizer_tensors(opt)
+    state = trainer.optimizer_tensors(opt)
     assert any(type(t).__name__ == "DTensor" for t in state)
     before = [t.full_tensor().clone() if hasattr(t, "full_tensor") else t.clone() for t in state]
     stash = trainer.offload(state)
     assert len(stash) == 2 * len(list(policy.parameters()))  # exp_avg and exp_avg_sq; the 0-d steps stay
     assert all(s.nbytes() == 0 for s, _ in stash)
     trainer.restore(stash)
-    after = trainer._optimizer_tensors(opt)
+    after = trainer.optimizer_tensors(opt)
     assert all(a is b for a, b in zip(state, after, strict=True))
     for b, t in zip(before, after, strict=True):
         assert torch.equal(b, t.full_tensor() if hasattr(t, "full_tensor") else t)

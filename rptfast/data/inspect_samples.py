@@ -17,10 +17,9 @@ the same tokenizer family: it must cut text the same way). Nothing is written.
 from __future__ import annotations
 
 from rptfast.config import Config
-from rptfast.data.store import SampleStore, check_tokenizer
+from rptfast.data.store import SPLITS, SampleStore, check_tokenizer
 from rptfast.data.templates import PromptBuilder
 from rptfast.data.tokens import token_bytes
-from rptfast.eval import SPLITS
 from rptfast.reward import escape
 
 RULE = "-" * 100

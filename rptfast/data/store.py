@@ -62,6 +62,14 @@ COLUMNS = {
     "entropy": "the proxy's top-k next-token entropy at t (nats)",
 }
 
+# the difficulty splits of evaluation (the paper's easy/medium/hard): a sample is in a split when the proxy's
+# entropy at its position is above the split's threshold
+SPLITS = {"all": None, "easy": 0.5, "medium": 1.0, "hard": 1.5}
+
+
+def split_masks(entropy: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: np.ones(len(entropy), bool) if low is None else entropy > low for name, low in SPLITS.items()}
+
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.parquet"

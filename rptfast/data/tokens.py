@@ -21,7 +21,7 @@ from rptfast.config import ConfigError
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable stand-in character -> the byte."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -63,7 +63,7 @@ def token_bytes(tokenizer) -> list[bytes]:
                           f"rptfast's byte-exact reward needs one (Qwen, Llama 3, DeepSeek, GPT-2 families)")
     backend = tokenizer.backend_tokenizer
     added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
-    table = _byte_decoder()
+    table = byte_decoder()
     out = []
     for i in range(max(len(tokenizer), backend.get_vocab_size(with_added_tokens=True))):
         if i in added:

@@ -243,7 +243,7 @@ def sample_kinds(store, rows) -> tuple[np.ndarray, np.ndarray]:
 
 def cells(result: dict, kinds: np.ndarray, entropy: np.ndarray, mode: str) -> dict[tuple[str, str], tuple]:
     """(split, kind) -> (accuracy, positions) of one evaluation's per-sample results."""
-    from rptfast.eval import split_masks
+    from rptfast.data.store import split_masks
 
     values = result["per_sample"].get(mode)
     if values is None:

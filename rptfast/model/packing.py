@@ -1,0 +1,114 @@
+"""Packing: sequences into micro-batches of at most `train.micro_batch_tokens` tokens.
+
+The default packs each micro-batch into one row of T tokens with position ids restarting at every
+sequence and no padding (`pack`: first-fit decreasing; `collate`: the row and its index tensors).
+`train.packing = "padded"` makes [B, L] rows instead, the ablation. Prompt-once rows, where a
+group's completions share one copy of its prompt, are in model/shared_prompt.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from rptfast.model.shared_prompt import SharedLayout
+
+
+@dataclass
+class Sequence:
+    """One prompt + completion (or context + target) as the trainer sees it."""
+
+    tokens: list[int]  # prompt then completion
+    start: int  # index of the first scored token (the completion's first)
+    advantage: float = 0.0
+    rollout_logprobs: list[float] | None = None  # the engine's logprob of each scored token
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.tokens) - self.start
+
+
+@dataclass
+class MicroBatch:
+    """Sequences for one forward: packed into one row of T tokens (the default), or padded
+    to [B, L] (the ablation); R scored tokens in S sequences either way."""
+
+    input_ids: torch.Tensor  # packed: [T]; padded: [B, L]
+    position_ids: torch.Tensor  # same shape; packed positions restart at 0 for every sequence
+    cu_seqlens: torch.Tensor  # [S + 1] int32 sequence boundaries in the packed row
+    max_len: int
+    pred_idx: torch.Tensor  # [R] flat position whose hidden state predicts each scored token
+    targets: torch.Tensor  # [R] the scored tokens
+    seq_ids: torch.Tensor  # [R] index of each scored token's sequence within this micro-batch
+    advantages: torch.Tensor  # [R]
+    rollout_logprobs: torch.Tensor  # [R] (zeros when the sequences carry none)
+    mask: torch.Tensor  # [R] bool: False only in the padding micro-batch of a rank with fewer
+    attention_mask: torch.Tensor | None = None  # padded only: [B, L]
+    shared: SharedLayout | None = None  # prompt-once rows only (collate_shared); cu_seqlens then holds segments
+
+    @property
+    def n_tokens(self) -> int:
+        """Real tokens (padding excluded)."""
+        return int(self.cu_seqlens[-1])
+
+
+def pack(seqs: list[Sequence], budget: int, padded: bool = False) -> list[list[int]]:
+    """Group sequence indices into micro-batches of at most `budget` tokens, longest first.
+
+    Packed: first-fit decreasing on lengths. Padded: a micro-batch costs its size times its
+    longest sequence, so runs of similar lengths are cut where the next one would not fit.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(seqs[i].tokens)
+        if n > budget:
+            raise ValueError(f"a sequence of {n} tokens does not fit train.micro_batch_tokens = {budget}; "
+                             f"raise it to at least {n} (prompt + rollout.max_tokens)")
+        if padded:
+            if bins and (len(bins[-1]) + 1) * len(seqs[bins[-1][0]].tokens) <= budget:
+                bins[-1].append(i)
+            else:
+                bins.append([i])
+            continue
+        for b, r in enumerate(room):
+            if n <= r:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(budget - n)
+    return [sorted(b) for b in bins]
+
+
+def collate(seqs: list[Sequence], idx: list[int], device: torch.device, masked: bool = False,
+            padded: bool = False) -> MicroBatch:
+    """seqs[idx] as one micro-batch (masked=True: one that contributes nothing)."""
+    L = max(len(seqs[i].tokens) for i in idx)
+    ids, pos, cu, pred, tgt, sid, adv, rlp = [], [], [0], [], [], [], [], []
+    for k, i in enumerate(idx):
+        s = seqs[i]
+        off = k * L if padded else cu[-1]
+        ids += s.tokens + ([0] * (L - len(s.tokens)) if padded else [])
+        pos += list(range(len(s.tokens))) + ([0] * (L - len(s.tokens)) if padded else [])
+        cu.append(cu[-1] + len(s.tokens))
+        pred += range(off + s.start - 1, off + len(s.tokens) - 1)
+        tgt += s.tokens[s.start:]
+        sid += [k] * s.n_scored
+        adv += [s.advantage] * s.n_scored
+        rlp += s.rollout_logprobs if s.rollout_logprobs is not None else [0.0] * s.n_scored
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    attention_mask = None
+    ids_t, pos_t = t(ids, torch.long), t(pos, torch.long)
+    if padded:
+        ids_t, pos_t = ids_t.view(len(idx), L), pos_t.view(len(idx), L)
+        attention_mask = (torch.arange(L, device=device)[None, :] <
+                          t([len(seqs[i].tokens) for i in idx], torch.long)[:, None]).long()
+    return MicroBatch(ids_t, pos_t, t(cu, torch.int32), L, t(pred, torch.long), t(tgt, torch.long),
+                      t(sid, torch.long), t(adv, torch.float32), t(rlp, torch.float32),
+                      torch.full((len(tgt),), not masked, dtype=torch.bool, device=device), attention_mask)

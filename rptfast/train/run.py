@@ -1,0 +1,201 @@
+"""The run: its directory (claimed, locked, resumable), and everything a step needs, built once.
+
+    rptfast train CONFIG [--set section.key=value ...] [--resume]
+    torchrun --nproc_per_node=N -m rptfast train CONFIG
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rptfast import checkpoint, config, distributed
+from rptfast.distributed import Dist
+from rptfast.errors import check_writable_dir
+from rptfast.metrics import MetricsLogger, quiet_startup
+from rptfast.model import (
+    PolicyLogprob,
+    load_policy,
+    native_dtype,
+    resolve_attn,
+    resolve_dtype,
+    shares_prompts,
+    write_scratch_model,
+)
+from rptfast.rollout import check_model_dir, make_engine
+from rptfast.tasks import make_task
+
+
+class RunDirError(config.ConfigError):
+    """The run directory holds another run, is in use, or --resume has nothing to resume."""
+
+
+# config keys that may differ on --resume: a larger train.steps extends a finished run (with
+# schedule = "cosine" the remaining steps follow the curve of the new length); the log keys only
+# change what is printed. Anything else would make the resumed run a different run.
+RESUME_MAY_DIFFER = ("train.steps", "log.progress", "log.every", "log.tensorboard")
+
+
+@dataclass
+class Run:
+    cfg: config.Config
+    d: Dist
+    run_dir: Path
+    tokenizer: object
+    task: object
+    policy: PolicyLogprob
+    ref: PolicyLogprob | None
+    optimizer: torch.optim.Optimizer
+    engine: object
+    logger: MetricsLogger
+    cursor: int = 0  # prompts (or pre-training sequences) consumed so far, over all ranks
+    n_params: int = 0
+    own_engine: bool = True
+    final_dtype: torch.dtype = torch.float32  # dtype of the weights in final/
+    offloaded: list = field(default_factory=list)  # (device storage, host copy) while the engine runs
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on `run_dir/.lock` (held open until the run ends; the OS drops it when the
+    process dies, even on SIGKILL), or a RunDirError naming the process that holds it."""
+    check_writable_dir(run_dir, "train.out_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = (run_dir / ".lock").open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunDirError(f"run directory {str(run_dir)!r} is in use by another rptfast process (pid {holder}); "
+                          f"wait for it to finish, or set train.out_dir to another directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def claim_run_dir(run_dir: Path, cfg: config.Config, resume: bool, d: Dist) -> None:
+    """Refuse a directory that holds another run; on --resume, insist the config is the same but for
+    RESUME_MAY_DIFFER. A directory whose run never reached a checkpoint (a start that failed, or
+    a run killed before its first checkpoint) holds nothing to resume, so a fresh start reuses it."""
+    path = run_dir / "config.toml"
+    text = config.to_toml(cfg)
+    started = checkpoint.latest(run_dir, check=False) is not None or (run_dir / "final").exists()
+    if path.exists() and not resume and started:
+        raise RunDirError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue "
+                          f"it, or set train.out_dir to a new directory")
+    if resume:
+        if not path.exists() or not started:
+            raise RunDirError(f"--resume: {str(run_dir)!r} holds no checkpoint to resume; start it without "
+                              f"--resume (the directory is reused)")
+        try:
+            old = config.flat(config.from_dict(tomllib.loads(path.read_text(encoding="utf-8"))))
+        except (config.ConfigError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise RunDirError(f"--resume: {str(path)!r} is damaged ({e}); restore it or start a new run") from None
+        changed = [k for k, v in config.flat(cfg).items() if old[k] != v and k not in RESUME_MAY_DIFFER]
+        if changed:
+            raise RunDirError(f"--resume with a different config than the run in {str(run_dir)!r}: "
+                              f"{', '.join(changed)} differ; resume with the same config (only "
+                              f"{', '.join(RESUME_MAY_DIFFER)} may change)")
+    distributed.barrier(d)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, int]:
+    """Everything a step needs; returns the run and the step to start from."""
+    from transformers import AutoTokenizer
+
+    t = cfg.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.prompts_per_step % world or t.ntp_sequences % world:
+        raise config.ConfigError(f"train.prompts_per_step ({t.prompts_per_step}) and train.ntp_sequences "
+                                 f"({t.ntp_sequences}) must divide across {world} ranks; make them multiples "
+                                 f"of {world}")
+    d = distributed.init()
+    # fp32 masters (what AdamW updates and checkpoints hold), computed in `dtype`; the engine runs in `dtype`
+    master = getattr(torch, t.master_dtype)
+    dtype = master if master != torch.float32 else resolve_dtype(cfg.model.dtype, d.device)
+    if cfg.train.offload_weights and (world > 1 or dtype != master):
+        raise config.ConfigError("train.offload_weights is not supported with FSDP (more than one rank, or a "
+                                 "compute dtype other than train.master_dtype) yet; set it to false")
+    run_dir = Path(t.out_dir)
+    claim_run_dir(run_dir, cfg, resume, d)
+    model_dir = cfg.model.path
+    if not model_dir:
+        model_dir = str(run_dir / "init")
+        if d.main and not (resume and (run_dir / "init" / "config.json").exists()):
+            write_scratch_model(run_dir / "init", cfg.model, t.seed)  # a reused directory may hold another's
+        distributed.barrier(d)
+    check_model_dir(model_dir, cfg.rollout.max_model_len)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise config.ConfigError(f"the tokenizer of model.path {model_dir!r} has no EOS token, so completions "
+                                 f"never end; set eos_token in its tokenizer_config.json")
+    own_engine = engine is None
+    if own_engine:
+        r = cfg.rollout
+        with quiet_startup(cfg.log.verbose):  # vLLM's start-up chatter, unless log.verbose
+            engine = make_engine(r.engine, model_dir, dtype=dtype, device=d.device, seed=t.seed,
+                                 max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
+                                 cpu_kv_cache_gib=r.cpu_kv_cache_gib, sleep_level=r.sleep_level,
+                                 sync_bucket_mb=r.sync_bucket_mb, enforce_eager=r.enforce_eager,
+                                 trust_remote_code=cfg.model.trust_remote_code)
+    torch.manual_seed(t.seed)  # after the engine: vLLM reseeds the global RNG when it starts
+    attn = resolve_attn(cfg.model.attn, d.device, dtype)
+
+    def policy_from(path: str, frozen: bool) -> PolicyLogprob:
+        # the frozen reference needs no masters: it is loaded in the compute dtype
+        lm = load_policy(path, dtype=dtype if frozen else master, attn=attn,
+                         trust_remote_code=cfg.model.trust_remote_code,
+                         gradient_checkpointing=cfg.model.gradient_checkpointing and not frozen).to(d.device)
+        return distributed.shard(PolicyLogprob(lm, cfg.model.logprob, cfg.model.lm_head_fp32), lm.model.layers, d,
+                                 compute_dtype=None if frozen else dtype)
+
+    policy = policy_from(model_dir, frozen=False)
+    ref = None
+    if cfg.algorithm.kl_coef > 0:
+        ref = policy_from(model_dir, frozen=True).requires_grad_(False).eval()
+    optimizer = make_optimizer(policy, cfg)
+    logger = MetricsLogger(run_dir, d.main, t.ntp_steps + t.steps, cfg.log.progress, cfg.log.tensorboard,
+                           cfg.log.every, wandb=cfg.log.wandb, trackio=cfg.log.trackio, project=cfg.log.project,
+                           run_config=config.flat(cfg))
+    if t.share_prompts and t.packing == "packed" and not shares_prompts(policy.lm):
+        logger.write(f"note: train.share_prompts runs unshared with model.attn = {cfg.model.attn!r} "
+                     f"({policy.lm.config._attn_implementation}); per_seq on the CPU and sdpa share prompts")
+    for warning in config.warnings_for(cfg):
+        logger.write(f"WARNING {warning}")
+    task = make_task(cfg, tokenizer, t.seed)
+    n_params = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the global size
+    final_dtype = native_dtype(model_dir, cfg.model.trust_remote_code) if t.final_dtype == "model" else torch.float32
+    run = Run(cfg, d, run_dir, tokenizer, task, policy, ref, optimizer, engine, logger,
+              n_params=n_params, own_engine=own_engine, final_dtype=final_dtype)
+    start = 0
+    if resume:
+        ckpt = checkpoint.latest(run_dir, say=logger.write, main=d.main)
+        if ckpt is None:
+            raise RunDirError(f"--resume: no intact checkpoint in {str(run_dir / 'checkpoints')!r}; start a new "
+                              f"run (without --resume: the directory is reused)")
+        state = checkpoint.load(ckpt, policy.lm, optimizer, d)
+        start, run.cursor = state["step"], state["cursor"]
+        if start > t.ntp_steps + t.steps:
+            raise RunDirError(f"--resume: the checkpoint is at step {start}, past train.ntp_steps + train.steps "
+                              f"= {t.ntp_steps + t.steps}; raise train.steps to extend the run")
+        logger.write(f"resumed from {ckpt} at step {start}")
+    logger.restart_at(start)  # rows a killed run logged after its checkpoint are redone, not duplicated
+    return run, start
+
+
+def make_optimizer(policy: torch.nn.Module, cfg: config.Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    return torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)

@@ -1,0 +1,34 @@
+"""One log line per step: times and peak memory per phase, tokens/s, MFU, the data cursor."""
+
+from __future__ import annotations
+
+import time
+
+from rptfast.metrics import Timer, peak_flops, peak_memory_gb
+from rptfast.train.run import Run
+
+
+def finish_metrics(run: Run, metrics: dict, timer: Timer, t0: float, step: int) -> dict:
+    dt = time.perf_counter() - t0
+    times = timer.times
+    metrics.setdefault("phase", "rl")
+    metrics["time/step"] = dt
+    for k, v in times.items():
+        metrics[f"time/{k}"] = v
+        metrics[f"peak_mem_gb/{k}"] = timer.peaks[k]
+    trained = metrics.get("trained_tokens", 0)
+    metrics["tok_per_s"] = trained / dt
+    if "generated_tokens" in metrics and times.get("generate"):
+        metrics["tok_per_s/generate"] = metrics["generated_tokens"] / times["generate"]
+    if times.get("update"):
+        metrics["tok_per_s/update"] = trained / times["update"]
+    if times.get("logprobs"):
+        metrics["tok_per_s/logprobs"] = metrics["prepass_tokens"] / times["logprobs"]
+    metrics["peak_mem_gb"] = max(timer.peaks.values(), default=peak_memory_gb(run.d.device))
+    peak = peak_flops(run.d.device)
+    busy = times.get("update", 0.0) + times.get("logprobs", 0.0)
+    if peak and busy:
+        flops = 6 * run.n_params * trained + 2 * run.n_params * metrics.get("prepass_tokens", 0)
+        metrics["mfu"] = flops / (busy * peak * run.d.world)
+    metrics["cursor"] = run.cursor
+    return metrics
