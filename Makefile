@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.rptfast-installed
 GPU    := $(shell nvidia-smi >/dev/null 2>&1 && echo 1)
 EXTRAS := $(if $(GPU),gpu,cpu),dev
 
-.PHONY: setup demo demo-rpt test lint bench clean
+.PHONY: setup demo demo-rpt study test lint bench clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ demo-rpt: setup
 	$(RPT) eval --config rpt-toy --model $(TOY)/control/final --data $(TOY)/samples
 	$(RPT) toy table --base $(TOY)/base/final/eval-samples.json --rpt $(TOY)/rpt/final/eval-samples.json \
 		--control $(TOY)/control/final/eval-samples.json --data $(TOY)/samples --run $(TOY)/rpt --out $(TOY)
+
+# The RPT family side by side (docs/rpt.md): a next-token control, RPT, RLP and RPT with a thought budget, from
+# demo-rpt's base (made first if missing), two seeds each; about 40 minutes on 2 cores.
+study: setup
+	$(PY) bench/rpt_family.py
 
 test: setup
 	$(VENV)/bin/pytest tests -q

@@ -5,6 +5,7 @@ A checkpoint directory `checkpoints/step_000010/` holds
   them (fp32 by default, whatever the compute dtype), so that a resumed run is bit-identical;
 - state.pt: optimizer state (full, FQN keys), step, data cursor and RNG state, read back
   with `torch.load(weights_only=True)`;
+- ema.safetensors (data.reward = "info_gain" only): the EMA baseline's fp32 weights;
 - manifest.json, written last (temp name, then rename): size and SHA-256 of each file.
 `latest` verifies manifests newest first and falls back to the previous intact checkpoint
 (saying so, and renaming the damaged one to `.damaged`), which is why `keep_ckpts` keeps more
@@ -103,9 +104,11 @@ def _commit(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, extra: dict, d: Dist, keep: int) -> Path:
+def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, extra: dict, d: Dist, keep: int,
+         ema: torch.nn.Module | None = None) -> Path:
     """Checkpoint `step`; the lr schedule is a pure function of the step, so the step is enough."""
     weights = full_model_state(model)
+    ema_weights = None if ema is None else full_model_state(ema)
     optim = get_optimizer_state_dict(model, optimizer,
                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     final = run_dir / "checkpoints" / f"step_{step:06d}"
@@ -113,6 +116,9 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, extra: dic
         refuse_nonfinite(weights, final)
         tmp = _atomic_dir(final)
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+        if ema_weights is not None:
+            refuse_nonfinite(ema_weights, final)
+            save_file({k: v.contiguous() for k, v in ema_weights.items()}, tmp / "ema.safetensors")
         torch.save({"optimizer": optim, "step": step,
                     "rng": torch.get_rng_state(), **extra}, tmp / "state.pt")
         write_manifest(tmp)
@@ -145,11 +151,13 @@ def latest(run_dir: Path, say: Callable[[str], None] = print, check: bool = True
     return None
 
 
-def load(path: Path, model: torch.nn.Module, optimizer, d: Dist) -> dict:
-    """Restore weights and optimizer in place; return the rest of the saved state (step, cursor)."""
+def load(path: Path, model: torch.nn.Module, optimizer, d: Dist, ema: torch.nn.Module | None = None) -> dict:
+    """Restore weights, optimizer (and the EMA baseline) in place; return the rest of the saved state."""
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1)
     set_model_state_dict(model, load_file(path / "model.safetensors"), options=opts)
+    if ema is not None:
+        set_model_state_dict(ema, load_file(path / "ema.safetensors"), options=opts)
     set_optimizer_state_dict(model, optimizer, state.pop("optimizer"), options=opts)
     torch.set_rng_state(state.pop("rng"))
     return state

@@ -52,7 +52,8 @@ class DataConfig:
     samples: str = ""  # rpt: directory written by `rptfast prepare`
     template: str = "v0"  # rpt: prompt template name (rptfast.data.templates)
     max_prompt_tokens: int = 1024  # rpt: context cut from the left to fit this many prompt tokens
-    reward: str = "prefix"  # rpt: prefix (the paper's Eq. 3) | first_token
+    reward: str = "prefix"  # rpt: prefix (the paper's Eq. 3) | first_token | info_gain (RLP: log-prob gain)
+    info_gain_tokens: int = 1  # info_gain: ground-truth tokens teacher-forced after the thought (log-probs summed)
     first_token_set: int = 8  # first_token: reward 1 when the completion starts with a token id < this
     prompt_len: int = 8  # first_token: prompt length in tokens
 
@@ -63,7 +64,9 @@ class RolloutConfig:
     n: int = 8  # completions per prompt (the GRPO group size)
     temperature: float = 1.0  # sampling temperature; the trainer scores the same tempered distribution
     top_p: float = 1.0  # nucleus sampling; < 1 makes rollout and trainer distributions differ
-    max_tokens: int = 64  # completion length cap
+    max_tokens: int = 64  # completion length cap (the thought budget; with a schedule, its value at the first RL step)
+    budget_schedule: str = "constant"  # max_tokens over RL steps: constant | linear | cosine (to max_tokens_end)
+    max_tokens_end: int = 0  # budget at the last RL step of a linear or cosine schedule (<= max_tokens)
     max_model_len: int = 2048  # prompt + completion limit of the engine
     gpu_memory_utilization: float = 0.4  # vllm on CUDA: share of GPU memory for weights + KV cache
     cpu_kv_cache_gib: int = 1  # vllm on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
@@ -89,6 +92,10 @@ class AlgorithmConfig:
     updates_per_batch: int = 1  # mini-batch updates per rollout batch (1 = on-policy)
     mismatch_warn: float = 0.05  # log loudly when max |rollout - trainer logprob| exceeds this
     mismatch_stop: float = 0.1  # stop when the mean |rollout - trainer logprob| per token exceeds this (+ -ln top_p)
+    ema_decay: float = 0.999  # info_gain: the no-think baseline's weights phi <- decay phi + (1 - decay) theta per step
+    length_coef: float = 0.0  # reward -= length_coef per completion token beyond length_target; 0 = off
+    length_target: int = 0  # completion tokens free of the length term
+    ntp_coef: float = 0.0  # RL + next-token mix (RMT): + ntp_coef x mean NLL of the prompts' context tokens; 0 = off
 
 
 @dataclass

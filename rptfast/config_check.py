@@ -25,7 +25,8 @@ CHOICES = {
     "model.scratch_tokenizer": ("char", "bpe", "toy"),
     "data.task": ("parity", "rpt", "first_token", "toy"),
     "data.parity_reward": ("answer", "chain"),
-    "data.reward": ("prefix", "first_token"),
+    "data.reward": ("prefix", "first_token", "info_gain"),
+    "rollout.budget_schedule": ("constant", "linear", "cosine"),
     "data.template": ("v0", "candidates", "multi", "context_first", "bare"),
     "prepare.txt_unit": ("file", "paragraph", "line"),
     "eval.split": ("eval", "train", "all"),
@@ -99,6 +100,12 @@ BOUNDS = {
     "prepare.shard_samples": (lambda v: v >= 1, "an integer >= 1"),
     "prepare.eval_fraction": (lambda v: 0.0 <= v < 1.0, "a share in [0, 1)"),
     "eval.samples": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    "data.info_gain_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.max_tokens_end": (lambda v: v >= 0, "an integer >= 0 (0: no schedule)"),
+    "algorithm.ema_decay": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    "algorithm.length_coef": (lambda v: v >= 0, "a float >= 0 (0 = off)"),
+    "algorithm.length_target": (lambda v: v >= 0, "an integer >= 0"),
+    "algorithm.ntp_coef": (lambda v: v >= 0, "a float >= 0 (0 = off)"),
     "eval.k": (lambda v: v >= 1, "an integer >= 1"),
     "eval.batch_tokens": (lambda v: v >= 2, "an integer >= 2"),
 }
@@ -174,7 +181,43 @@ def check(cfg: Config) -> Config:
     if m.grad_filter and not (m.fused_loss and m.logprob == "fused" and cfg.algorithm.updates_per_batch == 1):
         raise ConfigError("model.grad_filter only acts in the fused loss (model.fused_loss = true, model.logprob = "
                           "'fused', algorithm.updates_per_batch = 1); set model.grad_filter = false")
+    check_rpt_family(cfg)
     return cfg
+
+
+INFO_GAIN_SLACK = 16  # tokens beyond a completion that `</think>` and `\boxed{` take in any tokenizer
+
+
+def check_rpt_family(cfg: Config) -> None:
+    """RPT's successors in the same trainer: the information-gain reward, thought budgets, the NTP mix."""
+    r, a = cfg.rollout, cfg.algorithm
+    if r.budget_schedule == "constant" and r.max_tokens_end:
+        raise ConfigError(f"rollout.max_tokens_end = {r.max_tokens_end} needs rollout.budget_schedule = 'linear' or "
+                          f"'cosine' (with 'constant' the budget is rollout.max_tokens); set one, or set it to 0")
+    if r.budget_schedule != "constant" and not 1 <= r.max_tokens_end <= r.max_tokens:
+        raise ConfigError(f"rollout.budget_schedule = {r.budget_schedule!r} decays rollout.max_tokens "
+                          f"({r.max_tokens}) to rollout.max_tokens_end, which must be in [1, {r.max_tokens}], "
+                          f"not {r.max_tokens_end}")
+    if cfg.data.reward == "info_gain":
+        if cfg.data.task != "rpt":
+            raise ConfigError(f"data.reward = 'info_gain' scores the ground-truth next tokens of RPT samples; it "
+                              f"needs data.task = 'rpt', not {cfg.data.task!r}")
+        if cfg.train.master_dtype != "float32":
+            raise ConfigError("data.reward = 'info_gain' keeps an EMA of the policy's weights, which needs fp32 "
+                              "masters (a bf16 weight cannot take a 0.001 x step); set train.master_dtype = 'float32'")
+        slack = cfg.data.info_gain_tokens + INFO_GAIN_SLACK
+        if longest_prompt(cfg)[1] + r.max_tokens + slack > cfg.train.micro_batch_tokens:
+            raise ConfigError(f"train.micro_batch_tokens ({cfg.train.micro_batch_tokens}) cannot hold an "
+                              f"information-gain scoring sequence: prompt + rollout.max_tokens + `</think>\\boxed{{` "
+                              f"+ data.info_gain_tokens (+ {INFO_GAIN_SLACK} tokens of room); raise it to at least "
+                              f"{longest_prompt(cfg)[1] + r.max_tokens + slack}")
+        if a.dynamic_sampling:
+            raise ConfigError("algorithm.dynamic_sampling drops groups whose rewards are all equal, which "
+                              "information-gain rewards (continuous) never are; set it to false with "
+                              "data.reward = 'info_gain'")
+    if a.ntp_coef and cfg.data.task != "rpt":
+        raise ConfigError(f"algorithm.ntp_coef mixes in the next-token loss of the prompts' context tokens, which "
+                          f"only RPT prompts have; set it to 0 for data.task = {cfg.data.task!r}")
 
 
 PRETRAIN_TASKS = ("parity", "toy")  # tasks with next-token targets (train.ntp_steps, training from scratch)

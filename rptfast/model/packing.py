@@ -25,6 +25,7 @@ class Sequence:
     start: int  # index of the first scored token (the completion's first)
     advantage: float = 0.0
     rollout_logprobs: list[float] | None = None  # the engine's logprob of each scored token
+    context: tuple[int, int] | None = None  # tokens[a:b] also scored by the next-token loss (algorithm.ntp_coef)
 
     @property
     def n_scored(self) -> int:
@@ -47,6 +48,8 @@ class MicroBatch:
     rollout_logprobs: torch.Tensor  # [R] (zeros when the sequences carry none)
     mask: torch.Tensor  # [R] bool: False only in the padding micro-batch of a rank with fewer
     attention_mask: torch.Tensor | None = None  # padded only: [B, L]
+    ntp_idx: torch.Tensor | None = None  # [C] flat position predicting each context token (Sequence.context), if any
+    ntp_targets: torch.Tensor | None = None  # [C] the context tokens
     shared: SharedLayout | None = None  # prompt-once rows only (collate_shared); cu_seqlens then holds segments
 
     @property
@@ -90,7 +93,7 @@ def collate(seqs: list[Sequence], idx: list[int], device: torch.device, masked: 
             padded: bool = False) -> MicroBatch:
     """seqs[idx] as one micro-batch (masked=True: one that contributes nothing)."""
     L = max(len(seqs[i].tokens) for i in idx)
-    ids, pos, cu, pred, tgt, sid, adv, rlp = [], [], [0], [], [], [], [], []
+    ids, pos, cu, pred, tgt, sid, adv, rlp, ntp_idx, ntp_tgt = [], [], [0], [], [], [], [], [], [], []
     for k, i in enumerate(idx):
         s = seqs[i]
         off = k * L if padded else cu[-1]
@@ -102,6 +105,9 @@ def collate(seqs: list[Sequence], idx: list[int], device: torch.device, masked: 
         sid += [k] * s.n_scored
         adv += [s.advantage] * s.n_scored
         rlp += s.rollout_logprobs if s.rollout_logprobs is not None else [0.0] * s.n_scored
+        if s.context is not None:
+            ntp_idx += context_positions(s, off)
+            ntp_tgt += s.tokens[max(1, s.context[0]):s.context[1]]
     t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
     attention_mask = None
     ids_t, pos_t = t(ids, torch.long), t(pos, torch.long)
@@ -111,4 +117,18 @@ def collate(seqs: list[Sequence], idx: list[int], device: torch.device, masked: 
                           t([len(seqs[i].tokens) for i in idx], torch.long)[:, None]).long()
     return MicroBatch(ids_t, pos_t, t(cu, torch.int32), L, t(pred, torch.long), t(tgt, torch.long),
                       t(sid, torch.long), t(adv, torch.float32), t(rlp, torch.float32),
-                      torch.full((len(tgt),), not masked, dtype=torch.bool, device=device), attention_mask)
+                      torch.full((len(tgt),), not masked, dtype=torch.bool, device=device), attention_mask,
+                      *ntp_tensors(ntp_idx, ntp_tgt, any(seqs[i].context is not None for i in idx), device))
+
+
+def context_positions(s: Sequence, first: int) -> list[int]:
+    """Flat positions predicting s.tokens[a:b] (a >= 1: token 0 has nothing before it), s starting at `first`."""
+    a, b = s.context
+    return list(range(first + max(1, a) - 1, first + b - 1))
+
+
+def ntp_tensors(idx: list[int], targets: list[int], wanted: bool, device: torch.device):
+    """(ntp_idx, ntp_targets) of a micro-batch: None, None unless one of its sequences has a context."""
+    if not wanted:
+        return None, None
+    return (torch.tensor(idx, dtype=torch.long, device=device), torch.tensor(targets, dtype=torch.long, device=device))

@@ -70,22 +70,34 @@ class PolicyLogprob(nn.Module):
         self.logprob = logprob
         self.lm_head_fp32 = lm_head_fp32
 
-    def forward(self, mb: MicroBatch, temperature: float, loss: dict | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(self, mb: MicroBatch, temperature: float, loss: dict | None = None,
+                ntp: bool = False) -> tuple[torch.Tensor, ...]:
         """(logp [R], entropy [R]) of the scored tokens; with `loss` (linear_policy_loss's options, the
         token tensors included), linear_policy_loss's (loss, metrics, logp, entropy) instead, the
-        gradient made in this pass (logprob = "fused" only)."""
-        h = hidden_states(self.lm, mb).index_select(0, mb.pred_idx)  # [R, H]
+        gradient made in this pass (logprob = "fused" only). With `ntp`, one more output: the log-probs
+        [C] of the micro-batch's context tokens (mb.ntp_targets, temperature 1: the language model's
+        own next-token loss), from the same forward (algorithm.ntp_coef)."""
+        hidden = hidden_states(self.lm, mb)  # [T, H]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
+        out = self._scored(hidden.index_select(0, mb.pred_idx), weight, mb.targets, temperature, loss)
+        if not ntp:
+            return out
+        h = hidden.index_select(0, mb.ntp_idx)  # [C, H]
+        h, w = (h.float(), weight.float()) if self.lm_head_fp32 else (h, weight)
+        return *out, linear_logprob(h, w, mb.ntp_targets, 1.0)
+
+    def _scored(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                loss: dict | None) -> tuple[torch.Tensor, ...]:
         if self.lm_head_fp32:
             h, weight = h.float(), weight.float()
         if loss is not None:
             if self.logprob != "fused":
                 raise ValueError(f"the fused loss needs model.logprob = 'fused', not {self.logprob!r}; "
                                  "set model.fused_loss = false for the logits ablations")
-            return linear_policy_loss(h, weight, mb.targets, temperature=temperature, **loss)
+            return linear_policy_loss(h, weight, targets, temperature=temperature, **loss)
         if self.logprob == "fused":
-            return linear_logprob(h, weight, mb.targets, temperature, return_entropy=True)
+            return linear_logprob(h, weight, targets, temperature, return_entropy=True)
         logits = h @ weight.T  # [R, V]
         if self.logprob == "logits":
-            return selective_logprob(logits, mb.targets, temperature, return_entropy=True)
-        return reference.selective_logprob(logits.float(), mb.targets, temperature, return_entropy=True)
+            return selective_logprob(logits, targets, temperature, return_entropy=True)
+        return reference.selective_logprob(logits.float(), targets, temperature, return_entropy=True)

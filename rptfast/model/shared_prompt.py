@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rptfast.model.packing import MicroBatch, Sequence
+from rptfast.model.packing import MicroBatch, Sequence, context_positions, ntp_tensors
 
 
 @dataclass
@@ -265,10 +265,13 @@ def collate_shared(seqs: list[Sequence], idx: list[int], device: torch.device) -
                 segments.append((len(ids), len(completion), p0, P))
                 pos += range(P, P + len(completion))
                 ids += completion
-    pred, tgt, sid, adv, rlp = [], [], [], [], []
+    pred, tgt, sid, adv, rlp, ntp_idx, ntp_tgt = [], [], [], [], [], [], []
     for k, i in enumerate(idx):
         s = seqs[i]
         last, first = where[i]
+        if s.context is not None:  # the context lies in the row's one copy of the prompt
+            ntp_idx += context_positions(s, last - s.start + 1)
+            ntp_tgt += s.tokens[max(1, s.context[0]):s.context[1]]
         pred += [last, *range(first, first + s.n_scored - 1)] if s.n_scored else []
         tgt += s.tokens[s.start:]
         sid += [k] * s.n_scored
@@ -281,4 +284,5 @@ def collate_shared(seqs: list[Sequence], idx: list[int], device: torch.device) -
     return MicroBatch(t(ids, torch.long), t(pos, torch.long), t(cu, torch.int32), max(s[1] for s in segments),
                       t(pred, torch.long), t(tgt, torch.long), t(sid, torch.long), t(adv, torch.float32),
                       t(rlp, torch.float32), torch.ones(len(tgt), dtype=torch.bool, device=device),
+                      None, *ntp_tensors(ntp_idx, ntp_tgt, any(seqs[i].context is not None for i in idx), device),
                       shared=SharedLayout.build(segments, device))

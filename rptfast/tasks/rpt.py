@@ -5,7 +5,8 @@ samples, and a permutation of them seeded by (seed, e), so a resumed run or anot
 count sees the same prompts in the same places, and every epoch is a fresh shuffle. Prompts
 are the sample's context in data.template, chat-wrapped, cut to data.max_prompt_tokens
 (rptfast.data.templates). A completion earns data.reward: the paper's prefix match, or the
-first-token match (rptfast.reward).
+first-token match (rptfast.reward); with "info_gain" (RLP) the trainer replaces the reward by the
+thought's information gain (rptfast.train.info_gain) and score() is the prefix match, kept for accuracy.
 
 evaluate() runs one completion per held-out sample (the documents prepare set aside), `count`
 of them drawn across documents with the run's seed (SampleStore.spread, as `rptfast eval`
@@ -37,7 +38,7 @@ class RPTTask:
         check_lengths(data_cfg.max_prompt_tokens, rollout_cfg.max_tokens, rollout_cfg.max_model_len)
         self.tokenizer = tokenizer
         self.build = PromptBuilder(tokenizer, data_cfg.template, data_cfg.max_prompt_tokens, token_bytes(tokenizer))
-        self.mode = data_cfg.reward
+        self.mode = "prefix" if data_cfg.reward == "info_gain" else data_cfg.reward  # info_gain: accuracy by prefix
         self.rollout = rollout_cfg
         self.seed = seed
         self.train_rows = self.store.rows("train")
@@ -56,10 +57,15 @@ class RPTTask:
         return int(self.train_rows[self._perm[j]])
 
     def prompt(self, index: int, row: int) -> Prompt:
+        """The sample's prompt; meta holds what the rewards need: the truth's bytes and token boundaries (prefix),
+        its token ids and the context the prompt kept (info_gain), and where that context sits (ntp_coef)."""
         s = self.store.get(row)
-        return Prompt(index, self.build(s["context_ids"]),
+        context = self.build.context(s["context_ids"])
+        start = len(self.build.pre)
+        return Prompt(index, self.build.pre + context + self.build.post,
                       {"row": row, "truth": s["continuation_bytes"], "boundaries": s["boundaries"],
-                       "entropy": s["entropy"]})
+                       "entropy": s["entropy"], "truth_ids": list(s["continuation_ids"]), "context_ids": context,
+                       "context_span": (start, start + len(context))})
 
     def prompts(self, start: int, count: int) -> list[Prompt]:
         return [self.prompt(i, self.row(i)) for i in range(start, start + count)]

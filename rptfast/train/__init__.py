@@ -4,10 +4,12 @@
 - loop.py: the step loop, one RL step (rollout, sleep, update, offload, sync), the evaluation hook;
 - groups.py: the rollout: groups of completions from the engine, rewards, advantages, dynamic sampling;
 - optimize.py: the update: micro-batches, the policy loss (fused or two-step), the optimizer step;
+- info_gain.py: RLP's information-gain reward (data.reward = "info_gain") and its EMA baseline;
 - ntp.py: the next-token phase before RL;
 - colocate.py: the engine and the trainer sharing the device (offload, restore, sync);
 - guards.py: non-finite numbers and engine/trainer mismatch stop the run;
-- schedule.py: the learning rate over steps; step_metrics.py: the per-step log line.
+- schedule.py: the learning rate and the thought budget over steps, the length term;
+- step_metrics.py: the per-step log line.
 
 The names the CLI, the benchmarks and the tests use are importable from here.
 """

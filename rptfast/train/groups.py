@@ -18,6 +18,7 @@ from rptfast.rollout import SamplingConfig
 from rptfast.tasks import Prompt
 from rptfast.train.guards import check_finite_outputs
 from rptfast.train.run import Run
+from rptfast.train.schedule import budget_at, length_penalty
 
 
 def sample_seed(run_seed: int, step: int, index: int) -> int:
@@ -49,11 +50,12 @@ def rollout(run: Run, step: int, timer: Timer) -> tuple[list[Group], dict]:
     cfg, d = run.cfg, run.d
     P, n = cfg.train.prompts_per_step, cfg.rollout.n
     per_rank = P // d.world
-    sampling = SamplingConfig(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
+    budget = budget_at(cfg, step)
+    sampling = SamplingConfig(cfg.rollout.temperature, cfg.rollout.top_p, budget)
     dynamic = cfg.algorithm.dynamic_sampling and step - cfg.train.ntp_steps >= cfg.algorithm.dynamic_sampling_from
     kept: list[Group] = []
     n_kept, tries = 0, cfg.algorithm.dynamic_sampling_tries if dynamic else 1
-    rewards_all, lengths, truncated, equal = [], [], 0, 0
+    rewards_all, correct, lengths, truncated, equal = [], [], [], 0, 0
     for _ in range(tries):
         with timer("generate"):
             prompts = run.task.prompts(run.cursor + d.rank * per_rank, per_rank)
@@ -63,6 +65,9 @@ def rollout(run: Run, step: int, timer: Timer) -> tuple[list[Group], dict]:
             check_finite_outputs(comps, f"rollout of step {step + 1}")
         with timer("reward"):
             rewards = torch.tensor([run.task.score(prompts[c.prompt_index], c.token_ids) for c in comps])
+            correct.append(rewards >= 1)  # the task's own verdict, before the length term
+            if cfg.algorithm.length_coef:
+                rewards = rewards - torch.tensor([length_penalty(cfg, len(c.token_ids)) for c in comps])
             adv, all_equal = group_advantages(rewards, n, scale=cfg.algorithm.adv_scale, eps=cfg.algorithm.adv_eps)
             groups = [Group(p, comps[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n], adv[i * n:(i + 1) * n],
                             bool(all_equal[i])) for i, p in enumerate(prompts)]
@@ -83,10 +88,13 @@ def rollout(run: Run, step: int, timer: Timer) -> tuple[list[Group], dict]:
     with timer("reward"):
         r = torch.cat(rewards_all)
         s_r, s_acc, s_n, s_len, s_trunc, s_eq, s_groups = all_sum(
-            [r.sum().item(), (r >= 1).sum().item(), r.numel(), sum(lengths), truncated, equal,
+            [r.sum().item(), torch.cat(correct).sum().item(), r.numel(), sum(lengths), truncated, equal,
              len(rewards_all) * per_rank], d)
         (max_len,) = all_max([max(lengths)], d)
         stats = {"reward": s_r / s_n, "accuracy": s_acc / s_n, "response_len": s_len / s_n,
                  "response_len_max": max_len, "truncated_frac": s_trunc / s_n, "all_equal_frac": s_eq / s_groups,
-                 "groups_kept": all_sum([len(kept)], d)[0], "generated_tokens": s_len}
+                 "groups_kept": all_sum([len(kept)], d)[0], "generated_tokens": s_len, "budget": budget}
+        if cfg.algorithm.length_coef:
+            (s_pen,) = all_sum([sum(length_penalty(cfg, n_tok) for n_tok in lengths)], d)
+            stats["length_penalty"] = s_pen / s_n
     return kept, stats

@@ -27,6 +27,7 @@ from pathlib import Path
 from rptfast import checkpoint, config, distributed
 from rptfast.errors import NonFiniteError
 from rptfast.metrics import Timer
+from rptfast.train import info_gain
 from rptfast.train.colocate import sync, trainer_in, trainer_out
 from rptfast.train.groups import rollout
 from rptfast.train.guards import CheckedOutputs
@@ -74,8 +75,8 @@ def train(cfg: config.Config, resume: bool = False, engine=None) -> Path:
                                      f"(train.max_skipped = {t.max_skipped}) at step {done}; lower train.lr or "
                                      f"check the data, then --resume from the last checkpoint")
             if t.ckpt_every and done % t.ckpt_every == 0 or done == total:
-                checkpoint.save(run.run_dir, done, run.policy.lm, run.optimizer,
-                                {"cursor": run.cursor}, run.d, t.keep_ckpts)
+                checkpoint.save(run.run_dir, done, run.policy.lm, run.optimizer, {"cursor": run.cursor}, run.d,
+                                t.keep_ckpts, ema=None if run.ema is None else run.ema.lm)
         final = checkpoint.save_hf(run.run_dir / "final", run.policy.lm, run.tokenizer, run.d, run.final_dtype)
         run.logger.write(f"done: final model in {final}")
         if run.d.main and hasattr(run.task, "report"):
@@ -101,6 +102,9 @@ def rl_step(run: Run, step: int) -> dict:
     with timer("sleep"):
         run.engine.sleep()
         trainer_in(run)
+    if run.ema is not None:  # info_gain: scored by the trainer's forwards, so after the engine sleeps
+        with timer("reward"):
+            stats.update(info_gain.rescore(run, groups))
     # every rank joins the update when any rank kept a group (FSDP's collectives must pair up)
     # no group kept (dynamic sampling dropped every all-equal group): nothing to learn from, not a numeric
     # fault, so it does not count towards train.max_skipped

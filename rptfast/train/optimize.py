@@ -33,9 +33,12 @@ from rptfast.train.run import Run
 from rptfast.train.schedule import lr_at
 
 
-def sequences(groups: list[Group]) -> list[Sequence]:
-    return [Sequence(g.prompt.token_ids + c.token_ids, len(g.prompt.token_ids), float(a), c.logprobs)
-            for g in groups for c, a in zip(g.completions, g.advantages)]
+def sequences(groups: list[Group], ntp: bool = False) -> list[Sequence]:
+    """One sequence per completion; with `ntp`, a group's first also carries its prompt's context span (the
+    next-token loss scores each prompt's context once, whichever copy of the prompt a micro-batch holds)."""
+    return [Sequence(g.prompt.token_ids + c.token_ids, len(g.prompt.token_ids), float(a), c.logprobs,
+                     g.prompt.meta["context_span"] if ntp and j == 0 else None)
+            for g in groups for j, (c, a) in enumerate(zip(g.completions, g.advantages))]
 
 
 def aligned_micro_batches(run: Run, seqs: list[Sequence]) -> list[MicroBatch]:
@@ -45,19 +48,25 @@ def aligned_micro_batches(run: Run, seqs: list[Sequence]) -> list[MicroBatch]:
     With train.share_prompts (and a backend that runs the shared mask), sequences with the same
     prompt share it: prompt-once rows (model.pack_shared), the same log-probs and gradients.
     """
+    return [mb for _, mb in indexed_micro_batches(run, seqs)]
+
+
+def indexed_micro_batches(run: Run, seqs: list[Sequence]) -> list[tuple[list[int], MicroBatch]]:
+    """aligned_micro_batches with the indices into `seqs` each holds (none for a padding dummy); a micro-batch's
+    seq_ids k is sequence idx[k]."""
     padded = run.cfg.train.packing == "padded"
     budget = run.cfg.train.micro_batch_tokens
     if run.cfg.train.share_prompts and not padded and shares_prompts(run.policy.lm):
         bins = pack_shared(seqs, budget) if seqs else []
-        mbs = [collate_shared(seqs, b, run.d.device) for b in bins]
+        out = [(b, collate_shared(seqs, b, run.d.device)) for b in bins]
     else:
         bins = pack(seqs, budget, padded) if seqs else []
-        mbs = [collate(seqs, b, run.d.device, padded=padded) for b in bins]
+        out = [(b, collate(seqs, b, run.d.device, padded=padded)) for b in bins]
     (most,) = all_max([len(bins)], run.d)
     dummy = Sequence([0, 0], 1, 0.0, [0.0])
-    while len(mbs) < most:
-        mbs.append(collate([dummy], [0], run.d.device, masked=True))
-    return mbs
+    while len(out) < most:
+        out.append(([], collate([dummy], [0], run.d.device, masked=True)))
+    return out
 
 
 def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
@@ -65,7 +74,7 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
     cfg, d, a = run.cfg, run.d, run.cfg.algorithm
     K = a.updates_per_batch
     with timer("pack"):
-        seqs = sequences(groups)
+        seqs = sequences(groups, ntp=a.ntp_coef > 0)
         minis = [seqs[i::K] for i in range(K)] if K > 1 else [seqs]
         mbs_per_mini = [aligned_micro_batches(run, m) for m in minis]
         rates = flop_rates(run.policy.lm)
@@ -79,16 +88,19 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
     fused = cfg.model.fused_loss and cfg.model.logprob == "fused" and K == 1
     sums: dict[str, float] = {}
     mismatch = Mismatch()
-    skipped, trained_tokens, grad_norm, loss_total = 0, 0, 0.0, 0.0
+    skipped, trained_tokens, grad_norm, loss_total, ntp_loss = 0, 0, 0.0, 0.0, 0.0
     with timer("update"):
         for i, mbs in enumerate(mbs_per_mini):
             for g in run.optimizer.param_groups:
                 g["lr"] = lr_at(cfg, step)
             norm_tokens, norm_seqs = all_sum([sum(s.n_scored for s in minis[i]), len(minis[i])], d)
             normalizer = norm_tokens if a.aggregation == "token-mean" else norm_seqs
+            (ntp_tokens,) = all_sum([sum(s.context[1] - max(1, s.context[0]) for s in minis[i] if s.context)], d)
             mini_loss = 0.0
             for j, mb in enumerate(mbs):
-                loss, m, logp, ent = micro_batch_loss(run, mb, normalizer, old.get((i, j)), ref.get((i, j)), fused)
+                loss, m, logp, ent = micro_batch_loss(run, mb, normalizer, old.get((i, j)), ref.get((i, j)), fused,
+                                                      ntp_tokens)
+                ntp_loss += m.pop("ntp_loss", 0.0)
                 # rollout vs trainer on the same tokens, with the weights the rollout used: the
                 # pre-pass values, or this forward while no mini-batch has updated the weights yet
                 mismatch.add(old.get((i, j), logp.detach() if i == 0 else None), mb)
@@ -109,6 +121,8 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
                 continue
             run.optimizer.step()
             check_finite_state(run, step)
+            if run.ema is not None:
+                ema_update(run.ema, run.policy, a.ema_decay)
             run.optimizer.zero_grad(set_to_none=True)
             loss_total += mini_loss
             grad_norm = max(grad_norm, norm)
@@ -121,6 +135,8 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
                         "skipped": skipped, "mismatch_mean": m_mean, "mismatch_max": m_max,
                         "trained_tokens": all_sum([trained_tokens], d)[0],
                         "prepass_tokens": all_sum([prepass_tokens], d)[0]})
+        if a.ntp_coef:  # the mean NLL per context token, averaged over the mini-batches
+            metrics["ntp_loss"] = all_sum([ntp_loss], d)[0] / K
         metrics.update(advantage_stats(run, groups))
         # counted FLOPs (model.flop_rates): forward + backward of every micro-batch, forward only per pre-pass
         n_prepasses = int(need_old) + int(run.ref is not None)
@@ -153,23 +169,37 @@ def prepasses(run: Run, mbs_per_mini: list[list[MicroBatch]], need_old: bool) ->
 
 
 def micro_batch_loss(run: Run, mb: MicroBatch, normalizer: float, old: torch.Tensor | None,
-                     ref: torch.Tensor | None, fused: bool) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+                     ref: torch.Tensor | None, fused: bool,
+                     ntp_tokens: int = 0) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
     """(loss, metrics, logp [R], entropy [R]) of one micro-batch: fused (linear_policy_loss, gradient made in
     the lm_head pass) or two-step (log-probs, then policy_loss). `old`: the pre-pass's old log-probs, or None
-    for this forward's own (on-policy); algorithm.old_logprobs = "rollout" takes the engine's instead."""
+    for this forward's own (on-policy); algorithm.old_logprobs = "rollout" takes the engine's instead.
+
+    With algorithm.ntp_coef, the same forward also scores the context tokens of the micro-batch's prompts
+    (each prompt once: Sequence.context), and the loss gains ntp_coef x their NLL summed / `ntp_tokens` (the
+    mini-batch's context tokens over every rank); metrics["ntp_loss"] is this micro-batch's share of that
+    mean NLL (the shares add up to it)."""
     cfg, a = run.cfg, run.cfg.algorithm
     T = cfg.rollout.temperature
     options = dict(eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip or None, ref_logprobs=ref,
                    kl_coef=a.kl_coef, rollout_logprobs=mb.rollout_logprobs if a.tis_cap else None,
                    tis_cap=a.tis_cap or None, aggregation=a.aggregation, seq_ids=mb.seq_ids, normalizer=normalizer,
                    max_len=cfg.rollout.max_tokens)
+    ntp = a.ntp_coef > 0 and mb.ntp_idx is not None
     if fused:  # old log-probs: the engine's, or (None) this forward's own
         old_lp = mb.rollout_logprobs if a.old_logprobs == "rollout" else None
-        return run.policy(mb, T, loss=dict(old_logprobs=old_lp, advantages=mb.advantages, mask=mb.mask,
-                                           grad_filter=cfg.model.grad_filter, **options))
-    logp, ent = run.policy(mb, T)
-    old_lp = mb.rollout_logprobs if a.old_logprobs == "rollout" else (old if old is not None else logp.detach())
-    loss, m = policy_loss(logp, old_lp, mb.advantages, mb.mask, **options)
+        out = run.policy(mb, T, loss=dict(old_logprobs=old_lp, advantages=mb.advantages, mask=mb.mask,
+                                          grad_filter=cfg.model.grad_filter, **options), ntp=ntp)
+        loss, m, logp, ent = out[:4]
+    else:
+        out = run.policy(mb, T, ntp=ntp)
+        logp, ent = out[:2]
+        old_lp = mb.rollout_logprobs if a.old_logprobs == "rollout" else (old if old is not None else logp.detach())
+        loss, m = policy_loss(logp, old_lp, mb.advantages, mb.mask, **options)
+    if ntp:
+        nll = -out[-1].sum() / max(1, ntp_tokens)
+        loss = loss + a.ntp_coef * nll
+        m = {**m, "ntp_loss": nll.item()}
     return loss, m, logp, ent
 
 
@@ -209,6 +239,14 @@ def _accumulate(sums: dict, m: dict, weight: int) -> None:
     for k, v in m.items():
         sums[k] = sums.get(k, 0.0) + float(v) * weight
     sums["_n"] = sums.get("_n", 0.0) + weight
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, policy: torch.nn.Module, decay: float) -> None:
+    """phi <- decay phi + (1 - decay) theta (info_gain's baseline), parameter by parameter, local shards under
+    FSDP, in place; both in fp32."""
+    local = lambda t: t._local_tensor if hasattr(t, "_local_tensor") else t  # noqa: E731
+    torch._foreach_lerp_([local(p) for p in ema.parameters()], [local(p) for p in policy.parameters()], 1 - decay)
 
 
 def clip_grad(run: Run, max_norm: float) -> float:

@@ -58,6 +58,7 @@ class Run:
     own_engine: bool = True
     final_dtype: torch.dtype = torch.float32  # dtype of the weights in final/
     offloaded: list = field(default_factory=list)  # (device storage, host copy) while the engine runs
+    ema: PolicyLogprob | None = None  # info_gain: the no-think baseline, an EMA of the policy's weights
 
 
 def lock_run_dir(run_dir: Path):
@@ -154,18 +155,20 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     torch.manual_seed(t.seed)  # after the engine: vLLM reseeds the global RNG when it starts
     attn = resolve_attn(cfg.model.attn, d.device, dtype)
 
-    def policy_from(path: str, frozen: bool) -> PolicyLogprob:
-        # the frozen reference needs no masters: it is loaded in the compute dtype
+    def policy_from(path: str, kind: str) -> PolicyLogprob:
+        # the frozen reference needs no masters: it is loaded in the compute dtype; the EMA baseline
+        # (info_gain) keeps fp32 masters like the policy, whose small steps it averages
+        frozen = kind == "reference"
         lm = load_policy(path, dtype=dtype if frozen else master, attn=attn,
                          trust_remote_code=cfg.model.trust_remote_code,
-                         gradient_checkpointing=cfg.model.gradient_checkpointing and not frozen).to(d.device)
-        return distributed.shard(PolicyLogprob(lm, cfg.model.logprob, cfg.model.lm_head_fp32), lm.model.layers, d,
-                                 compute_dtype=None if frozen else dtype)
+                         gradient_checkpointing=cfg.model.gradient_checkpointing and kind == "policy").to(d.device)
+        module = distributed.shard(PolicyLogprob(lm, cfg.model.logprob, cfg.model.lm_head_fp32), lm.model.layers,
+                                   d, compute_dtype=None if frozen else dtype)
+        return module if kind == "policy" else module.requires_grad_(False).eval()
 
-    policy = policy_from(model_dir, frozen=False)
-    ref = None
-    if cfg.algorithm.kl_coef > 0:
-        ref = policy_from(model_dir, frozen=True).requires_grad_(False).eval()
+    policy = policy_from(model_dir, "policy")
+    ref = policy_from(model_dir, "reference") if cfg.algorithm.kl_coef > 0 else None
+    ema = policy_from(model_dir, "ema") if cfg.data.reward == "info_gain" else None
     optimizer = make_optimizer(policy, cfg)
     logger = MetricsLogger(run_dir, d.main, t.ntp_steps + t.steps, cfg.log.progress, cfg.log.tensorboard,
                            cfg.log.every, wandb=cfg.log.wandb, trackio=cfg.log.trackio, project=cfg.log.project,
@@ -179,14 +182,14 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     n_params = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the global size
     final_dtype = native_dtype(model_dir, cfg.model.trust_remote_code) if t.final_dtype == "model" else torch.float32
     run = Run(cfg, d, run_dir, tokenizer, task, policy, ref, optimizer, engine, logger,
-              n_params=n_params, own_engine=own_engine, final_dtype=final_dtype)
+              n_params=n_params, own_engine=own_engine, final_dtype=final_dtype, ema=ema)
     start = 0
     if resume:
         ckpt = checkpoint.latest(run_dir, say=logger.write, main=d.main)
         if ckpt is None:
             raise RunDirError(f"--resume: no intact checkpoint in {str(run_dir / 'checkpoints')!r}; start a new "
                               f"run (without --resume: the directory is reused)")
-        state = checkpoint.load(ckpt, policy.lm, optimizer, d)
+        state = checkpoint.load(ckpt, policy.lm, optimizer, d, ema=None if ema is None else ema.lm)
         start, run.cursor = state["step"], state["cursor"]
         if start > t.ntp_steps + t.steps:
             raise RunDirError(f"--resume: the checkpoint is at step {start}, past train.ntp_steps + train.steps "

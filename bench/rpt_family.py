@@ -1,0 +1,150 @@
+"""The RPT family side by side on the same base and data: a next-token control, RPT, RLP (information-gain
+reward) and RPT with a thought budget, the same steps and prompts each, over seeds (docs/rpt.md).
+
+    .venv/bin/python bench/rpt_family.py [--seeds 0 1] [--steps 80] [--out runs/rpt-family]
+                                         [--base runs/rpt-toy/base/final --data runs/rpt-toy/samples]
+    make study                           # the same, with the defaults
+
+The base and the samples are `make demo-rpt`'s (rptfast/configs/rpt-toy-base.toml, rpt-toy.toml); where
+they are missing they are made the same way first (toy corpus, pre-training, prepare with the base as
+proxy). Every method starts from the base with the same seed per repetition and runs --steps steps:
+- ntp: next-token training on the toy corpus, as the demo's control (32 sequences a step);
+- rpt: rpt-toy as it is (prefix reward, 32 prompts x 8 completions a step);
+- rlp: the same with data.reward = "info_gain" (RLP: the thought's gain in log p of the true next token);
+- rpt-budget: RPT with rollout.max_tokens decaying linearly from 16 to 11 (a worked answer's length) and a
+  length term of 0.01 per token beyond 11.
+Each final model is evaluated by `rptfast eval --config rpt-toy` on the same held-out samples. Rows go to
+bench/results/rpt_family.csv (method, seed, accuracy by split and by kind of position, completion length,
+seconds per step, commit, date); the markdown table (means over seeds, and each seed's hard split) is
+printed and written to OUT/rpt_family.md. On the 2-core CPU one method and seed takes 3 to 5 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "rpt_family.csv"
+METHODS = {
+    "ntp": ["train", "rpt-toy-base", "--set", "train.ntp_steps={steps}", "--set", "data.toy_think_from=0",
+            "--set", "train.ntp_lr=1e-4", "--set", "train.warmup_steps=0"],
+    "rpt": ["train", "rpt-toy", "--set", "train.steps={steps}"],
+    "rlp": ["train", "rpt-toy", "--set", "train.steps={steps}", "--set", "data.reward=info_gain"],
+    "rpt-budget": ["train", "rpt-toy", "--set", "train.steps={steps}", "--set", "rollout.budget_schedule=linear",
+                   "--set", "rollout.max_tokens_end=11", "--set", "algorithm.length_coef=0.01",
+                   "--set", "algorithm.length_target=11"],
+}
+CELLS = [("easy", "all"), ("medium", "all"), ("hard", "all"), ("easy", "reducible"), ("easy", "random")]
+FIELDS = ["method", "seed", "steps", *[f"{s}/{k}" for s, k in CELLS], "len_reducible", "len_random",
+          "sec_per_step", "commit", "date"]
+
+
+def rptfast(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "rptfast", *args], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+
+
+def commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return r.stdout.strip() or "unknown"
+
+
+def ensure_base(base: Path, data: Path) -> None:
+    """make demo-rpt's base and samples, unless they exist."""
+    if not (base / "config.json").is_file():
+        corpus = base.parent.parent / "corpus.jsonl"
+        rptfast("toy", "corpus", "--out", str(corpus))
+        rptfast("train", "rpt-toy-base", "--set", f"train.out_dir={base.parent}", "--set", "log.progress=false")
+    if not (data / "manifest.json").is_file():
+        rptfast("prepare", "--config", "rpt-toy", "--corpus", str(base.parent.parent / "corpus.jsonl"),
+                "--proxy", str(base), "--out", str(data))
+    if not (base / "eval-samples.json").is_file():
+        rptfast("eval", "--config", "rpt-toy", "--model", str(base), "--data", str(data))
+
+
+def run_method(method: str, seed: int, steps: int, base: Path, data: Path, out: Path) -> dict:
+    """Train one method from the base, evaluate it; the CSV row."""
+    run = out / f"{method}-seed{seed}"
+    subprocess.run(["rm", "-rf", str(run)], check=True)
+    args = [a.format(steps=steps) for a in METHODS[method]]
+    rptfast(*args, "--set", f"model.path={base}", "--set", f"data.samples={data}", "--set", f"train.seed={seed}",
+            "--set", f"train.out_dir={run}", "--set", "log.progress=false", "--set", "train.eval_every=0")
+    rptfast("eval", "--config", "rpt-toy", "--model", str(run / "final"), "--data", str(data))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    times = [r["time/step"] for r in rows if "time/step" in r]
+    return measure(method, seed, steps, run / "final" / "eval-samples.json", data, statistics.mean(times))
+
+
+def measure(method: str, seed: int | str, steps: int, evaluation: Path, data: Path, sec_per_step: float) -> dict:
+    from rptfast.data.store import SampleStore
+    from rptfast.tasks.toy import cells, sample_kinds
+
+    result = json.loads(evaluation.read_text())
+    kinds, entropy = sample_kinds(SampleStore(str(data)), result["per_sample"]["row"])
+    mode = "plain" if method == "base, plain" else "random@1"
+    acc, lengths = cells(result, kinds, entropy, mode), cells(result, kinds, entropy, "response_len")
+    row = {"method": method, "seed": seed, "steps": steps, **{f"{s}/{k}": acc[s, k][0] for s, k in CELLS}}
+    row.update(len_reducible=lengths["easy", "reducible"][0], len_random=lengths["easy", "random"][0],
+               sec_per_step=sec_per_step, commit=commit(), date=datetime.date.today().isoformat())
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| method (seeds) | easy | medium | hard | reducible | random | tokens: reducible | random | s/step |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        mean = {k: statistics.mean(r[k] for r in mine) for k in FIELDS[3:-2]}
+        spread = {k: (max(r[k] for r in mine) - min(r[k] for r in mine)) / 2 for k in FIELDS[3:-2]}
+        acc = " | ".join(f"{100 * mean[f'{s}/{k}']:.1f} ± {100 * spread[f'{s}/{k}']:.1f}" for s, k in CELLS)
+        lines.append(f"| {method} ({len(mine)}) | {acc} | {mean['len_reducible']:.1f} | {mean['len_random']:.1f} | "
+                     f"{mean['sec_per_step']:.2f} |")
+    lines.append("")
+    lines.append("Accuracy in %: mean over seeds ± half the range. Splits are the base's entropy at the position "
+                 "(nested); reducible and random are over all positions (easy split = every kept position).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--base", type=Path, default=ROOT / "runs/rpt-toy/base/final")
+    ap.add_argument("--data", type=Path, default=ROOT / "runs/rpt-toy/samples")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs/rpt-family")
+    ap.add_argument("--csv", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    ensure_base(args.base, args.data)
+    base_eval = args.base / "eval-samples.json"
+    rows = [measure("base, plain", "-", 0, base_eval, args.data, 0.0),
+            measure("base, reasoning", "-", 0, base_eval, args.data, 0.0)]
+    for seed in args.seeds:
+        for method in args.methods:
+            t0 = time.time()
+            rows.append(run_method(method, seed, args.steps, args.base, args.data, args.out))
+            new = not args.csv.exists()
+            args.csv.parent.mkdir(parents=True, exist_ok=True)
+            with args.csv.open("a", newline="") as f:
+                w = csv.DictWriter(f, FIELDS, lineterminator="\n")
+                if new:
+                    w.writeheader()
+                w.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()})
+            print(f"{method} seed {seed}: {time.time() - t0:.0f} s, hard {100 * rows[-1]['hard/all']:.1f}%",
+                  flush=True)
+    text = table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "rpt_family.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
