@@ -258,3 +258,20 @@ def test_unfinished_store_is_not_read(tmp_path):
         store_mod.SampleStore(tmp_path)
     with pytest.raises(ConfigError, match="not a sample store"):
         store_mod.SampleStore(tmp_path / "nothing")
+
+
+def test_pydoc_corpus_is_one_document_per_topic(tmp_path, capsys):
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "pydoc.jsonl"
+    assert cli.main(["corpus", "pydoc", "--out", str(path)]) == 0
+    assert f"wrote {len(topics)} documents" in capsys.readouterr().out
+    cfg = prepare_config().prepare
+    sources = open_sources([str(path)], cfg)
+    docs = list(documents(sources, cfg))
+    assert [d.text for d in docs] == [topics[k] for k in sorted(topics)] and count_documents(sources, cfg) == len(docs)
+    assert [json.loads(line)["topic"] for line in path.open()] == sorted(topics)
+    assert cli.main(["corpus", "pydoc", "--out", str(tmp_path / "pydoc.txt")]) == 2
+    assert "*.jsonl" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pydoc.jsonl"]  # no temporary file left
+
