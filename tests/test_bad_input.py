@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from rptfast import cli
 from rptfast import train as trainer
@@ -81,6 +83,15 @@ def broken(tiny_dir, tmp_path_factory):
     cfg = json.loads((d / "config.json").read_text())
     cfg.pop("eos_token_id", None)
     (d / "config.json").write_text(json.dumps(cfg))
+    d = copy("shape")  # weights saved for another intermediate_size
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] += 64
+    (d / "config.json").write_text(json.dumps(cfg))
+    for name, value in (("nan_weights", float("nan")), ("overflow", 3e38)):  # NaN weights; finite ones that overflow
+        d = copy(name)
+        w = load_file(d / "model.safetensors")
+        w["model.norm.weight"] = torch.full_like(w["model.norm.weight"], value)
+        save_file(w, d / "model.safetensors", metadata={"format": "pt"})
     (root / "a_file").write_text("not a directory")
     return root
 
@@ -117,6 +128,8 @@ def train_cases(tiny_dir, tmp: Path, broken: Path):
         (["train", good, "--set", f"model.path={broken / 'truncated'}"], ["model.safetensors", "truncated"]),
         (["train", good, "--set", f"model.path={broken / 'garbage'}"], ["model.safetensors", "not a valid"]),
         (["train", good, "--set", f"model.path={broken / 'noeos'}"], ["noeos", "EOS"]),
+        (["train", good, "--set", f"model.path={broken / 'shape'}"],
+         ["model.path", str(broken / "shape"), "do not match its config.json", "mlp.down_proj.weight is [128, 256]"]),
         (["train", good, "--set", f"train.out_dir={broken / 'a_file' / 'run'}"], ["train.out_dir", "a file"]),
         (["train", good, "--set", "train.out_dir=/sys/rptfast-run"], ["train.out_dir", "cannot write"]),
         (["train", good, "--set", "model.path=nobody-rptfast/no-such-model"], ["model.path", "HF_HUB_OFFLINE"]),
@@ -172,6 +185,10 @@ def test_prepare_bad_inputs(tiny_dir, tmp_path, broken, capsys):
          ["model.path (the policy's tokenizer)", "runs/none/final", "does not exist"]),
         (["prepare", "--corpus", corpus, "--proxy", str(broken / "truncated"), "--out", str(tmp_path / "o")],
          ["model.safetensors", "truncated"]),
+        (["prepare", "--corpus", corpus, "--proxy", str(broken / "shape"), "--out", str(tmp_path / "o")],
+         ["--proxy", str(broken / "shape"), "do not match its config.json", "the config implies [320, 128]"]),
+        (["prepare", "--corpus", corpus, "--proxy", str(broken / "nan_weights"), "--out", str(tmp_path / "o")],
+         ["--proxy", "nan_weights", "non-finite values", "model.norm.weight"]),
         (["prepare", "--corpus", str(tmp_path / "none.txt"), "--proxy", tiny_dir, "--out", str(tmp_path / "o")],
          ["none.txt", "does not exist"]),
         (["prepare", "--corpus", str(truncated), "--proxy", tiny_dir, "--out", str(tmp_path / "o")],
@@ -184,6 +201,37 @@ def test_prepare_bad_inputs(tiny_dir, tmp_path, broken, capsys):
     for argv, names in cases:
         expect_exit_2(capsys, argv, *names)
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_prepare_that_keeps_nothing_exits_2(tiny_dir, tmp_path, broken, capsys):
+    """A corpus or proxy from which no sample can come: the counts on one line, then exit 2 naming the cause; no
+    store is left behind."""
+    text = "The proxy reads this sentence and scores every position of it. " * 8
+    cases = [
+        ([write(tmp_path / "empty.txt", "")], tiny_dir, [], "empty_file 1", ["empty.txt", "all 1 documents"]),
+        ([write(tmp_path / "latin1.txt", ("café crème " * 40).encode("latin-1")),
+          write(tmp_path / "cp1252.txt", "“quoted” – dash ".encode("cp1252") * 20)], tiny_dir, [],
+         "invalid_utf8 2", ["latin1.txt", "not UTF-8", "convert the files to UTF-8"]),
+        ([write(tmp_path / "arrays.jsonl", '["a list"]\n"a string"\n42\n{"text": null}\n')], tiny_dir, [],
+         "not_text 1", ["arrays.jsonl", "bad_json 3", "not a JSON object", "one JSON object per line"]),
+        ([write(tmp_path / "t.txt", text)], tiny_dir, ["--set", "prepare.min_entropy=1000"],
+         "low_entropy", ["none of the", "low_entropy", "prepare.min_entropy (now 1000.0)"]),
+        ([write(tmp_path / "t.txt", text)], str(broken / "overflow"), [], None,
+         ["--proxy", "overflow", "non-finite logits", "every one of the"]),
+    ]
+    for corpus, proxy, extra, counts, names in cases:
+        out = tmp_path / "store"
+        line = expect_exit_2(capsys, ["prepare", "--corpus", *corpus, "--proxy", proxy, "--out", str(out), *extra],
+                             "no sample kept" if counts else "--proxy", *names)
+        if counts:
+            assert counts in line
+        assert not out.exists(), line
+    capsys.readouterr()
+    assert cli.main(["prepare", "--corpus", write(tmp_path / "e.txt", ""), "--proxy", tiny_dir, "--out",
+                     str(tmp_path / "store")]) == 2
+    out, _ = capsys.readouterr()
+    assert out.strip().splitlines() == ["prepare: 1 documents (1 skipped: empty_file 1), 0 tokens, 0 positions scored "
+                                        "(0 dropped), 0 samples (0 held out)"]
 
 
 def test_eval_bad_inputs(tiny_dir, tmp_path, broken, capsys):
@@ -200,6 +248,7 @@ def test_eval_bad_inputs(tiny_dir, tmp_path, broken, capsys):
         (["eval", "--model", tiny_dir, "--data", str(tmp_path / "nostore")], ["nostore", "not a sample store"]),
         (["eval", "--model", str(tmp_path / "m"), "--data", str(store)], ["--model", "does not exist"]),
         (["eval", "--model", str(broken / "garbage"), "--data", str(store)], ["model.safetensors", "not a valid"]),
+        (["eval", "--model", str(broken / "shape"), "--data", str(store)], ["--model", "do not match its config.json"]),
         (ev + ["--set", "rollout.max_model_len=4096"], ["rollout.max_model_len", "max_position_embeddings"]),
         (ev + ["--set", "eval.k=0"], ["eval.k"]),
     ]

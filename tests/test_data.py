@@ -258,3 +258,55 @@ def test_unfinished_store_is_not_read(tmp_path):
         store_mod.SampleStore(tmp_path)
     with pytest.raises(ConfigError, match="not a sample store"):
         store_mod.SampleStore(tmp_path / "nothing")
+
+
+def test_pydoc_corpus_is_one_document_per_topic(tmp_path, capsys):
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "pydoc.jsonl"
+    assert cli.main(["corpus", "pydoc", "--out", str(path)]) == 0
+    assert f"wrote {len(topics)} documents" in capsys.readouterr().out
+    cfg = prepare_config().prepare
+    sources = open_sources([str(path)], cfg)
+    docs = list(documents(sources, cfg))
+    assert [d.text for d in docs] == [topics[k] for k in sorted(topics)] and count_documents(sources, cfg) == len(docs)
+    assert [json.loads(line)["topic"] for line in path.open()] == sorted(topics)
+    assert cli.main(["corpus", "pydoc", "--out", str(tmp_path / "pydoc.txt")]) == 2
+    assert "*.jsonl" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pydoc.jsonl"]  # no temporary file left
+
+
+def test_prepare_reads_pydoc_with_the_real_smollm2(tmp_path, smollm2_dir):
+    """The three shortest topics through prepare with SmolLM2 as proxy and tokenizer (about 10 s): samples spell the
+    text back, and the entropies are those of a plain fp64 HF forward (tolerance as for the tiny proxy, whose fp32
+    error the fp32 proxy shares)."""
+    from pydoc_data.topics import topics
+
+    full = tmp_path / "pydoc.jsonl"
+    assert cli.main(["corpus", "pydoc", "--out", str(full)]) == 0
+    lines = sorted(full.read_text().splitlines(), key=lambda line: len(json.loads(line)["text"]))[:3]
+    corpus = tmp_path / "short.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    texts = {f"{corpus}#{n}": json.loads(line)["text"] for n, line in enumerate(lines, 1)}
+    assert set(texts.values()) <= set(topics.values())
+    cfg = prepare_config(min_context_tokens=16, max_positions_per_doc=0, continuation_tokens=4, context_tokens=512,
+                         proxy_batch_tokens=4096, proxy_window=2048, min_entropy=0.5)
+    m = prepare(cfg, [str(corpus)], smollm2_dir, str(tmp_path / "store"))
+    rows = read_all(tmp_path / "store")
+    c = m["counts"]
+    assert c["documents"]["with_samples"] == 3 and c["positions"]["kept"] == len(rows) > 20
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tb = token_bytes(tok)
+    lm = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float64)
+    enc = raw_text_encoder(tok)
+    for doc_id, text in texts.items():
+        ids = enc.encode(text, add_special_tokens=False).ids
+        with torch.no_grad():
+            ent = reference.topk_entropy(lm(input_ids=torch.tensor([ids])).logits[0, :-1], 16).numpy()  # [n - 1]
+        for r in (r for r in rows if r["doc_id"] == doc_id):
+            data = text.encode()
+            assert data[r["byte_offset"] - len(r["context"].encode()):r["byte_offset"]] == r["context"].encode()
+            assert data[r["byte_offset"]:].startswith(r["continuation_bytes"])
+            assert b"".join(tb[i] for i in r["continuation_ids"]) == r["continuation_bytes"]
+            assert r["entropy"] == pytest.approx(ent[r["position"] - 1], abs=2e-5)
+            assert r["entropy"] >= 0.5

@@ -11,7 +11,7 @@ MAX_LINES = 400
 LAYERS = [
     ["rptfast.errors", "rptfast.config_check", "rptfast.config", "rptfast.configs", "rptfast.assets"],
     ["rptfast.data", "rptfast.data.tokens", "rptfast.data.templates", "rptfast.data.store", "rptfast.kernels",
-     "rptfast.distributed", "rptfast.metrics", "rptfast.reward"],
+     "rptfast.distributed", "rptfast.metrics", "rptfast.reward", "rptfast.data.pydoc_topics", "rptfast.convert"],
     ["rptfast.model"],
     ["rptfast.rollout", "rptfast.checkpoint"],
     ["rptfast.data.corpus", "rptfast.data.filter", "rptfast.data.prepare", "rptfast.data.inspect_samples"],

@@ -189,3 +189,61 @@ def test_the_second_reading_adds_no_free_reward():
     assert reward("</think>\\boxed{\\}}", g, [1, 2]) == 1.0
     assert reward("</think>\\boxed{\\{}", g, [1, 2]) == 0.0
     assert reward("</think>\\boxed{\\\\}", b"\\\\", [1, 2]) == 1.0  # the truth \\ : "\\\\" unescapes to "\\"
+
+
+def utf8_kinds(b: bytes) -> set[str]:
+    """Why a token's bytes cannot stand alone as UTF-8 text, read off the bit patterns (0b10xxxxxx continues a
+    character; 110, 1110, 11110 lead 2-, 3- and 4-byte ones; C0, C1, F5-FF occur in no UTF-8 text)."""
+    kinds = set()
+    if any(x in (0xC0, 0xC1) or x >= 0xF5 for x in b):
+        kinds.add("never_in_utf8")
+    if b and b[0] >> 6 == 0b10:
+        kinds.add("starts_mid_character")
+    j = len(b) - 1
+    while j >= 0 and b[j] >> 6 == 0b10:
+        j -= 1
+    if j >= 0:
+        need = 2 if b[j] >> 5 == 0b110 else 3 if b[j] >> 4 == 0b1110 else 4 if b[j] >> 3 == 0b11110 else 1
+        if len(b) - j < need:
+            kinds.add("ends_mid_character")
+    return kinds
+
+
+def test_every_smollm2_token_earns_one_when_boxed(smollm2_dir):
+    """The real vocabulary (49152 ids): at a position whose next token is id i (ground truth: token i, then " the"),
+    the box holding token i's text written the documented way (reward.escape) earns 1, prefix and first_token.
+
+    The exceptions, predicted from the bytes and then checked to be exactly the ids that fail:
+    - byte-level pieces of a multi-byte character (they start or end inside one; measured 313: 74 start mid-character,
+      239 end mid-character). Their bytes decode to U+FFFD, so no text can spell them, and prepare never asks for
+      them alone: a position whose token starts or ends inside a character is dropped (mid_character), and a later
+      token's boundary only counts where a character ends.
+    - special tokens (17: <|endoftext|>, <|im_start|>, ...): their text would earn 1, but they are never a ground
+      truth, since prepare encodes documents with special-token text read as plain text (raw_text_encoder)."""
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tb = token_bytes(tok)
+    enc = raw_text_encoder(tok)
+    assert len(tb) == 49152 and all(tb)
+    follow = b"".join(tb[i] for i in enc.encode(" the").ids)
+    failed = set()
+    for i, b in enumerate(tb):
+        g, bounds = _truth_of(b, follow)
+        answer = f"<think>the next token</think>\\boxed{{{escape(b.decode('utf-8', 'replace'))}}}"
+        if not (reward(answer, g, bounds) == 1.0 and reward(answer, g, bounds, "first_token") == 1.0):
+            failed.add(i)
+    kinds = {i: utf8_kinds(b) for i, b in enumerate(tb)}
+    predicted = {i for i, k in kinds.items() if k}
+    assert failed == predicted == {i for i, b in enumerate(tb) if not _decodes(b)}
+    assert 0 < len(failed) < 1000
+    special = {i for i, t in tok.backend_tokenizer.get_added_tokens_decoder().items() if t.special}
+    assert special and not special & failed
+    for i in special:  # never a ground truth: the text of a special token in a document is plain text
+        assert i not in enc.encode(tb[i].decode()).ids
+
+
+def _truth_of(token: bytes, follow: bytes) -> tuple[bytes, list[int]]:
+    """g and its valid boundaries for a position whose next tokens are `token` then `follow`, as prepare stores them."""
+    g = token + follow
+    offsets = np.array([0, len(token), len(g)])
+    ok = char_starts(g, offsets)
+    return g, [int(o) for o, fine in zip(offsets[1:], ok[1:]) if fine]

@@ -7,11 +7,16 @@ tokens < t) is kept when
   1. t >= prepare.min_context_tokens,
   2. token t starts and ends between two characters (a byte-level token may hold half of a
      multi-byte character; a prediction written as text could never end there),
-  3. its entropy >= prepare.min_entropy,
+  3. its entropy is finite and >= prepare.min_entropy,
   4. it is among at most prepare.max_positions_per_doc positions drawn, seeded by
      (prepare.seed, document ordinal), from those that pass 1-3.
-Every scored position lands in exactly one of: short_context, mid_character, low_entropy,
-over_cap, kept, which the manifest counts.
+Every scored position lands in exactly one of: short_context, mid_character, non_finite,
+low_entropy, over_cap, kept, which the manifest counts. A non-finite entropy means non-finite
+proxy logits (NaN or inf in the top k: overflow, or damaged weights); it is counted apart from
+low_entropy so that a broken proxy is named as such. The proxy's weights are checked for
+non-finite values when it loads, and a batch whose every scored position is non-finite stops
+prepare at once (NonFiniteProxyError, exit 2): a proxy that overflows on everything would
+otherwise read the whole corpus to keep nothing.
 
 Documents longer than prepare.proxy_window tokens run in windows that overlap by half: a
 window starting at s scores the positions of its second half, so every position past the
@@ -31,11 +36,16 @@ import numpy as np
 import torch
 
 from rptfast.data.tokens import char_starts
+from rptfast.errors import FileFormatError
 from rptfast.kernels import topk_entropy
 from rptfast.model import Sequence, collate, hidden_states, load_policy, resolve_attn
 
 LOGIT_ELEMENTS = 1 << 27  # logits materialised at once: rows x vocab (256 MiB in bf16)
-POSITION_FATES = ("short_context", "mid_character", "low_entropy", "over_cap", "kept")
+POSITION_FATES = ("short_context", "mid_character", "non_finite", "low_entropy", "over_cap", "kept")
+
+
+class NonFiniteProxyError(FileFormatError):
+    """The proxy gives non-finite numbers (its weights, or its logits on every position of a batch)."""
 
 
 def windows(n: int, window: int) -> list[tuple[int, int, int]]:
@@ -58,8 +68,13 @@ class Proxy:
                  top_k: int, batch_tokens: int, window: int):
         self.lm = load_policy(path, dtype=dtype, attn=resolve_attn(attn, device, dtype),
                               trust_remote_code=trust_remote_code, gradient_checkpointing=False).to(device).eval()
+        self.path, self.dtype = path, dtype
         self.device, self.top_k, self.batch_tokens, self.window = device, top_k, batch_tokens, window
         self.vocab = self.lm.get_output_embeddings().weight.shape[0]
+        bad = [name for name, t in self.lm.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            raise NonFiniteProxyError(f"--proxy {path!r} has non-finite values (NaN or inf) in {len(bad)} weight "
+                                      f"tensors ({', '.join(bad[:3])}); its weights are damaged: use another proxy")
 
     @torch.no_grad()
     def entropies(self, docs: list[list[int]]) -> list[np.ndarray]:
@@ -87,6 +102,13 @@ class Proxy:
         rows = max(1, LOGIT_ELEMENTS // self.vocab)
         ent = torch.cat([topk_entropy(head(h[i:i + rows]), self.top_k)  # [r, V] -> [r]
                          for i in range(0, h.shape[0], rows)]).cpu().numpy()  # [R]
+        if len(ent) and not np.isfinite(ent).any():
+            fix = ("its weights are damaged or so large that fp32 overflows: use another proxy"
+                   if self.dtype == torch.float32 else
+                   f"it overflows in {str(self.dtype).removeprefix('torch.')} or its weights are damaged: try --set "
+                   f"model.dtype=float32, or use another proxy")
+            raise NonFiniteProxyError(f"--proxy {self.path!r} gives non-finite logits (NaN or inf) at every one of the "
+                                      f"{len(ent)} positions of a batch, so no position can be scored; {fix}")
         at = 0
         for d, s, e, first in batch:
             out[d][s + first:e] = ent[at:at + e - s - first]
@@ -118,12 +140,13 @@ def select(doc_index: int, ids: list[int], data: bytes, offsets: np.ndarray, ent
     starts_ok = char_starts(data, offsets)  # [n + 1]
     short = t < cfg.min_context_tokens
     mid = ~short & ~(starts_ok[t] & starts_ok[t + 1])
-    low = ~short & ~mid & ~(entropy[t] >= cfg.min_entropy)
-    passing = t[~short & ~mid & ~low]
+    nonfinite = ~short & ~mid & ~np.isfinite(entropy[t])
+    low = ~short & ~mid & ~nonfinite & ~(entropy[t] >= cfg.min_entropy)
+    passing = t[~short & ~mid & ~nonfinite & ~low]
     cap = cfg.max_positions_per_doc
     chosen = passing if not cap or len(passing) <= cap else np.sort(rng.choice(passing, cap, replace=False))
-    fates = {"short_context": int(short.sum()), "mid_character": int(mid.sum()), "low_entropy": int(low.sum()),
-             "over_cap": len(passing) - len(chosen), "kept": len(chosen)}
+    fates = {"short_context": int(short.sum()), "mid_character": int(mid.sum()), "non_finite": int(nonfinite.sum()),
+             "low_entropy": int(low.sum()), "over_cap": len(passing) - len(chosen), "kept": len(chosen)}
     samples = []
     for pos in (int(p) for p in chosen):
         c = max(0, pos - cfg.context_tokens)

@@ -26,6 +26,12 @@ count) of them, at least one when the fraction is above 0 and at most all but on
 seeded by prepare.seed. So a corpus of 7 documents still gives a held-out set. A held-out
 document that is then skipped (empty, too short) gives no samples; the manifest counts them.
 
+Nothing kept is an error, not an empty store: when the whole corpus gives no sample (every
+document skipped: not UTF-8, JSONL lines that are not objects with the text field, empty; or
+every position dropped: too little context, low entropy, non-finite proxy logits), prepare
+prints the counts on one line, writes no manifest, and raises NothingKeptError (exit 2) naming
+the stage that dropped everything and the fix. The counts line ends every prepare.
+
 Throughput: the progress bar counts documents against the total (with an ETA) and shows
 tokens/s; the manifest records it (this_run). On the CPU the proxy's packed batches run
 through per-sequence attention (model.attn = auto -> per_seq: no dense [T, T] mask), so a
@@ -67,6 +73,20 @@ SKIP_REASONS = {
     "changed_by_tokenizer": "the tokenizer's normalizer changes the text (its tokens do not spell it back)",
     "too_short": "fewer than prepare.min_context_tokens + 1 tokens: no position has enough context",
 }
+SKIP_FIXES = {  # what to do when every document was skipped for this reason
+    "empty_file": "give files that hold text",
+    "invalid_utf8": "convert the files to UTF-8 (e.g. iconv -t UTF-8)",
+    "bad_json": "write one JSON object per line",
+    "missing_field": "put each document's text under prepare.text_field",
+    "not_text": "make prepare.text_field (or the column) a string in every record",
+    "empty": "give documents that hold text",
+    "changed_by_tokenizer": "use a tokenizer whose normalizer keeps the text as it is",
+    "too_short": "give longer documents or lower prepare.min_context_tokens",
+}
+
+
+class NothingKeptError(CorpusError):
+    """prepare read the whole corpus and kept no sample: the message says why (the counts) and the fix."""
 
 
 def load_tokenizer(path: str, trust_remote_code: bool, key: str = "the tokenizer"):
@@ -111,13 +131,18 @@ def prepare(cfg: Config, corpus: list[str], proxy: str, out: str, tokenizer: str
     """Write (or finish) the sample store in `out` and return its manifest.
 
     Ctrl-C: prints how to resume and raises SystemExit(130) (the CLI exits 130, no traceback).
+    Whatever stops it, a directory it created and left empty (no shard written yet) is removed.
     """
+    existed = Path(out).exists()
     try:
         return _prepare(cfg, corpus, proxy, out, tokenizer, progress)
     except KeyboardInterrupt:
         print(f"\nprepare: interrupted; rerun the same command to resume (shards written so far in {out} are "
               f"kept)", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        if not existed and Path(out).is_dir() and not any(Path(out).iterdir()):
+            Path(out).rmdir()
 
 
 def _prepare(cfg: Config, corpus: list[str], proxy: str, out: str, tokenizer: str | None,
@@ -167,6 +192,10 @@ def _prepare(cfg: Config, corpus: list[str], proxy: str, out: str, tokenizer: st
         print(f"prepare: resuming {out} after {len(state['shards'])} shards ({state['docs_done']} documents done)")
     show = progress if progress is not None else cfg.log.progress and sys.stderr.isatty()
     seconds, tokens = run(sources, show, n_docs)
+    counts = _nested(run.counts)
+    if counts["samples"]["total"] == 0:  # no shard was written: the store would be an empty, unusable directory
+        print(f"prepare: {summary(counts)}")
+        raise NothingKeptError(why_nothing_kept(counts, corpus, proxy, p))
     manifest = {
         "format": FORMAT,
         "key": key,
@@ -176,7 +205,7 @@ def _prepare(cfg: Config, corpus: list[str], proxy: str, out: str, tokenizer: st
         "tokenizer": tok_path,
         "tokenizer_sha256": fp,
         "settings": dataclasses.asdict(p),
-        "counts": _nested(run.counts),
+        "counts": counts,
         "heldout_documents": sorted(heldout),
         "skipped": {reason: {"documents": run.counts[f"documents/skipped/{reason}"], "why": why}
                     for reason, why in SKIP_REASONS.items() if run.counts[f"documents/skipped/{reason}"]},
@@ -188,11 +217,42 @@ def _prepare(cfg: Config, corpus: list[str], proxy: str, out: str, tokenizer: st
                      "resumed_after_documents": run.resumed_at, "device": str(device)},
     }
     write_json(manifest_path, manifest)
-    c = manifest["counts"]
-    print(f"prepare: {c['documents']['read']} documents ({sum(c['documents']['skipped'].values())} skipped), "
-          f"{c['tokens']} tokens, {c['samples']['total']} samples ({c['samples']['eval']} held out) in "
-          f"{len(state['shards'])} shards; {manifest['this_run']['tokens_per_s']:.0f} tokens/s -> {out}")
+    print(f"prepare: {summary(counts)} in {len(state['shards'])} shards; "
+          f"{manifest['this_run']['tokens_per_s']:.0f} tokens/s -> {out}")
     return manifest
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+
+
+def summary(c: dict) -> str:
+    """One line of the manifest's counts: documents and why they were skipped, positions and why they were dropped."""
+    d, pos, s = c["documents"], c["positions"], c["samples"]
+    skipped = sum(d["skipped"].values())
+    dropped = {k: pos[k] for k in POSITION_FATES if k != "kept"}
+    return (f"{d['read']} documents ({skipped} skipped{': ' + _pairs(d['skipped']) if skipped else ''}), "
+            f"{c['tokens']} tokens, {pos['scored']} positions scored ({pos['scored'] - pos['kept']} dropped"
+            f"{': ' + _pairs(dropped) if pos['scored'] > pos['kept'] else ''}), {s['total']} samples "
+            f"({s['eval']} held out)")
+
+
+def why_nothing_kept(c: dict, corpus: list[str], proxy: str, p) -> str:
+    """The error of a prepare that kept no sample: which stage dropped everything, the counts, and the fix."""
+    d, pos = c["documents"], c["positions"]
+    where = f"--corpus {' '.join(corpus[:3])}{' ...' if len(corpus) > 3 else ''}"
+    if d["with_samples"] + d["without_samples"] == 0:
+        reasons = {k: v for k, v in d["skipped"].items() if v}
+        fixes = "; ".join(SKIP_FIXES[k] for k in reasons)
+        return (f"no sample kept: all {d['read']} documents of {where} were skipped ("
+                + ", ".join(f"{k} {v}: {SKIP_REASONS[k]}" for k, v in reasons.items()) + f"); {fixes}")
+    if pos["non_finite"]:
+        return (f"no sample kept: --proxy {proxy!r} gave non-finite logits at {pos['non_finite']} of the "
+                f"{pos['scored']} positions, and no other position passed ({_pairs(pos)}); its activations "
+                f"overflow or its weights are damaged: try --set model.dtype=float32, or use another proxy")
+    return (f"no sample kept: none of the {pos['scored']} positions of the {d['read']} documents of {where} passed "
+            f"the filter ({_pairs({k: pos[k] for k in POSITION_FATES})}); lower prepare.min_entropy (now "
+            f"{p.min_entropy}) or prepare.min_context_tokens (now {p.min_context_tokens}), or give more text")
 
 
 class _Run:

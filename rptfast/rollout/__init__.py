@@ -65,9 +65,10 @@ def check_model_dir(path: str, max_model_len: int | None = None, key: str = "mod
     Returns the model's position limit (None when its config has none).
 
     A local path must be a directory with a readable config.json and safetensors files whose
-    headers match their sizes (a truncated download fails here, not inside vLLM). A hub name
-    must be in the HF cache, or the hub reachable: an offline machine fails at once rather than
-    after a minute of retries. `max_model_len` (rollout.max_model_len) must fit the model's
+    headers match their sizes (a truncated download fails here, not inside vLLM) and whose
+    tensor shapes are the ones config.json implies (`check_shapes`). A hub name must be in the
+    HF cache, or the hub reachable: an offline machine fails at once rather than after a minute
+    of retries. `max_model_len` (rollout.max_model_len) must fit the model's
     max_position_embeddings. Weights are not hashed: a bit flip inside a tensor is not caught.
     """
     p = Path(path)
@@ -88,14 +89,17 @@ def check_model_dir(path: str, max_model_len: int | None = None, key: str = "mod
     else:
         config_json = _hub_config(path, key)
     limit = _max_positions(config_json)
+    if not is_hub_name(path):
+        check_shapes(p, key)
     if max_model_len is not None and limit is not None and max_model_len > limit:
         raise ConfigError(f"rollout.max_model_len ({max_model_len}) exceeds the max_position_embeddings "
                           f"({limit}) of {key} {path!r}; lower it to at most {limit}")
     return limit
 
 
-def _check_safetensors(f: Path) -> None:
-    """The 8-byte header length, the JSON header and the file size agree (the format is that simple)."""
+def _check_safetensors(f: Path) -> dict:
+    """The 8-byte header length, the JSON header and the file size agree (the format is that simple).
+    Returns the header: {tensor name: {"dtype", "shape", "data_offsets"}} (and "__metadata__")."""
     size = f.stat().st_size
     try:
         with f.open("rb") as fh:
@@ -112,6 +116,48 @@ def _check_safetensors(f: Path) -> None:
     if 8 + n + end != size:
         raise FileFormatError(f"model file {str(f)!r} is truncated or padded: {size} bytes, its header says "
                               f"{8 + n + end}; download or save the model again")
+    return header
+
+
+def check_shapes(path: Path, key: str = "model.path") -> None:
+    """The safetensors tensors have the shapes config.json implies, or a one-line error naming the folder.
+
+    The expected shapes come from the model built on the meta device (no memory, no weights
+    read); the actual ones from the safetensors headers. A tensor is compared when its name is a
+    state-dict name of the model, with or without the base model's prefix ("model."), which is
+    how transformers matches them. Not checked: tensors under other names (checkpoints that
+    transformers renames or fuses at load), config.json with a quantization_config (packed
+    weights have other shapes by design) and architectures that need trust_remote_code
+    (building them runs the repository's code); transformers' own load reports those.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))  # valid JSON: _max_positions read it
+    if raw.get("model_type") not in CONFIG_MAPPING or raw.get("quantization_config"):
+        return
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise FileFormatError(f"{key} {str(path)!r}: transformers cannot build a model from its config.json "
+                              f"({type(e).__name__}: {e}); fix or replace config.json") from None
+    prefix = f"{model.base_model_prefix}."
+    expected = {}
+    for name, t in model.state_dict().items():
+        expected[name] = list(t.shape)
+        expected.setdefault(name.removeprefix(prefix), list(t.shape))
+    wrong = []
+    for f in sorted(path.glob("*.safetensors")):
+        for name, info in _check_safetensors(f).items():
+            if name in expected and list(info["shape"]) != expected[name]:
+                wrong.append(f"{name} is {info['shape']} in {f.name}, the config implies {expected[name]}")
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise FileFormatError(f"{key} {str(path)!r}: its weights do not match its config.json: {'; '.join(wrong[:3])}"
+                              f"{more}; give the config.json the weights were saved with, or the weights for this "
+                              f"config")
 
 
 def _hub_config(name: str, key: str) -> Path:
