@@ -235,6 +235,90 @@ def check_attention(model_dir: Path, device, lengths: list[int]) -> dict:
     return out
 
 
+def _shared_groups(vocab: int, groups: list[tuple[int, list[int]]], seed: int):
+    """Sequences: per (prompt length, completion lengths), one random prompt and its completions."""
+    import torch
+
+    from rptfast.model import Sequence
+
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for P, lens in groups:
+        prompt = torch.randint(0, vocab, (P,), generator=g).tolist()
+        seqs += [Sequence(prompt + torch.randint(0, vocab, (R,), generator=g).tolist(), P) for R in lens]
+    return seqs
+
+
+def _logp_and_grads(policy, mb):
+    """Log-probs of a micro-batch's scored tokens [R] and the flat gradient of sum(w * logp), w fixed per token."""
+    import torch
+
+    policy.zero_grad(set_to_none=True)
+    logp, _ = policy(mb, 1.0)
+    (logp.float() * torch.linspace(-1, 1, logp.numel(), device=logp.device)).sum().backward()
+    return logp.detach().float(), torch.cat([p.grad.float().flatten() for p in policy.parameters()])
+
+
+def check_shared_prompts(model_dir: Path, device, G: int, P: int, R: int) -> dict:
+    """Prompt-once rows against unshared packing through the trainer's default backend in bf16 (varlen or flash on
+    CUDA: model/flash_shared.py; per_seq on the CPU): log-probs and gradients, each path's error against an fp32
+    unshared reference (per_seq), on one group of G completions of R tokens after a P-token prompt plus a group of
+    irregular lengths. The shared path's errors must be at most twice the unshared path's own. Then the
+    forward + backward time of both on the G x (P + R) group alone (best of 3 after a warm-up) and its tokens."""
+    import torch
+
+    from rptfast.model import PolicyLogprob, collate, collate_shared, load_policy, resolve_attn, shares_prompts
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def policy(attn: str, dtype):
+        lm = load_policy(str(model_dir), dtype=dtype, attn=resolve_attn(attn, device, dtype), trust_remote_code=False,
+                         gradient_checkpointing=False).to(device)
+        return PolicyLogprob(lm)
+
+    bf16 = policy("auto", torch.bfloat16)
+    out = {"backend": bf16.lm.config._attn_implementation, "shares_prompts": shares_prompts(bf16.lm)}
+    if device.type == "cuda":
+        from rptfast.model.flash_shared import varlen_kernels
+
+        out["kernels"] = varlen_kernels().name
+    if not out["shares_prompts"]:
+        return {**out, "ok": False, "error": "the default backend does not share prompts: nothing to compare"}
+    vocab = bf16.lm.config.vocab_size
+    timed = [(P, [R] * G)]
+    seqs = _shared_groups(vocab, timed + [(P // 3 + 1, [R - (i * 37) % R for i in range(G - 1)])], seed=0)
+    everything = list(range(len(seqs)))
+    sh, un = collate_shared(seqs, everything, device), collate(seqs, everything, device)
+    assert torch.equal(sh.targets, un.targets)  # the same scored tokens in the same order
+    ref_lp, ref_g = _logp_and_grads(policy("per_seq", torch.float32), un)
+    res = {name: _logp_and_grads(bf16, mb) for name, mb in (("shared", sh), ("unshared", un))}
+    scale = ref_g.norm().item()
+    for name, (lp, g) in res.items():
+        out[f"{name}_bf16"] = {"logp_max_abs_err": (lp - ref_lp).abs().max().item(),
+                               "logp_mean_abs_err": (lp - ref_lp).abs().mean().item(),
+                               "grad_rel_err": (g - ref_g).norm().item() / scale}
+    out["shared_vs_unshared"] = {"logp_max_abs": (res["shared"][0] - res["unshared"][0]).abs().max().item(),
+                                 "grad_rel": (res["shared"][1] - res["unshared"][1]).norm().item() / scale}
+    s, u = out["shared_bf16"], out["unshared_bf16"]
+    out["ok"] = all(s[k] <= 2 * u[k] + 1e-6 for k in ("logp_max_abs_err", "grad_rel_err"))
+    del res, ref_g
+    seqs = _shared_groups(vocab, timed, seed=1)
+    for name, fn in (("shared", collate_shared), ("unshared", collate)):
+        mb = fn(seqs, list(range(G)), device)
+        times = []
+        for _ in range(4):  # the first is the warm-up
+            sync()
+            t0 = time.perf_counter()
+            _logp_and_grads(bf16, mb)
+            sync()
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_step"] = {"tokens": mb.n_tokens, "fwd_bwd_s": min(times[1:]),
+                               "tok_per_s": mb.n_tokens / min(times[1:])}
+    out["speedup"] = out["unshared_step"]["fwd_bwd_s"] / out["shared_step"]["fwd_bwd_s"]
+    out["shape"] = f"G={G} P={P} R={R}"
+    return out
+
+
 def check_sleep_wake(model_dir: Path, device) -> dict:
     """TorchEngine in bf16: sleep frees the weights (torch.cuda.memory_allocated), wake restores them, and
     the greedy tokens after wake equal those before; level 2 (dropped weights) through update_weights."""
@@ -461,10 +545,12 @@ def part_paths(out: Path, dry: bool, results: Path) -> dict:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     lengths = [37, 5, 64, 64, 13, 101, 2, 64] if not dry else [9, 5, 9, 3]
     shape = TOY if dry else dict(QWEN3_06B, layers=4)
+    shared_shape = (4, 24, 8) if dry else (8, 2048, 256)  # G completions of R tokens after a P-token prompt
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(Path(tmp) / "model", "qwen3", seed=0, **shape)
         checks = {"attention": lambda: check_attention(model, device, lengths),
+                  "shared_prompts": lambda: check_shared_prompts(model, device, *shared_shape),
                   "sleep_wake": lambda: check_sleep_wake(model, device),
                   "mixed_precision": lambda: check_mixed_precision(model, device, lengths),
                   "engine_mismatch": lambda: check_engine_mismatch(model, device, 4 if dry else 16, 8 if dry else 64),

@@ -37,9 +37,12 @@ def test_dry_run_writes_a_small_complete_directory(part, tmp_path):
             assert res[name]["exit"] == 0 and res[name]["tok_per_s"] > 0 and res[name]["sync_gbps"] > 0
         assert res["rows_appended"] == 2
     else:
-        assert set(res) == {"attention", "sleep_wake", "mixed_precision", "engine_mismatch", "offload"}
+        assert set(res) == {"attention", "shared_prompts", "sleep_wake", "mixed_precision", "engine_mismatch",
+                            "offload"}
         assert all("error" not in v for v in res.values()), res
         assert res["attention"]["ok"] and res["sleep_wake"]["level_2"]["same_tokens"]
+        sp = res["shared_prompts"]  # prompt-once rows within twice unshared packing's own bf16 error, fewer tokens
+        assert sp["ok"] and sp["shares_prompts"] and sp["shared_step"]["tokens"] < sp["unshared_step"]["tokens"]
         assert res["mixed_precision"]["ok"]  # fp32 masters, gradients within bf16's own error
         mp = res["mixed_precision"]["fsdp2 world-size-1"]
         assert mp["master_dtype"] == "torch.float32" and 0 < mp["grad_rel_err"] < 0.1

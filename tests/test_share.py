@@ -16,6 +16,8 @@ from rptfast.model import (
     resolve_attn,
     shares_prompts,
 )
+from rptfast.model import attention as attention_module
+from rptfast.model.flash_shared import ATEN, VarlenKernels, varlen_shared_attention
 from rptfast.model.shared_prompt import shared_attention
 
 CPU = torch.device("cpu")
@@ -34,7 +36,12 @@ def groups_of(G: int, prompt_lens: list[int], seed: int) -> list[Sequence]:
     return seqs
 
 
-def policy(tiny_dir, attn: str, checkpointing: bool = False):
+def policy(tiny_dir, attn: str, checkpointing: bool = False, monkeypatch=None):
+    """attn = "standin": per_seq, its prompt-once rows through the CUDA path's code (flash_shared) on STANDIN."""
+    if attn == "standin":
+        monkeypatch.setattr(attention_module, "shared_attention", lambda q, k, v, layout, scaling:
+                            varlen_shared_attention(q, k, v, layout, scaling, STANDIN))
+        attn = "per_seq"
     lm = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn(attn, CPU, torch.float32),
                      trust_remote_code=False, gradient_checkpointing=checkpointing)
     return PolicyLogprob(lm)
@@ -67,10 +74,13 @@ def run_batches(pol, seqs, bins, collate_fn):
     (8, "sdpa", 4096, False, [17, 5, 30, 9]),
     (8, "per_seq", 60, False, [17, 5, 30, 9]),  # groups split across micro-batches: the prompt repeated once per part
     (2, "per_seq", 4096, True, [17, 5, 30, 9]),  # the layout reaches the attention through checkpointed layers
+    (8, "standin", 4096, False, [17, 5, 17, 30, 17]),  # the CUDA path's two varlen calls, on the fp64 stand-in
+    (8, "standin", 60, False, [17, 5, 30, 9]),
+    (2, "standin", 4096, True, [17, 5, 30, 9]),
 ])
-def test_shared_equals_unshared(tiny_dir, G, attn, budget, checkpointing, prompts):
+def test_shared_equals_unshared(tiny_dir, monkeypatch, G, attn, budget, checkpointing, prompts):
     seqs = groups_of(G, prompts, seed=G + budget)
-    pol = policy(tiny_dir, attn, checkpointing)
+    pol = policy(tiny_dir, attn, checkpointing, monkeypatch)
     shared_bins = pack_shared(seqs, budget)
     if budget < 4096:  # a real split: some prompt in two micro-batches
         assert any(sum(seqs[i].start == 30 for i in b) not in (0, G) for b in shared_bins)
@@ -223,3 +233,228 @@ def test_per_seq_shares_prompts_on_cpu_only(tiny_dir):
     lm = policy(tiny_dir, "per_seq").lm
     assert shares_prompts(lm)
     assert not shares_prompts(lm.to("meta"))
+
+
+# ---------------------------------------------------------------- the CUDA path (model/flash_shared.py) on the CPU
+
+
+def _standin_sequences(cu_q, cu_k, max_q, max_k):
+    bounds = [(int(a), int(b), int(c), int(d)) for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])]
+    assert all(b - a <= max_q and d - c <= max_k for a, b, c, d in bounds)
+    return bounds
+
+
+def _standin_scores(q, k, causal, scale):
+    """One sequence's scores [Hq, Lq, Lk] in fp64, kv heads repeated for GQA; causal aligned bottom-right."""
+    rep = q.shape[1] // k.shape[1]
+    s = q.double().transpose(0, 1) @ k.double().repeat_interleave(rep, 1).permute(1, 2, 0) * scale
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[1:], dtype=torch.bool).tril(s.shape[2] - s.shape[1]), float("-inf"))
+    return s
+
+
+def standin_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """FlashAttention's varlen forward as plain fp64 math, sequence by sequence; outputs poisoned first."""
+    rep = q.shape[1] // k.shape[1]
+    out = torch.full_like(q, float("nan"))  # [Tq, Hq, D]
+    lse = torch.full((q.shape[1], q.shape[0]), float("nan"), dtype=torch.promote_types(q.dtype, torch.float32))
+    for a, b, c, d in _standin_sequences(cu_q, cu_k, max_q, max_k):
+        s = _standin_scores(q[a:b], k[c:d], causal, scale)
+        out[a:b] = (s.softmax(-1) @ v[c:d].double().repeat_interleave(rep, 1).transpose(0, 1)).transpose(0, 1)
+        lse[:, a:b] = s.logsumexp(-1)
+    return out, lse
+
+
+def standin_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    """FlashAttention's varlen backward as plain fp64 math: probabilities exp(s - lse) from the lse it is given,
+    dS = P * (dP - rowsum(dO * O)) with the O it is given; kv-head gradients summed over their query heads."""
+    rep = q.shape[1] // k.shape[1]
+    dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
+    for a, b, c, d in _standin_sequences(cu_q, cu_k, max_q, max_k):
+        p = (_standin_scores(q[a:b], k[c:d], causal, scale) - lse[:, a:b].double()[..., None]).exp()  # [Hq, Lq, Lk]
+        do, o, qh = (x[a:b].double().transpose(0, 1) for x in (dout, out, q))  # [Hq, Lq, D]
+        kh, vh = (x[c:d].double().repeat_interleave(rep, 1).transpose(0, 1) for x in (k, v))  # [Hq, Lk, D]
+        ds = p * (do @ vh.transpose(1, 2) - (do * o).sum(-1, keepdim=True))
+        dq[a:b] = (ds @ kh * scale).transpose(0, 1)
+        dk[c:d] = (ds.transpose(1, 2) @ qh * scale).unflatten(0, (-1, rep)).sum(1).transpose(0, 1)
+        dv[c:d] = (p.transpose(1, 2) @ do).unflatten(0, (-1, rep)).sum(1).transpose(0, 1)
+    return dq, dk, dv
+
+
+STANDIN = VarlenKernels("fp64 stand-in", standin_forward, standin_backward)
+
+
+def test_standin_is_attention():
+    """The stand-in against autograd through a naive masked softmax: uneven q and k lengths, GQA, both masks."""
+    g = torch.Generator().manual_seed(0)
+    cu_q, cu_k = torch.tensor([0, 3, 4, 11], dtype=torch.int32), torch.tensor([0, 5, 6, 13], dtype=torch.int32)
+    q = torch.randn(11, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(13, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    d_out = torch.randn(11, 4, 8, generator=g, dtype=torch.float64)
+    for causal in (True, False):
+        parts = []
+        for a, b, c, d in _standin_sequences(cu_q, cu_k, 7, 7):
+            allowed = torch.ones(b - a, d - c, dtype=torch.bool)
+            allowed = allowed.tril(d - c - (b - a)) if causal else allowed
+            parts.append(naive_attention(*(x.transpose(0, 1) for x in (q[a:b], k[c:d], v[c:d])), allowed, 0.3))
+        want = torch.cat(parts, 1).transpose(0, 1)  # [Tq, Hq, D]
+        grads = torch.autograd.grad(want, (q, k, v), d_out)
+        with torch.no_grad():
+            out, lse = standin_forward(q, k, v, cu_q, cu_k, 7, 7, causal, 0.3)
+            got = standin_backward(d_out, q, k, v, out, lse, cu_q, cu_k, 7, 7, causal, 0.3)
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+        for name, w, x in zip("qkv", grads, got):
+            torch.testing.assert_close(x, w, rtol=0, atol=1e-12, msg=f"d{name}, causal={causal}")
+
+
+def _two_part_inputs(G, heads, kv_heads, prompts, seed):
+    layout = collate_shared(groups_of(G, prompts, seed), list(range(G * len(prompts))), CPU).shared
+    T, D = layout.segments[-1][0] + layout.segments[-1][1], 32
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(h, T, D, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    return layout, q, k, v, torch.randn(heads, T, D, generator=g, dtype=torch.float64)
+
+
+def _out_and_grads(fn, q, k, v, d_out, dtype):
+    x = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*x)
+    out.backward(d_out.to(dtype))
+    return [out.detach().double()] + [t.grad.double() for t in x]
+
+
+@pytest.mark.parametrize("G, heads, kv_heads, prompts", [
+    (2, 4, 2, [23, 6, 23, 11, 23]), (8, 2, 1, [23, 6, 23, 11, 23]), (3, 3, 3, [1, 40, 7]), (8, 6, 2, [9])])
+def test_varlen_two_part_against_cpu_and_fp64(G, heads, kv_heads, prompts):
+    """flash_shared on the fp64 stand-in: the same numbers as the CPU two-part attention and a naive fp64 masked
+    softmax (1e-10 in fp64: exact up to rounding); in fp32 inputs, as close to the CPU path as the CPU path is to
+    fp64 (the stand-in computes in fp64 inside, the CPU kernels in fp32)."""
+    layout, q, k, v, d_out = _two_part_inputs(G, heads, kv_heads, prompts, seed=G * heads)
+    allowed = layout.dense_mask(CPU)
+    scale = 0.37
+
+    def varlen(q, k, v):
+        return varlen_shared_attention(q[None], k[None], v[None], layout, scale, STANDIN)[0][0].transpose(0, 1)
+
+    def cpu(q, k, v):
+        return shared_attention(q[None], k[None], v[None], layout, scale)[0][0].transpose(0, 1)
+
+    want = _out_and_grads(lambda q, k, v: naive_attention(q, k, v, allowed, scale), q, k, v, d_out, torch.float64)
+    got, exact = (_out_and_grads(f, q, k, v, d_out, torch.float64) for f in (varlen, cpu))
+    for name, w, x, e in zip(["out", "dq", "dk", "dv"], want, got, exact):
+        torch.testing.assert_close(x, w, rtol=0, atol=1e-10, msg=name)
+        torch.testing.assert_close(x, e, rtol=0, atol=1e-10, msg=name)
+    got32, exact32 = (_out_and_grads(f, q, k, v, d_out, torch.float32) for f in (varlen, cpu))
+    for name, w, x, e in zip(["out", "dq", "dk", "dv"], want, got32, exact32):
+        assert (x - e).abs().max() <= 2 * (e - w).abs().max() + 1e-6, name
+
+
+def test_varlen_two_part_model_against_cpu_path(tiny_dir, monkeypatch):
+    """The whole policy on prompt-once rows: flash_shared on the stand-in vs the CPU two-part path, log-probs and
+    every gradient (fp32 model; measured: 9.5e-7 and 5.2e-8 apart at most, as far as either is from unshared rows)."""
+    seqs = groups_of(5, [17, 5, 30, 9, 17], seed=11)
+    bins = pack_shared(seqs, 4096)
+    lp_cpu, loss_cpu, g_cpu = run_batches(policy(tiny_dir, "per_seq"), seqs, bins, collate_shared)
+    lp_var, loss_var, g_var = run_batches(policy(tiny_dir, "standin", monkeypatch=monkeypatch), seqs, bins,
+                                          collate_shared)
+    for i in range(len(seqs)):
+        torch.testing.assert_close(lp_var[i], lp_cpu[i], rtol=0, atol=1e-5, msg=f"sequence {i}")
+    assert loss_var == pytest.approx(loss_cpu, rel=1e-5)
+    for n in g_cpu:
+        torch.testing.assert_close(g_var[n], g_cpu[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_aten_flash_calls_under_fake_cuda():
+    """torch's flash ops as flash_shared calls them, on fake CUDA tensors (FakeTensorMode runs the ops' meta
+    functions: shapes, dtypes, devices and argument order; no kernel runs): bf16, GQA, forward and backward.
+
+    A CPU-only torch cannot record an autograd graph on CUDA tensors, fake ones included (the engine asks for the
+    device's guard), so the backward is _VarlenShared.backward called on the forward's saved tensors directly. Python
+    indexing and copy_ of fake CUDA tensors ask for it too: the code under test gathers with index_select and
+    reshapes with squeeze/unsqueeze."""
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rptfast.model.flash_shared import _VarlenShared
+
+    fwd, bwd = (op.default._schema.arguments for op in (torch.ops.aten._flash_attention_forward,
+                                                           torch.ops.aten._flash_attention_backward))
+    assert [a.name for a in fwd[:10]] == ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
+                                          "dropout_p", "is_causal", "return_debug_mask"]
+    assert [a.name for a in bwd[:12]] == ["grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q",
+                                          "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal"]
+    assert all(str(a.type) == "Tensor" for a in bwd[12:14])  # the dropout state: rng_state, unused (2.13's names)
+    assert all(a.kwarg_only for a in fwd[10:] + bwd[14:]) and "scale" in [a.name for a in fwd[10:]]
+    calls = []
+
+    def recorded(fn):
+        def call(*args):
+            result = fn(*args)
+            calls.append((fn.__name__, [(tuple(a.shape), a.dtype, a.device.type) for a in args
+                                        if isinstance(a, torch.Tensor)], args[-2],
+                          [(tuple(r.shape), r.dtype, r.device.type) for r in result]))
+            return result
+        return call
+
+    seqs = groups_of(3, [23, 6, 11], seed=5)
+    T_q = sum(s.n_scored for s in seqs)
+    kernels = VarlenKernels("aten, recorded", recorded(ATEN.forward), recorded(ATEN.backward))
+    with FakeTensorMode():
+        cuda = torch.device("cuda")
+        layout = collate_shared(seqs, list(range(len(seqs))), cuda).shared
+        T = T_q + 23 + 6 + 11
+        q = torch.empty(1, 8, T, 64, dtype=torch.bfloat16, device=cuda)  # as transformers passes them
+        k, v = (torch.empty(1, 2, T, 64, dtype=torch.bfloat16, device=cuda) for _ in range(2))
+        out, _ = varlen_shared_attention(q, k, v, layout, 0.125, kernels)
+        assert (out.shape, out.dtype, out.device.type) == ((1, T, 8, 64), torch.bfloat16, "cuda")
+        calls.clear()
+        ctx = SimpleNamespace(save_for_backward=lambda *saved: setattr(ctx, "saved_tensors", saved))
+        q, k, v = (x.squeeze(0).transpose(0, 1) for x in (q, k, v))  # [T, H, D]
+        out = _VarlenShared.forward(ctx, q, k, v, layout, 0.125, kernels)
+        grads = _VarlenShared.backward(ctx, torch.empty_like(out))[:3]
+        assert all((g.shape, g.dtype, g.device.type) == (x.shape, x.dtype, "cuda") for g, x in zip(grads, (q, k, v)))
+    bf16, i32, f32 = torch.bfloat16, torch.int32, torch.float32
+    own = [((T, 8, 64), bf16, "cuda"), ((T, 2, 64), bf16, "cuda"), ((T, 2, 64), bf16, "cuda"),
+           ((len(layout.segments) + 1,), i32, "cuda"), ((len(layout.segments) + 1,), i32, "cuda")]
+    cross = [((T_q, 8, 64), bf16, "cuda"), ((40, 2, 64), bf16, "cuda"), ((40, 2, 64), bf16, "cuda"),
+             ((4,), i32, "cuda"), ((4,), i32, "cuda")]
+    assert [c[0] for c in calls] == ["_aten_forward", "_aten_forward", "_aten_backward", "_aten_backward"]
+    assert calls[0][1:] == (own, True, [((T, 8, 64), bf16, "cuda"), ((8, T), f32, "cuda")])
+    assert calls[1][1:] == (cross, False, [((T_q, 8, 64), bf16, "cuda"), ((8, T_q), f32, "cuda")])
+    # backward: grad_out, q, k, v, out, lse, then the same cu_seqlens as the forward; grads shaped as q, k, v
+    assert calls[2][1] == own[:1] + own[:3] + [own[0], ((8, T), f32, "cuda")] + own[3:] and calls[2][2] is True
+    assert calls[3][1] == cross[:1] + cross[:3] + [cross[0], ((8, T_q), f32, "cuda")] + cross[3:]
+    assert calls[3][2] is False and calls[3][3] == cross[:3]
+
+
+def test_varlen_and_flash_share_prompts():
+    """shares_prompts on CUDA's backends (a stand-in model object: resolve_attn gives them only on CUDA), and the
+    refusals: a sliding-window layer, logit softcapping."""
+    from types import SimpleNamespace
+
+    def lm(backend, **config):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=backend, **config),
+                               device=torch.device("cuda"))
+
+    assert shares_prompts(lm(attention_module.VARLEN)) and shares_prompts(lm("flash_attention_2"))
+    assert not shares_prompts(lm(attention_module.PER_SEQ))  # the CPU flash kernels
+    assert not shares_prompts(lm(attention_module.VARLEN, layer_types=["full_attention", "sliding_attention"]))
+    assert not shares_prompts(lm("flash_attention_2", attn_logit_softcapping=50.0))
+
+
+def test_flash_backend_routes_shared_rows(monkeypatch):
+    """resolve_attn('flash') wraps transformers' flash_attention_2: prompt-once rows go to flash_shared, every other
+    call to the original function unchanged; wrapping twice wraps once."""
+    from transformers import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping
+    monkeypatch.setitem(mapping, "flash_attention_2", lambda *args, **kwargs: ("original", args, kwargs))
+    monkeypatch.setattr(attention_module, "varlen_shared_attention", lambda *args: ("shared", args))
+    attention_module._register_flash()
+    wrapper = mapping["flash_attention_2"]
+    attention_module._register_flash()
+    assert mapping["flash_attention_2"] is wrapper
+    assert wrapper("m", "q", "k", "v", None, scaling=0.5, position_ids="p") == (
+        "original", ("m", "q", "k", "v", None), {"scaling": 0.5, "position_ids": "p"})
+    assert wrapper("m", "q", "k", "v", None, scaling=0.5, **{attention_module.SHARED: "layout"}) == (
+        "shared", ("q", "k", "v", "layout", 0.5))

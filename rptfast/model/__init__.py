@@ -3,7 +3,7 @@
 - load.py: an HF causal LM from a directory or hub name (or a scratch model), its dtypes;
 - packing.py: sequences into packed micro-batches (one row, positions restarting, no padding);
 - shared_prompt.py: prompt-once rows (a group's prompt once, then its completions) and their
-  exact attention;
+  exact attention; flash_shared.py: the same attention on CUDA, through FlashAttention's varlen kernels;
 - attention.py: the attention backends over packed rows (flash, varlen, sdpa, per_seq);
 - policy.py: one forward -> log-probs of the scored tokens, without a [tokens, vocab] tensor;
 - flops.py: counted forward FLOPs, for MFU;

@@ -13,7 +13,8 @@ padding. Attention respects sequence boundaries through one of:
 - "per_seq": causal SDPA on each sequence of the row in turn, registered below: exact, and
   no work on the masked-out blocks (the CPU default, where a packed row of 2,048 tokens of
   short sequences ran 3x slower through the block-diagonal mask than padded).
-Prompt-once rows (model/shared_prompt.py) run through per_seq on the CPU and sdpa.
+Prompt-once rows (model/shared_prompt.py) run through per_seq on the CPU, sdpa (a dense mask), and varlen and
+flash on CUDA (model/flash_shared.py: two FlashAttention varlen calls merged by log-sum-exp).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from rptfast.errors import ConfigError
+from rptfast.model.flash_shared import varlen_shared_attention
 from rptfast.model.shared_prompt import shared_attention
 
 VARLEN = "rptfast_varlen"  # torch.nn.attention.varlen on CUDA
@@ -55,6 +57,7 @@ def resolve_attn(name: str, device: torch.device, dtype: torch.dtype) -> str:
         if not flash:
             raise ConfigError("model.attn = 'flash' needs CUDA and flash-attn (pip install flash-attn); "
                                "use model.attn = 'auto'")
+        _register_flash()
         return "flash_attention_2"
     if name == "varlen":
         if not varlen:
@@ -76,6 +79,25 @@ def _register(name: str, fn) -> None:
     AttentionMaskInterface.register(name, lambda *args, **kwargs: None)
 
 
+def _register_flash() -> None:
+    """transformers' flash_attention_2, which prompt-once rows bypass for flash_shared (the name stays, so
+    transformers' own flash plumbing, which reads it from the config, is unchanged for every other row)."""
+    from transformers import AttentionInterface
+
+    original = AttentionInterface()["flash_attention_2"]
+    if getattr(original, "runs_shared_rows", False):
+        return
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        layout = kwargs.pop(SHARED, None)
+        if layout is not None:
+            return varlen_shared_attention(query, key, value, layout, kwargs.get("scaling"))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    attention.runs_shared_rows = True
+    AttentionInterface.register("flash_attention_2", attention)
+
+
 def _varlen_attention():
     from torch.nn.attention.varlen import varlen_attn
 
@@ -84,6 +106,8 @@ def _varlen_attention():
     causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if kwargs.get(SHARED) is not None:
+            return varlen_shared_attention(query, key, value, kwargs[SHARED], scaling)
         # query [1, Hq, T, D], key/value [1, Hkv, T, D] -> varlen layout [T, H, D]
         cu, max_len = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
@@ -137,11 +161,11 @@ def _per_seq_unshared(query, key, value, scaling=None, **kwargs):
 
 
 def shares_prompts(lm: nn.Module) -> bool:
-    """Whether lm's attention backend runs prompt-once rows. per_seq on the CPU and sdpa do; flash and
-    varlen are not wired (they would need separate query and key cu_seqlens over gathered keys, untestable
-    without a GPU), and neither is per_seq off the CPU (_SharedAttention calls the CPU flash kernels), so
-    those run unshared. Sliding-window layers are outside the shared mask too."""
+    """Whether lm's attention backend runs prompt-once rows: sdpa (a dense mask), per_seq on the CPU
+    (_SharedAttention calls the CPU flash kernels, so per_seq off the CPU runs unshared), and varlen and flash
+    (flash_shared; resolve_attn gives them only on CUDA in fp16 or bf16). Models with sliding-window layers or
+    logit softcapping run unshared on every backend: the prompt-once attention has neither."""
     layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
     backend = lm.config._attn_implementation
-    return ((backend == "sdpa" or backend == PER_SEQ and lm.device.type == "cpu")
-            and set(layer_types) == {"full_attention"})
+    return ((backend in ("sdpa", VARLEN, "flash_attention_2") or backend == PER_SEQ and lm.device.type == "cpu")
+            and set(layer_types) == {"full_attention"} and getattr(lm.config, "attn_logit_softcapping", None) is None)

@@ -36,12 +36,13 @@ def hidden_states(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
 
 
 def _shared_hidden_states(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
-    """hidden_states of a prompt-once row: per_seq gets the layout, sdpa a dense [T, T] mask."""
+    """hidden_states of a prompt-once row: per_seq, varlen and flash get the layout, sdpa a dense [T, T] mask."""
     if not shares_prompts(lm):
-        raise ValueError(f"a prompt-once micro-batch needs model.attn = per_seq or sdpa and full attention in every "
-                         f"layer, not {lm.config._attn_implementation!r}; set train.share_prompts = false")
+        raise ValueError(f"a prompt-once micro-batch needs model.attn = per_seq (CPU), sdpa, varlen or flash (CUDA) "
+                         f"and full attention in every layer, not {lm.config._attn_implementation!r}; "
+                         "set train.share_prompts = false")
     ids, pos = mb.input_ids[None], mb.position_ids[None]
-    if lm.config._attn_implementation == PER_SEQ:
+    if lm.config._attn_implementation != "sdpa":
         return lm.base_model(input_ids=ids, position_ids=pos, **{SHARED: mb.shared}).last_hidden_state[0]  # [T, H]
     mask = mb.shared.dense_mask(mb.input_ids.device)[None, None]  # [1, 1, T, T]
     return lm.base_model(input_ids=ids, position_ids=pos,

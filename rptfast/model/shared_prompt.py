@@ -6,22 +6,39 @@ attends causally to itself, each completion to the whole prompt and causally to 
 another completion. `pack_shared` and `collate_shared` build such rows; `SharedLayout` cuts one
 into segments; `_SharedAttention` is the per_seq backend's exact attention over it (each segment
 causally against its own keys, and each prompt's completions all at once against the prompt's keys,
-merged by log-sum-exp: no work on the masked blocks, the prompt's keys read once). The sdpa backend
-runs the same rule as a dense [T, T] boolean mask (SharedLayout.dense_mask: exact, O(T^2)).
+merged by log-sum-exp: no work on the masked blocks, the prompt's keys read once). The varlen and
+flash backends run the same two parts through FlashAttention's varlen kernels (model/flash_shared.py).
+The sdpa backend runs the same rule as a dense [T, T] boolean mask (SharedLayout.dense_mask: exact, O(T^2)).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from rptfast.model.packing import MicroBatch, Sequence, context_positions, ntp_tensors
 
 
+class VarlenSeqs(NamedTuple):
+    """The sequences of one FlashAttention varlen call: cumulative lengths [N + 1] int32, and the longest."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+    @classmethod
+    def of(cls, q_lens: list[int], k_lens: list[int], device: torch.device) -> VarlenSeqs:
+        cu = lambda x: torch.tensor([0, *itertools.accumulate(x)], dtype=torch.int32, device=device)  # noqa: E731
+        return cls(cu(q_lens), cu(k_lens), max(q_lens, default=0), max(k_lens, default=0))
+
+
 @dataclass
 class SharedLayout:
-    """How a prompt-once row is cut into segments, and the index tensors of _SharedAttention's calls.
+    """How a prompt-once row is cut into segments, and the index tensors of the attention calls over it.
 
     A segment is a prompt (keys: its own tokens, causal) or a completion (keys: its prompt, then
     its own tokens, causal bottom-right aligned). Segments tile the row in order; a unit is a prompt
@@ -29,10 +46,18 @@ class SharedLayout:
     """
 
     segments: list[tuple[int, int, int, int]]  # (start, length, prompt start, prompt length); prompt length 0: a prompt
-    own: list[tuple[int, torch.Tensor]]  # per segment length L: (L, token indices [n * L]), n segments of that length
+    # _SharedAttention (CPU): per segment length L: (L, token indices [n * L]), n segments of that length
+    own: list[tuple[int, torch.Tensor]]
     # per batch of units of equal prompt length: (p_len, q_len, prompt token indices [n * p_len], completion token
     # indices [n * q_len] (padding reads token 0), padding [n, 1, q_len] bool)
     cross: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]
+    # flash_shared (CUDA): the own call runs over the row as it lies, cut at the segments; the cross call over the
+    # units that have completion tokens, in row order: their completion tokens [Q] as queries (a unit's completions
+    # one query sequence), their prompts' tokens [K] as keys
+    own_varlen: VarlenSeqs
+    cross_varlen: VarlenSeqs
+    cross_q: torch.Tensor  # [Q] long
+    cross_k: torch.Tensor  # [K] long
 
     PAD_FRACTION = 0.25  # a cross batch takes another unit only while its padding queries stay below this share
 
@@ -68,8 +93,11 @@ class SharedLayout:
                 k_idx = [i for s in b for i in range(s, s + p_len)]
                 q_idx = [i for s in b for i in units[s] + [0] * (q_len - len(units[s]))]
                 pad = [[i >= len(units[s]) for i in range(q_len)] for s in b]
-                cross.append((p_len, q_len, t(k_idx), t(q_idx), torch.tensor(pad, device=device)[:, None]))
-        return cls(segments, own, cross)
+                cross.append((p_len, q_len, t(k_idx), t(q_idx), torch.tensor(pad, device=device).unsqueeze(1)))
+        lens = [length for _, length, _, _ in segments]
+        return cls(segments, own, cross, VarlenSeqs.of(lens, lens, device),
+                   VarlenSeqs.of([len(units[s]) for s in units], [p_lens[s] for s in units], device),
+                   t([i for s in units for i in units[s]]), t([i for s in units for i in range(s, s + p_lens[s])]))
 
     def token_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token: its unit (a prompt and the completions after it) and its completion (0: the prompt)."""

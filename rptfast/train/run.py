@@ -175,7 +175,8 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
                            run_config=config.flat(cfg))
     if t.share_prompts and t.packing == "packed" and not shares_prompts(policy.lm):
         logger.write(f"note: train.share_prompts runs unshared with model.attn = {cfg.model.attn!r} "
-                     f"({policy.lm.config._attn_implementation}); per_seq on the CPU and sdpa share prompts")
+                     f"({policy.lm.config._attn_implementation}); per_seq on the CPU, sdpa, and varlen and flash on "
+                     "CUDA share prompts, in models with full attention in every layer")
     for warning in config.warnings_for(cfg):
         logger.write(f"WARNING {warning}")
     task = make_task(cfg, tokenizer, t.seed)
