@@ -598,6 +598,10 @@ def summary(part: str, res: dict, meta: dict) -> str:
                 lines.append(f"- {name}: FAILED (exit {r['exit']}), see throughput-{name}.log")
                 continue
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "n/a"
+            if r.get("sync_gbps"):  # DESIGN.md: the weight sync within 2x of copying the same bytes once
+                ok = r["copy_gbps"] <= 2 * r["sync_gbps"]
+                lines.append(f"- {name}: {'PASS' if ok else 'FAIL'} weight sync within 2x of a plain copy "
+                             f"({r['copy_gbps'] / r['sync_gbps']:.2f}x)")
             lines.append(f"- {name}: step {r['step_s']:.3f} s, {r['tok_per_s']:.0f} tok/s, MFU {mfu}, "
                          f"peak {r['peak_gb']:.2f} GiB; sync {r['sync_gbps'] or 0:.2f} GB/s vs copy "
                          f"{r['copy_gbps']:.2f} GB/s")

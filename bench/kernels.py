@@ -461,6 +461,11 @@ def judge_targets(rows: list[dict]) -> list[dict]:
     fused = find("fused_policy_loss_from_logits", "32768x151936", "full")
     speedup = fused and fused.get("x_eager")
     check("fused loss fwd+bwd >= 5x torch eager (32768x151936 bf16)", speedup, speedup and speedup >= 5)
+    # "then at or past Liger-Kernel's triton_grpo_loss": judged where Liger imports (n/a otherwise)
+    linear = find("linear_policy_loss", "32768x4096x151936", "full")
+    x_liger = linear and linear.get("x_liger")
+    check("linear_policy_loss at or past Liger's GRPO loss (lm_head + triton_grpo_loss)", x_liger,
+          x_liger and x_liger >= 1.0)
     if fused and fused["peak_extra_mb"] is not None:
         pct = 100 * fused["peak_extra_mb"] * 2**20 / (32768 * 151936 * 2)
         check("fused loss extra memory <= 10% of logits", pct, pct <= 10)
