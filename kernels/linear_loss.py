@@ -6,25 +6,50 @@ Two-step here (linear_logprob + policy_loss): flat memory, but four matmuls (log
 in the backward, grad_hidden, grad_weight), and grad_weight rounded to bf16 once per row tile.
 
 Here: the per-token loss weights are known before the forward (token_weights folds the aggregation and
-the normalizer in), so d loss / d logits can be written while each tile of logits is live. Per tile
-of rows:
+the normalizer in), so d loss / d logits can be written while each tile of logits is live. Rows whose
+weight is 0 (masked tokens) are left out first: only the M scored rows are gathered, tile by tile, and
+grad_hidden is scattered back, zero at the masked rows. Per tile of scored rows:
+    h           = hidden[scored rows of the tile]           index_select, [rows, H]
     tile        = h @ weight.T                          matmul 1, into a reused [rows, V] buffer
     one pass    : logsumexp and entropy, logp, the token loss and d loss / d logp, then
                   tile <- -dlogp * p / T in place       (the Triton kernel below; torch on the CPU)
-    grad_hidden = tile @ weight + (dlogp / T) * weight[targets]          matmul 2
+    grad_hidden = tile @ weight + (dlogp / T) * weight[targets]          matmul 2, scattered back
     grad_weight += tile.T @ h, then += (dlogp / T) * h at the targets    matmul 3, fp32 accumulator
 The target's +dlogp / T term (the one-hot part of d logp / d logits) goes through a gather and an
 index_add in fp32 rather than through the bf16 tile, so the tile holds only the dense -p part, which is
 what gradient filtering looks at. The backward only scales the saved gradients by grad_output.
 
-FLOPs: three matmuls, 6*N*H*V, against 8*N*H*V for the two-step path. Bytes, in passes over the bf16
-logits (2*N*V bytes each): matmul 1 writes the tile, the row pass reads it twice and writes it once,
-matmuls 2 and 3 read it: 6 passes, against 7 for the two-step path (which writes it twice). grad_weight's
+Masked rows: leaving them out (rather than multiplying their zero weight in) saves their three matmuls,
+and a NaN or inf in a masked row's hidden state (hence its logits) cannot reach a gradient: in a matmul
+0 x NaN is NaN, so a zero row of the tile would still poison grad_weight through h. It costs one host
+sync per call (the count M of scored rows sizes the tiles), nothing next to the matmuls, but the call
+cannot be captured in a CUDA graph. The detached logp and entropy are 0 at masked rows (not computed).
+
+fp16: the token weights are ~1/N under token-mean (N counted over every micro-batch and rank), and
+w * dlogp * p written into an fp16 tile falls below fp16's normal range (6.1e-5) for most entries. The
+row pass therefore takes w / s, with s the power of two at or below max w: the tile holds values of the
+size of d loss / d logp, the fp32 accumulators are multiplied by s (exact, a power of two), and for
+fp16 inputs the gradients stay fp32 until the backward has multiplied them by grad_output (a GradScaler
+loss scale), then round once. bf16 shares fp32's exponent range, so its gradients round in the forward.
+
+Determinism: index_add_ on CUDA adds with atomics, in an order that varies between runs (fp32 rounding
+only). Under torch.use_deterministic_algorithms(True), torch itself runs index_add_ as
+index_put_(accumulate=True): a stable sort of the targets, then each target's rows summed in row order
+(aten/src/ATen/native/cuda/Indexing.cu, index_add_cuda_impl; listed in use_deterministic_algorithms'
+documentation), so no second path is needed here: the row kernel has no atomics, the gathers and
+scatters touch each element once, and the matmuls are cuBLAS's (deterministic with
+CUBLAS_WORKSPACE_CONFIG set, which torch requires in that mode).
+
+FLOPs: three matmuls, 6*M*H*V for M scored rows of N, against 2*N*H*V + 6*M*H*V for the two-step path
+(its forward cannot know which rows its caller will mask). Bytes, in passes over the bf16 logits
+(2*M*V bytes each): matmul 1 writes the tile, the row pass reads it twice and writes it once, matmuls 2
+and 3 read it: 6 passes, against 7 for the two-step path (which writes it twice). grad_weight's
 fp32 accumulator is read and written once per tile (8*V*H bytes, against 4*V*H for the bf16 one the
 two-step path rounds per tile), so the fused path uses tiles CUDA_TILE_SCALE times larger: at N=32768,
 H=4096, V=151936, 10 tiles move 50 GB of accumulator against the two-step path's 43 x 2.5 = 107 GB.
-Memory beyond inputs and gradients: one tile (1 GiB on CUDA), the fp32 [V, H] accumulator (4*V*H
-bytes), O(N) floats; the gradients are held from the forward to the backward.
+Memory beyond inputs and gradients: one tile (1 GiB on CUDA) and its gathered rows of hidden, the fp32
+[V, H] accumulator (4*V*H bytes), O(N) floats; the gradients are held from the forward to the backward
+(in fp32 for fp16 inputs: 2*(N + V)*H bytes more).
 
 Gradient filtering (grad_filter=True, CCE-style; off by default, see docs/performance.md): blocks of
 FILTER_ROWS x FILTER_COLS of the tile whose softmax values are all below bf16 resolution
@@ -92,7 +117,8 @@ def _linear_loss_rows_kernel(
     TIS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """One row of logits: logsumexp + entropy pass, the token's loss, then -dlogp * p / T in place."""
+    """One scored row of logits (masked rows never get here): logsumexp + entropy pass, the token's loss,
+    then -dlogp * p / T in place."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = tile_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
@@ -143,6 +169,24 @@ def _rows_torch(tile, targets, old, adv, weight, opts, temperature):
     return logp, entropy, loss, dlogp
 
 
+def _row_pass(tile, targets, old, adv, weight, opts, temperature):
+    """The row pass over a tile of scored rows: (logp, entropy, loss, dlogp) [n] fp32 (fp64 on the fp64
+    torch path), and tile <- -dlogp * p / T in place. old=None: on-policy. Token tensors are [n]."""
+    if not use_triton(tile):
+        return _rows_torch(tile, targets, old, adv, weight, opts, temperature)
+    n, vocab = tile.shape
+    logp = torch.empty(n, dtype=torch.float32, device=tile.device)  # [n]
+    entropy, loss, dlogp = (torch.empty_like(logp) for _ in range(3))  # [n] each
+    block = vocab_block(vocab)
+    _linear_loss_rows_kernel[(n,)](
+        tile, tile.stride(0), targets, adv if old is None else old, adv, weight,
+        adv if opts["ref"] is None else opts["ref"], adv if opts["rollout"] is None else opts["rollout"],
+        logp, entropy, loss, dlogp, vocab, 1.0 / temperature, **_kernel_flags(opts), ON_POLICY=old is None,
+        BLOCK_V=block, num_warps=vocab_warps(block),
+    )  # fmt: skip
+    return logp, entropy, loss, dlogp
+
+
 def _filter_blocks(tile: torch.Tensor, dlogp: torch.Tensor, temperature: float, eps: float) -> tuple[int, int]:
     """Zeroes the FILTER_ROWS x FILTER_COLS blocks of tile (= -dlogp * p / T) where every p < eps.
 
@@ -170,67 +214,91 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _rows(t: torch.Tensor | None, chunk: slice) -> torch.Tensor | None:
-    return None if t is None else t[chunk]
+def _rows(t: torch.Tensor | None, rows) -> torch.Tensor | None:
+    """t[rows] (a slice), or the rows at the indices `rows`; None stays None."""
+    if t is None:
+        return None
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def _pow2_at_or_below(x: torch.Tensor) -> torch.Tensor:
+    """0-d tensor: the largest power of two <= x (x > 0, 0-d), found on x's device (no host sync)."""
+    _, exponent = torch.frexp(x)  # x = m * 2^e with m in [0.5, 1)
+    return torch.ldexp(torch.ones_like(x), exponent - 1)
 
 
 class LinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, old, adv, tok_weight, opts, temperature, grad_filter):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
+        device = hidden.device
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         acc_dtype = compute_dtype(hidden.dtype)
-        logp = torch.empty(n_rows, dtype=acc_dtype, device=hidden.device)  # [N]
-        entropy, loss_tok, dlogp = (torch.empty_like(logp) for _ in range(3))  # [N] each
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-        acc = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None  # [V, H]
+        # fp16 gradients are rounded only after the backward's multiply by grad_output (module docstring)
+        keep_dtype = acc_dtype if hidden.dtype == torch.float16 else hidden.dtype
+        scored = tok_weight.nonzero().squeeze(1)  # [M] rows with a loss weight; the one host sync
+        n_scored = scored.numel()
+        w = tok_weight.index_select(0, scored)  # [M]
+        scale = torch.ones((), dtype=acc_dtype, device=device)  # s: the tile holds w / s * (d l / d logits)
+        if n_scored:
+            scale = _pow2_at_or_below(w.abs().amax().to(acc_dtype))
+        w = w / scale
+        targets_s, old_s, adv_s = (_rows(t, scored) for t in (targets, old, adv))  # [M] each
+        opts_s = {**opts, "ref": _rows(opts["ref"], scored), "rollout": _rows(opts["rollout"], scored)}
+        out = torch.empty(4, n_scored, dtype=acc_dtype, device=device)  # logp, entropy, loss, dlogp [M] each
+        grad_hidden = torch.zeros(hidden.shape, dtype=keep_dtype, device=device) if need_hidden else None
+        acc = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight else None  # [V, H]
         filtered = torch.zeros(2, dtype=torch.int64)  # blocks zeroed, blocks seen
         eps = filter_eps(hidden.dtype)
-        rows = tile_rows(n_rows, vocab, hidden.element_size(), hidden.device, CUDA_TILE_SCALE)
+        rows = tile_rows(n_scored, vocab, hidden.element_size(), device, CUDA_TILE_SCALE)
         if grad_filter:  # filter blocks at the same rows on every device: tiles of whole FILTER_ROWS blocks
-            rows = max(1, min(max(rows // FILTER_ROWS, 1) * FILTER_ROWS, n_rows))
-        buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)  # [rows, V]
+            rows = max(1, min(max(rows // FILTER_ROWS, 1) * FILTER_ROWS, n_scored))
+        buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=device)  # [rows, V]
         inv_temp = 1.0 / temperature
-        for start in range(0, n_rows, rows):
+        for start in range(0, n_scored, rows):
             chunk = slice(start, start + rows)
-            h = hidden[chunk]  # [n, H]
+            idx = scored[chunk]  # [n] rows of hidden in this tile
+            h = hidden.index_select(0, idx)  # [n, H]
             tile = torch.mm(h, weight.t(), out=buf[: h.shape[0]])  # [n, V]
-            if use_triton(tile):
-                ref = opts["ref"] if opts["ref"] is not None else adv
-                rollout = opts["rollout"] if opts["rollout"] is not None else adv
-                block = vocab_block(vocab)
-                _linear_loss_rows_kernel[(h.shape[0],)](
-                    tile, tile.stride(0), targets[chunk], adv if old is None else old[chunk], adv[chunk],
-                    tok_weight[chunk], ref[chunk], rollout[chunk], logp[chunk], entropy[chunk], loss_tok[chunk],
-                    dlogp[chunk], vocab, inv_temp, **_kernel_flags(opts), ON_POLICY=old is None,
-                    BLOCK_V=block, num_warps=vocab_warps(block),
-                )  # fmt: skip
-            else:
-                chunk_opts = {**opts, "ref": _rows(opts["ref"], chunk), "rollout": _rows(opts["rollout"], chunk)}
-                args = (targets[chunk], _rows(old, chunk), adv[chunk], tok_weight[chunk], chunk_opts, temperature)
-                out = _rows_torch(tile, *args)
-                logp[chunk], entropy[chunk], loss_tok[chunk], dlogp[chunk] = out
+            chunk_opts = {**opts_s, "ref": _rows(opts_s["ref"], chunk), "rollout": _rows(opts_s["rollout"], chunk)}
+            rows_out = _row_pass(
+                tile, targets_s[chunk], _rows(old_s, chunk), adv_s[chunk], w[chunk], chunk_opts, temperature
+            )
+            for i, values in enumerate(rows_out):
+                out[i, chunk] = values
+            dlogp = out[3, chunk]
             if grad_filter:
-                filtered += torch.tensor(_filter_blocks(tile, dlogp[chunk], temperature, eps))
-            coef = (dlogp[chunk] * inv_temp)[:, None]  # [n, 1] the one-hot term of d loss / d logits
+                filtered += torch.tensor(_filter_blocks(tile, dlogp, temperature, eps))
+            coef = (dlogp * inv_temp)[:, None]  # [n, 1] the one-hot term of d loss / d logits
             if need_hidden:
-                gh = torch.zeros(h.shape, dtype=acc_dtype, device=h.device)  # [n, H]
+                gh = torch.zeros(h.shape, dtype=acc_dtype, device=device)  # [n, H]
                 _accumulate(gh, tile, weight)
-                gh += coef * weight.index_select(0, targets[chunk]).to(acc_dtype)
-                grad_hidden[chunk] = gh
+                gh += coef * weight.index_select(0, targets_s[chunk]).to(acc_dtype)
+                grad_hidden.index_copy_(0, idx, (gh * scale).to(keep_dtype))
             if need_weight:
                 _accumulate(acc, tile.t(), h)
-                acc.index_add_(0, targets[chunk], coef * h.to(acc_dtype))
-        ctx.save_for_backward(grad_hidden, None if acc is None else acc.to(weight.dtype))
+                acc.index_add_(0, targets_s[chunk], coef * h.to(acc_dtype))
+        logp, entropy = (torch.zeros(n_rows, dtype=acc_dtype, device=device) for _ in range(2))  # [N], 0 if masked
+        logp.index_copy_(0, scored, out[0])
+        entropy.index_copy_(0, scored, out[1])
+        grad_weight = None if acc is None else acc.mul_(scale).to(keep_dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(logp, entropy, filtered)
-        return loss_tok.sum(), logp, entropy, filtered
+        return out[2].sum() * scale, logp, entropy, filtered
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         grad_hidden, grad_weight = ctx.saved_tensors
-        # out of place: a retained graph may be backpropagated again (benchmarks do)
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_hidden), scale(grad_weight), None, None, None, None, None, None, None
+
+        def scale(g, dtype):
+            # out of place (a retained graph may be backpropagated again, as benchmarks do); an fp32 g (fp16
+            # inputs) is multiplied in fp32 and rounded once, on the way into the fp16 result
+            if g is None:
+                return None
+            return torch.mul(g, grad_loss.to(g.dtype), out=torch.empty(g.shape, dtype=dtype, device=g.device))
+
+        return scale(grad_hidden, ctx.dtypes[0]), scale(grad_weight, ctx.dtypes[1]), *(None,) * 7
 
 
 def linear_policy_loss(
@@ -263,10 +331,14 @@ def linear_policy_loss(
     detached (ratio 1), as the trainer uses with one update per batch.
     grad_filter zeroes the gradient blocks whose softmax is below bf16 resolution (CCE-style).
 
+    Masked rows (mask false: loss weight 0) are left out of every matmul: their gradients are exactly 0,
+    whatever their hidden states hold (NaN or inf included), at the cost of one host sync per call.
+    Deterministic under torch.use_deterministic_algorithms(True) (module docstring).
+
     Returns (loss, metrics, logp, entropy): loss a 0-d fp32 tensor whose gradient flows to hidden and
     weight (computed in the forward, so a second backward through it is not supported); metrics as
-    policy_loss's, plus grad_filtered_frac (the share of gradient blocks zeroed) with grad_filter;
-    logp and entropy [N] fp32, detached.
+    policy_loss's, plus grad_filtered_frac (the share of the scored rows' gradient blocks zeroed) with
+    grad_filter; logp and entropy [N] fp32, detached, 0 at masked rows.
     """
     check_linear_inputs(hidden, weight)
     n_rows = hidden.shape[0]

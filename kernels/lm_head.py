@@ -11,6 +11,13 @@ floats, flat in N. FLOPs: forward one matmul (2*N*H*V), backward three, so forwa
 about 4x the forward, above DESIGN.md's 3.2x. When the loss is known before the forward (on-policy
 batches), linear_loss.linear_policy_loss makes the gradient while the logits are live: three matmuls.
 
+The backward leaves out the rows whose upstream gradients are all 0 (masked tokens): only the other
+rows are gathered (index_select of hidden, tile by tile), and grad_hidden is 0 at the rest. Their
+d logits would be exact zeros anyway, but in grad_weight += d logits.T @ hidden a NaN or inf in such a
+row's hidden state would still leak (0 x NaN = NaN in a matmul); left out, it cannot, and their three
+backward matmuls are saved. It costs one host sync per backward (the count of rows kept sizes the
+tiles). The forward computes every row (it cannot know which ones the caller will mask).
+
 Left out, on purpose: a bias (lm_heads have none), and a single Triton kernel doing the matmul and
 the online logsumexp together (CCE-style): cuBLAS reaches the matmul rate today, and the tile round
 trip costs 4*N*V bytes, about 400/H of the matmul time on an H100 (10% at H=4096, 20% at H=2048).
@@ -94,16 +101,24 @@ class LinearLogprobFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        vocab = weight.shape[0]
         grad_logp = grad_logp.contiguous()
         grad_entropy = None if grad_entropy is None else grad_entropy.contiguous()
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        active = grad_logp != 0  # [N] rows with an upstream gradient (masked tokens have none)
+        if grad_entropy is not None:
+            active |= grad_entropy != 0
+        rows_idx = active.nonzero().squeeze(1)  # [M]; the one host sync
+        pick = lambda t: None if t is None else t.index_select(0, rows_idx)  # noqa: E731
+        targets, lse, entropy, grad_logp, grad_entropy = map(pick, (targets, lse, entropy, grad_logp, grad_entropy))
+        n_active = rows_idx.numel()
+        grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
-        rows = tile_rows(n_rows, vocab, hidden.element_size(), hidden.device)
+        rows = tile_rows(n_active, vocab, hidden.element_size(), hidden.device)
         tile = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)  # [rows, V]
-        for start in range(0, n_rows, rows):
+        for start in range(0, n_active, rows):
             chunk = slice(start, start + rows)
-            h = hidden[chunk]  # [n, H]
+            idx = rows_idx[chunk]  # [n]
+            h = hidden.index_select(0, idx)  # [n, H]
             logits = torch.mm(h, weight.t(), out=tile[: h.shape[0]])  # [n, V], recomputed
             dlogits = selective_logprob_backward(
                 logits,
@@ -116,7 +131,7 @@ class LinearLogprobFunction(torch.autograd.Function):
                 out=logits,
             )
             if need_hidden:
-                torch.mm(dlogits, weight, out=grad_hidden[chunk])
+                grad_hidden.index_copy_(0, idx, dlogits @ weight)
             if need_weight:
                 grad_weight.addmm_(dlogits.t(), h)
         return grad_hidden, grad_weight, None, None, None
@@ -137,7 +152,9 @@ def linear_logprob(
     differentiable, with gradients to hidden and weight (in their dtype). The logits are rounded to
     the input dtype, as the model's own lm_head would round them; softmax math is fp32. Autocast does
     not apply (every matmul writes into a buffer): cast hidden and weight to the dtype you want.
-    Pass the full (unsharded) lm_head weight.
+    Pass the full (unsharded) lm_head weight. Rows whose upstream gradients are all 0 (masked tokens)
+    are left out of the backward: their gradients are exactly 0 and NaN or inf in their hidden states
+    cannot leak into grad_weight (one host sync per backward).
     """
     check_linear_inputs(hidden, weight)
     check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)

@@ -10,7 +10,16 @@ exactly 0 and the other rows must not change by a single bit.
 import pytest
 import torch
 from kernel_checks import DEVICE, SLOW, assert_close, gen, randint, randn
-from rptfast.kernels import fused_policy_loss_from_logits, policy_loss, reference, selective_logprob, topk_entropy
+from rptfast.kernels import (
+    fused_policy_loss_from_logits,
+    linear_logprob,
+    linear_policy_loss,
+    policy_loss,
+    reference,
+    selective_logprob,
+    topk_entropy,
+)
+from rptfast.kernels import linear_loss as linear_loss_module
 
 NEG = float("-inf")
 
@@ -135,6 +144,108 @@ def test_masked_rows_with_nan_and_inf_get_zero_gradient():
         assert torch.isfinite(loss_dirty) and torch.equal(loss_dirty, loss_clean), fn.__name__
         assert (grad_dirty[~mask] == 0).all() and torch.isfinite(grad_dirty).all(), fn.__name__
         assert torch.equal(grad_dirty[mask], grad_clean[mask]), fn.__name__
+
+
+# (N, H, V) for the linear paths: 423 rows over several CPU tiles at V = 517, V > 65536 with a few rows
+LINEAR_SHAPES = [(37, 64, 1000), (5, 8, 70001)] + ([(45, 32, 517)] if SLOW else [(423, 32, 517)])
+
+
+def _poisoned_hidden(n: int, h: int, dtype, seed: int):
+    """(hidden with NaN, +inf and -inf in the masked rows, the mask): about a third of the rows masked, the
+    first masked and the last scored, so every shape has both kinds."""
+    hidden = randn(n, h, seed=seed, dtype=dtype)
+    mask = randn(n, seed=seed + 1) > -0.4
+    mask[0], mask[-1] = False, True
+    masked = (~mask).nonzero().squeeze(1)
+    hidden[masked[0::3]] = float("nan")
+    hidden[masked[1::3], 0] = float("inf")  # logits of either sign's infinity, NaN where weights are 0
+    hidden[masked[2::3], -1] = float("-inf")
+    return hidden, mask
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter
+@pytest.mark.parametrize("n,h,v", LINEAR_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_linear_policy_loss_skips_masked_rows(monkeypatch, n, h, v, dtype, on_policy):
+    """NaN and inf in masked rows' hidden states: both gradients finite, grad_hidden exactly 0 there, and
+    everything equal to the fp64 reference computed without those rows; the row pass never sees them."""
+    hidden, mask = _poisoned_hidden(n, h, dtype, seed=100 + n)
+    weight = randn(v, h, seed=102, scale=h**-0.5 * 3, dtype=dtype)
+    targets = randint(v, n, seed=103)
+    old, adv = randn(n, seed=104) - 5.0, randn(n, seed=105)
+    seq_ids = torch.sort(randint(max(1, n // 4), n, seed=106)).values
+    n_seqs = float(seq_ids.max() + 1)
+    options = dict(temperature=0.8, kl_coef=0.05, aggregation="seq-mean-token-mean", normalizer=n_seqs)
+    seen = []
+    row_pass = linear_loss_module._row_pass
+    monkeypatch.setattr(
+        linear_loss_module, "_row_pass", lambda tile, *a: seen.append(tile.shape[0]) or row_pass(tile, *a)
+    )
+
+    def run(fn, hidden, weight, keep, dt):
+        hd, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        cast = lambda t: t[keep].to(dt)  # noqa: E731
+        loss = fn(hd, w, targets[keep], None if on_policy else cast(old), cast(adv), mask[keep],
+                  ref_logprobs=cast(old - 0.1), seq_ids=seq_ids[keep], **options)[0]  # fmt: skip
+        loss.backward()
+        return loss.detach(), hd.grad, w.grad
+
+    every = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    ours = run(linear_policy_loss, hidden, weight, every, torch.float32)
+    assert sum(seen) == int(mask.sum()), "the row pass must see the scored rows only"
+    gold = run(reference.linear_policy_loss, hidden[mask].double(), weight.double(), mask, torch.float64)
+    base = run(reference.linear_policy_loss, hidden[mask], weight, mask, dtype)
+    assert (ours[1][~mask] == 0).all(), "masked rows must get an exactly zero grad_hidden"
+    what = f"n={n} h={h} v={v} {dtype} on_policy={on_policy}"
+    assert_close(ours[0], gold[0], base[0], what=f"loss {what}", dtype=dtype)
+    assert_close(ours[1][mask], gold[1], base[1], what=f"grad_hidden {what}")
+    assert_close(ours[2], gold[2], base[2], what=f"grad_weight {what}")
+
+
+def test_linear_policy_loss_with_every_row_masked(monkeypatch):
+    """A micro-batch with nothing to score (a rank's padding): loss 0, zero gradients, no tile at all."""
+    n, h, v = 6, 16, 300
+    hidden = torch.full((n, h), float("nan"), device=DEVICE).requires_grad_()
+    weight = randn(v, h, seed=110).requires_grad_()
+    monkeypatch.setattr(linear_loss_module, "_row_pass", None)  # calling it would raise
+    none = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    loss, metrics, logp, ent = linear_policy_loss(
+        hidden, weight, randint(v, n, seed=111), None, randn(n, seed=112), none
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and metrics["ratio_mean"].item() == 0.0
+    for t in (hidden.grad, weight.grad, logp, ent):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter, on
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the NaN rows' forward
+@pytest.mark.parametrize("n,h,v", LINEAR_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_logprob_backward_skips_rows_without_gradient(n, h, v, dtype):
+    """linear_logprob's backward with zero upstream gradients at rows whose hidden states hold NaN or inf:
+    grad_weight stays finite (it would be NaN through 0 x NaN in d logits.T @ hidden), grad_hidden is 0
+    there, and both equal the fp64 reference computed without those rows."""
+    hidden, mask = _poisoned_hidden(n, h, dtype, seed=120 + n)
+    weight = randn(v, h, seed=122, scale=h**-0.5 * 3, dtype=dtype)
+    targets = randint(v, n, seed=123)
+    g_logp, g_ent = randn(n, seed=124) * mask, randn(n, seed=125) * mask  # [N], 0 at masked rows
+
+    def run(fn, hidden, weight, keep, dt):
+        hd, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        logp, ent = fn(hd, w, targets[keep], 0.8, return_entropy=True)
+        torch.autograd.backward((logp, ent), (g_logp[keep].to(logp.dtype), g_ent[keep].to(ent.dtype)))
+        return hd.grad, w.grad
+
+    every = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    ours = run(linear_logprob, hidden, weight, every, dtype)
+    gold = run(reference.linear_logprob, hidden[mask].double(), weight.double(), mask, torch.float64)
+    base = run(reference.linear_logprob, hidden[mask], weight, mask, dtype)
+    assert (ours[0][~mask] == 0).all(), "rows without an upstream gradient must get an exactly zero grad_hidden"
+    what = f"n={n} h={h} v={v} {dtype}"
+    assert_close(ours[0][mask], gold[0], base[0], what=f"grad_hidden {what}")
+    assert_close(ours[1], gold[1], base[1], what=f"grad_weight {what}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
