@@ -4,6 +4,7 @@ reward) and RPT with a thought budget, the same steps and prompts each, over see
     .venv/bin/python bench/rpt_family.py [--seeds 0 1] [--steps 80] [--out runs/rpt-family]
                                          [--base runs/rpt-toy/base/final --data runs/rpt-toy/samples]
     make study                           # the same, with the defaults
+    .venv/bin/python bench/rpt_family.py --no-train   # table and plots again from the runs in --out
 
 The base and the samples are `make demo-rpt`'s (rptfast/configs/rpt-toy-base.toml, rpt-toy.toml); where
 they are missing they are made the same way first (toy corpus, pre-training, prepare with the base as
@@ -15,8 +16,9 @@ proxy). Every method starts from the base with the same seed per repetition and 
   length term of 0.01 per token beyond 11.
 Each final model is evaluated by `rptfast eval --config rpt-toy` on the same held-out samples. Rows go to
 bench/results/rpt_family.csv (method, seed, accuracy by split and by kind of position, completion length,
-seconds per step, commit, date); the markdown table (means over seeds, and each seed's hard split) is
-printed and written to OUT/rpt_family.md. On the 2-core CPU one method and seed takes 3 to 5 minutes.
+seconds per step, commit, date); the markdown table (means over seeds ± half their range) is printed and
+written to OUT/rpt_family.md, with two plots of the RL runs (training accuracy and completion length per
+step, means over seeds). On the 2-core CPU one method and seed takes 2 to 5 minutes.
 """
 
 from __future__ import annotations
@@ -69,15 +71,17 @@ def ensure_base(base: Path, data: Path) -> None:
         rptfast("eval", "--config", "rpt-toy", "--model", str(base), "--data", str(data))
 
 
-def run_method(method: str, seed: int, steps: int, base: Path, data: Path, out: Path) -> dict:
-    """Train one method from the base, evaluate it; the CSV row."""
+def run_method(method: str, seed: int, steps: int, base: Path, data: Path, out: Path, train: bool) -> dict:
+    """Train one method from the base, evaluate it (or, without `train`, read the run already there); the CSV row."""
     run = out / f"{method}-seed{seed}"
-    subprocess.run(["rm", "-rf", str(run)], check=True)
-    args = [a.format(steps=steps) for a in METHODS[method]]
-    rptfast(*args, "--set", f"model.path={base}", "--set", f"data.samples={data}", "--set", f"train.seed={seed}",
-            "--set", f"train.out_dir={run}", "--set", "log.progress=false", "--set", "train.eval_every=0")
-    rptfast("eval", "--config", "rpt-toy", "--model", str(run / "final"), "--data", str(data))
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    if train:
+        subprocess.run(["rm", "-rf", str(run)], check=True)
+        args = [a.format(steps=steps) for a in METHODS[method]]
+        rptfast(*args, "--set", f"model.path={base}", "--set", f"data.samples={data}", "--set",
+                f"train.seed={seed}", "--set", f"train.out_dir={run}", "--set", "log.progress=false",
+                "--set", "train.eval_every=0")
+        rptfast("eval", "--config", "rpt-toy", "--model", str(run / "final"), "--data", str(data))
+    rows = read_jsonl(run)
     times = [r["time/step"] for r in rows if "time/step" in r]
     return measure(method, seed, steps, run / "final" / "eval-samples.json", data, statistics.mean(times))
 
@@ -94,6 +98,30 @@ def measure(method: str, seed: int | str, steps: int, evaluation: Path, data: Pa
     row.update(len_reducible=lengths["easy", "reducible"][0], len_random=lengths["easy", "random"][0],
                sec_per_step=sec_per_step, commit=commit(), date=datetime.date.today().isoformat())
     return row
+
+
+def read_jsonl(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def curves(out: Path, methods: list[str], seeds: list[int]) -> None:
+    """rpt_family_accuracy.png and rpt_family_length.png: each RL method's training accuracy (completions whose box
+    matches the text) and completion length per step, means over seeds."""
+    from rptfast.metrics import plot
+
+    merged: dict[int, dict] = {}
+    for method in (m for m in methods if m != "ntp"):
+        runs = [[r for r in read_jsonl(out / f"{method}-seed{s}") if r.get("phase") == "rl"] for s in seeds]
+        for step_rows in zip(*runs):
+            row = merged.setdefault(step_rows[0]["step"], {"step": step_rows[0]["step"]})
+            for key in ("accuracy", "response_len"):
+                row[f"{method}/{key}"] = statistics.mean(r[key] for r in step_rows)
+    rows = [merged[s] for s in sorted(merged)]
+    rl = [m for m in methods if m != "ntp"]
+    plot(rows, {m: f"{m}/accuracy" for m in rl}, out / "rpt_family_accuracy.png",
+         "training accuracy (box matches the text)")
+    plot(rows, {m: f"{m}/response_len" for m in rl}, out / "rpt_family_length.png",
+         "completion tokens (5: at once, 11: worked)")
 
 
 def table(rows: list[dict]) -> str:
@@ -122,6 +150,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "runs/rpt-toy/samples")
     ap.add_argument("--out", type=Path, default=ROOT / "runs/rpt-family")
     ap.add_argument("--csv", type=Path, default=RESULTS)
+    ap.add_argument("--no-train", action="store_true", help="measure the runs already in --out; no CSV rows")
     args = ap.parse_args()
     ensure_base(args.base, args.data)
     base_eval = args.base / "eval-samples.json"
@@ -130,7 +159,9 @@ def main() -> None:
     for seed in args.seeds:
         for method in args.methods:
             t0 = time.time()
-            rows.append(run_method(method, seed, args.steps, args.base, args.data, args.out))
+            rows.append(run_method(method, seed, args.steps, args.base, args.data, args.out, not args.no_train))
+            if args.no_train:
+                continue
             new = not args.csv.exists()
             args.csv.parent.mkdir(parents=True, exist_ok=True)
             with args.csv.open("a", newline="") as f:
@@ -143,6 +174,7 @@ def main() -> None:
     text = table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rpt_family.md").write_text(text + "\n")
+    curves(args.out, args.methods, args.seeds)
     print(text)
 
 
