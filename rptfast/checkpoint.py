@@ -3,6 +3,7 @@
 A checkpoint directory `checkpoints/step_000010/` holds
 - model.safetensors: the full policy weights (HF names), the masters as the optimizer holds
   them (fp32 by default, whatever the compute dtype), so that a resumed run is bit-identical;
+  a tied weight (lm_head = embed_tokens) is stored once, its other names in the file's metadata;
 - state.pt: optimizer state (full, FQN keys), step, data cursor and RNG state, read back
   with `torch.load(weights_only=True)`;
 - ema.safetensors (data.reward = "info_gain" only): the EMA baseline's fp32 weights;
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -44,6 +46,30 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU weights; a collective under FSDP."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=opts)
+
+
+def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors of `weights`, each storage once: a name that aliases an earlier tensor (a tied lm_head is
+    the embedding itself) is written as metadata {"tied": {name: name it aliases}} instead of a second copy."""
+    first: dict[tuple, str] = {}
+    tensors, tied = {}, {}
+    for name, w in weights.items():
+        key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()), w.dtype)
+        if w.numel() and key in first:
+            tied[name] = first[key]
+        else:
+            first[key] = name
+            tensors[name] = w.contiguous()
+    save_file(tensors, path, metadata={"tied": json.dumps(tied)})
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """What save_weights wrote, every name back (a tied name maps to the tensor it aliases)."""
+    weights = load_file(path)
+    with safe_open(path, "pt") as f:
+        tied = json.loads((f.metadata() or {}).get("tied", "{}"))
+    weights.update({name: weights[source] for name, source in tied.items()})
+    return weights
 
 
 def refuse_nonfinite(weights: dict[str, torch.Tensor], where: Path) -> None:
@@ -115,10 +141,10 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, extra: dic
     if d.main:
         refuse_nonfinite(weights, final)
         tmp = _atomic_dir(final)
-        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+        save_weights(weights, tmp / "model.safetensors")
         if ema_weights is not None:
             refuse_nonfinite(ema_weights, final)
-            save_file({k: v.contiguous() for k, v in ema_weights.items()}, tmp / "ema.safetensors")
+            save_weights(ema_weights, tmp / "ema.safetensors")
         torch.save({"optimizer": optim, "step": step,
                     "rng": torch.get_rng_state(), **extra}, tmp / "state.pt")
         write_manifest(tmp)
@@ -155,9 +181,9 @@ def load(path: Path, model: torch.nn.Module, optimizer, d: Dist, ema: torch.nn.M
     """Restore weights, optimizer (and the EMA baseline) in place; return the rest of the saved state."""
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1)
-    set_model_state_dict(model, load_file(path / "model.safetensors"), options=opts)
+    set_model_state_dict(model, load_weights(path / "model.safetensors"), options=opts)
     if ema is not None:
-        set_model_state_dict(ema, load_file(path / "ema.safetensors"), options=opts)
+        set_model_state_dict(ema, load_weights(path / "ema.safetensors"), options=opts)
     set_optimizer_state_dict(model, optimizer, state.pop("optimizer"), options=opts)
     torch.set_rng_state(state.pop("rng"))
     return state

@@ -90,6 +90,34 @@ def test_save_refuses_non_finite_tensors(tiny_dir, tmp_path):
     assert not any(tmp_path.rglob("*.safetensors"))
 
 
+def test_tied_checkpoint_stores_the_embedding_once_and_resumes_tied(tmp_path):
+    """A tied lm_head (SmolLM2, Qwen3-0.6B) is the embedding under a second name: safetensors refuses two names
+    on one storage, so the checkpoint writes it once and names the alias; the load restores both, still one
+    parameter, with the moved values and the optimizer state."""
+    from rptfast.testing import make_tiny_model
+
+    tied = make_tiny_model(tmp_path / "tied", vocab=512, layers=1, seed=4, tie_word_embeddings=True)
+    lm = load_policy(str(tied), dtype=torch.float32, attn="sdpa", trust_remote_code=False,
+                     gradient_checkpointing=False)
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    lm(torch.randint(0, 512, (1, 17))).logits.logsumexp(-1).sum().backward()
+    opt.step()
+    d = distributed.init()
+    ckpt = checkpoint.save(tmp_path / "run", 1, lm, opt, {}, d, keep=2)
+    stored = load_file(ckpt / "model.safetensors")
+    assert "lm_head.weight" not in stored and "model.embed_tokens.weight" in stored
+    fresh = load_policy(str(tied), dtype=torch.float32, attn="sdpa", trust_remote_code=False,
+                        gradient_checkpointing=False)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    checkpoint.load(ckpt, fresh, fresh_opt, d)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight  # still tied, not two copies
+    for (name, a), b in zip(lm.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(fresh.lm_head.weight, load_file(tied / "model.safetensors")["model.embed_tokens.weight"])
+    moments = [s["exp_avg"] for s in fresh_opt.state.values()]
+    assert len(moments) == len(list(lm.parameters())) and all(m.abs().sum() > 0 for m in moments)
+
+
 def test_damaged_checkpoints_fall_back(tiny_dir, vllm_engine, tmp_path):
     """Truncate the newest checkpoint and flip one bit in the one before: --resume verifies their
     manifests, falls back to the third, and finishes with the weights of the undisturbed run."""
