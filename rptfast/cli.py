@@ -93,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, metavar="DIR", help="the RPT run directory (for its curves)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the table and plots go")
 
+    p = sub.add_parser("table", help="one table from rptfast eval's results of several models on the same samples",
+                       description="Plain and reasoning accuracy by entropy split, answer rate and completion length, "
+                                   "one row per model and mode, in the order given (rptfast/report.py).")
+    p.add_argument("--eval", required=True, action="append", metavar="NAME=JSON",
+                   help="a row label and the JSON rptfast eval wrote (repeat, in table order)")
+    p.add_argument("--data", required=True, metavar="DIR", help="the sample store they were evaluated on")
+    p.add_argument("--run", type=Path, metavar="DIR", help="an RL run directory: plot its reward and accuracy")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where table.txt, table.json and plots go")
+
     p = sub.add_parser("convert", help="`convert gguf FILE --out DIR`: a GGUF checkpoint as a checked HF directory")
     convert = p.add_subparsers(dest="convert", required=True)
     p = convert.add_parser(
@@ -113,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                           description="JSONL that `rptfast prepare --corpus FILE` reads: {\"text\": ..., "
                                       "\"topic\": ...} per line, one per topic of this Python's pydoc_data.topics.")
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="JSONL file to write")
+    p.add_argument("--max-chars", type=int, default=0, metavar="N",
+                   help="keep each topic's first lines up to N characters (0: whole topics)")
 
     args = parser.parse_args(argv)
     _quiet()
@@ -162,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                 check_writable_dir(args.out, f"--out {str(args.out)!r}")
                 print(toy.table({"base": args.base, "rpt": args.rpt, "control": args.control}, args.data, args.out,
                                 args.run))
+        elif args.command == "table":
+            from rptfast.report import compare
+
+            named = [e.partition("=") for e in args.eval]
+            bad = [e for e, (n, eq, f) in zip(args.eval, named) if not (n and eq and f)]
+            if bad:
+                raise ConfigError(f"--eval {bad[0]!r}: give NAME=JSON, e.g. --eval base=runs/real/eval-base.json")
+            check_writable_dir(args.out, f"--out {str(args.out)!r}")
+            print(compare([(n, Path(f)) for n, _, f in named], args.data, args.out, args.run))
         elif args.command == "convert":
             from rptfast.convert import convert_gguf
 
@@ -172,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             from rptfast.data.pydoc_topics import write_corpus
 
             check_writable_dir(args.out.parent, f"--out {str(args.out)!r}: its directory")
-            path, n, size = write_corpus(args.out)
+            path, n, size = write_corpus(args.out, args.max_chars)
             print(f"wrote {n} documents ({size / 1e3:.0f} kB, Python {platform.python_version()}'s pydoc topics) "
                   f"-> {path}")
     except UserError as e:

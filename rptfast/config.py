@@ -53,6 +53,7 @@ class DataConfig:
     template: str = "v0"  # rpt: prompt template name (rptfast.data.templates)
     max_prompt_tokens: int = 1024  # rpt: context cut from the left to fit this many prompt tokens
     reward: str = "prefix"  # rpt: prefix (the paper's Eq. 3) | first_token | info_gain (RLP: log-prob gain)
+    rpt_ntp: str = "text"  # rpt, train.ntp_steps: text (the prompts' contexts, every token) | answers (box at once)
     info_gain_tokens: int = 1  # info_gain: ground-truth tokens teacher-forced after the thought (log-probs summed)
     first_token_set: int = 8  # first_token: reward 1 when the completion starts with a token id < this
     prompt_len: int = 8  # first_token: prompt length in tokens

@@ -27,7 +27,8 @@ CHOICES = {
     "data.parity_reward": ("answer", "chain"),
     "data.reward": ("prefix", "first_token", "info_gain"),
     "rollout.budget_schedule": ("constant", "linear", "cosine"),
-    "data.template": ("v0", "candidates", "multi", "context_first", "bare"),
+    "data.template": ("v0", "candidates", "multi", "context_first", "bare", "answer", "think"),
+    "data.rpt_ntp": ("text", "answers"),
     "prepare.txt_unit": ("file", "paragraph", "line"),
     "eval.split": ("eval", "train", "all"),
     "rollout.engine": ("auto", "vllm", "torch"),
@@ -126,9 +127,9 @@ def check(cfg: Config) -> Config:
                           "(training from scratch is only for the parity and toy tasks)")
     if cfg.data.task == "rpt" and not cfg.data.samples:
         raise ConfigError("data.task = 'rpt' needs data.samples: the directory written by `rptfast prepare`")
-    if cfg.train.ntp_steps and cfg.data.task not in PRETRAIN_TASKS:
-        raise ConfigError(f"train.ntp_steps = {cfg.train.ntp_steps}: next-token pre-training needs targets, "
-                          f"which only the parity and toy tasks have; set it to 0 for data.task = {cfg.data.task!r}")
+    if cfg.train.ntp_steps and cfg.data.task not in (*PRETRAIN_TASKS, "rpt"):
+        raise ConfigError(f"train.ntp_steps = {cfg.train.ntp_steps}: next-token training needs targets, which only "
+                          f"the parity, toy and rpt tasks have; set it to 0 for data.task = {cfg.data.task!r}")
     if cfg.data.task == "toy" and cfg.train.steps:
         raise ConfigError(f"train.steps = {cfg.train.steps} with data.task = 'toy': the toy task is next-token "
                           f"pre-training only; set train.steps = 0 (RPT runs on the prepared store, data.task = 'rpt')")
@@ -202,6 +203,9 @@ def check_rpt_family(cfg: Config) -> None:
         if cfg.data.task != "rpt":
             raise ConfigError(f"data.reward = 'info_gain' scores the ground-truth next tokens of RPT samples; it "
                               f"needs data.task = 'rpt', not {cfg.data.task!r}")
+        if cfg.data.template == "answer":
+            raise ConfigError("data.reward = 'info_gain' rewards what a thought adds, and data.template = 'answer' "
+                              "closes the thought in the prompt (budget 0); use another template, e.g. 'think'")
         if cfg.train.master_dtype != "float32":
             raise ConfigError("data.reward = 'info_gain' keeps an EMA of the policy's weights, which needs fp32 "
                               "masters (a bf16 weight cannot take a 0.001 x step); set train.master_dtype = 'float32'")

@@ -47,7 +47,7 @@ from rptfast.data.tokens import token_bytes
 from rptfast.errors import PathError, check_writable_dir
 from rptfast.metrics import quiet_startup
 from rptfast.model import Sequence, collate, hidden_states, load_policy, resolve_attn, resolve_dtype
-from rptfast.reward import reward
+from rptfast.reward import extract_answer, reward
 from rptfast.rollout import SamplingConfig, check_model_dir, is_hub_name, make_engine
 
 GENERATE_CHUNK = 16  # prompts per generate call (the progress bar moves per call; seeds are per prompt)
@@ -78,23 +78,28 @@ def plain_correct(lm, contexts: list[list[int]], truths: list[int], batch_tokens
     return out
 
 
-def reasoning_rewards(engine, prompts: list[list[int]], score: Callable[[int, list[int]], float], k: int,
-                      sampling: SamplingConfig, seed: int, bar=None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """[N, k] rewards and [N, k] token lengths of k completions per prompt, and response length / truncation stats."""
+def reasoning_rewards(engine, prompts: list[list[int]], score: Callable[[int, list[int]], tuple[float, bool]],
+                      k: int, sampling: SamplingConfig, seed: int, bar=None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+    """[N, k] rewards, [N, k] token lengths and [N, k] answered (a box after `</think>`) of k completions per
+    prompt, and the response length, truncation and answer-rate stats."""
     rewards, lengths = np.zeros((len(prompts), k)), np.zeros((len(prompts), k), dtype=np.int64)
+    answered = np.zeros((len(prompts), k), dtype=bool)
     comps = []
     for at in range(0, len(prompts), GENERATE_CHUNK):
         chunk = prompts[at:at + GENERATE_CHUNK]
         got = engine.generate(chunk, k, sampling, seeds=[seed + (at + i) * k for i in range(len(chunk))])
         for c in got:
-            rewards[at + c.prompt_index, c.sample_index] = score(at + c.prompt_index, c.token_ids)
-            lengths[at + c.prompt_index, c.sample_index] = len(c.token_ids)
+            i, j = at + c.prompt_index, c.sample_index
+            rewards[i, j], answered[i, j] = score(i, c.token_ids)
+            lengths[i, j] = len(c.token_ids)
         comps += got
         if bar is not None:
             bar.update(len(chunk))
     stats = {"response_len": float(lengths.mean()),
-             "truncated_frac": float(np.mean([c.finish_reason == "length" for c in comps]))}
-    return rewards, lengths, stats
+             "truncated_frac": float(np.mean([c.finish_reason == "length" for c in comps])),
+             "answer_rate": float(answered.mean())}
+    return rewards, lengths, answered, stats
 
 
 def summarize(entropy: np.ndarray, plain: np.ndarray | None, rewards: np.ndarray | None) -> dict[str, dict]:
@@ -123,10 +128,20 @@ def table(splits: dict[str, dict], k: int) -> str:
     return "\n".join(lines)
 
 
-def sample_scorer(tokenizer, samples: list[dict], mode: str) -> Callable[[int, list[int]], float]:
-    def score(i: int, completion: list[int]) -> float:
-        text = tokenizer.decode(completion, skip_special_tokens=False)
-        return reward(text, samples[i]["continuation_bytes"], samples[i]["boundaries"], mode)
+def accuracy_mode(reward_name: str) -> str:
+    """The match that accuracy counts under data.reward: info_gain (RLP) trains on a log-prob gain, and its
+    accuracy is the paper's prefix match."""
+    return "prefix" if reward_name == "info_gain" else reward_name
+
+
+def sample_scorer(tokenizer, samples: list[dict], mode: str, prefill: str = ""
+                  ) -> Callable[[int, list[int]], tuple[float, bool]]:
+    """score(i, completion) -> (reward against sample i, whether it boxes an answer); `prefill` is the completion's
+    start that the prompt holds (PromptBuilder.prefill), read in front of it."""
+    def score(i: int, completion: list[int]) -> tuple[float, bool]:
+        text = prefill + tokenizer.decode(completion, skip_special_tokens=False)
+        return (reward(text, samples[i]["continuation_bytes"], samples[i]["boundaries"], mode),
+                extract_answer(text) is not None)
     return score
 
 
@@ -181,7 +196,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.model.dtype, device)
     show = progress if progress is not None else cfg.log.progress and sys.stderr.isatty()
-    plain = rewards = lengths = None
+    plain = rewards = lengths = answered = None
     stats: dict[str, float] = {}
     if e.plain:
         lm = load_policy(model, dtype=dtype, attn=resolve_attn(cfg.model.attn, device, dtype),
@@ -205,9 +220,10 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         try:
             with tqdm(total=len(samples), desc="eval reasoning", unit="sample", disable=not show,
                       dynamic_ncols=True) as bar:
-                rewards, lengths, stats = reasoning_rewards(
+                rewards, lengths, answered, stats = reasoning_rewards(
                     engine, [build.pre + c + build.post for c in contexts],
-                    sample_scorer(tokenizer, samples, cfg.data.reward), e.k, sampling, cfg.train.seed, bar)
+                    sample_scorer(tokenizer, samples, accuracy_mode(cfg.data.reward), build.prefill), e.k, sampling,
+                    cfg.train.seed, bar)
         finally:
             if own and hasattr(engine, "close"):
                 engine.close()
@@ -223,7 +239,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         "context": context,
         "model_max_len": limit,
         "template": cfg.data.template,
-        "reward": cfg.data.reward if e.reasoning else None,
+        "reward": accuracy_mode(cfg.data.reward) if e.reasoning else None,
         "k": e.k if e.reasoning else None,
         "temperature": cfg.rollout.temperature if e.reasoning else None,
         "max_tokens": cfg.rollout.max_tokens if e.reasoning else None,
@@ -234,7 +250,8 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         "per_sample": {"row": [int(r) for r in rows],
                        "plain": None if plain is None else plain.astype(int).tolist(),
                        "random@1": None if rewards is None else rewards.mean(axis=1).round(6).tolist(),
-                       "response_len": None if lengths is None else lengths.mean(axis=1).round(3).tolist()},
+                       "response_len": None if lengths is None else lengths.mean(axis=1).round(3).tolist(),
+                       "answered": None if answered is None else answered.mean(axis=1).round(6).tolist()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)
@@ -246,6 +263,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
           f"{cfg.data.max_prompt_tokens} with template {cfg.data.template!r})")
     if e.reasoning:
         print(f"reasoning: response_len {stats['response_len']:.1f}, truncated_frac {stats['truncated_frac']:.3f} "
-              f"(cut by rollout.max_tokens = {cfg.rollout.max_tokens}; a cut completion earns 0)")
+              f"(cut by rollout.max_tokens = {cfg.rollout.max_tokens}; a cut completion earns 0), answer_rate "
+              f"{stats['answer_rate']:.3f} (completions that box an answer after </think>)")
     print(f"entropy: {result['entropy']} -> {path}")
     return result

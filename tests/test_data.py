@@ -274,6 +274,19 @@ def test_pydoc_corpus_is_one_document_per_topic(tmp_path, capsys):
     assert cli.main(["corpus", "pydoc", "--out", str(tmp_path / "pydoc.txt")]) == 2
     assert "*.jsonl" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pydoc.jsonl"]  # no temporary file left
+    # --max-chars: every topic, each its first whole lines within the limit (a longer first line alone)
+    cut = tmp_path / "cut.jsonl"
+    assert cli.main(["corpus", "pydoc", "--out", str(cut), "--max-chars", "2000"]) == 0
+    texts = [json.loads(line)["text"] for line in cut.open()]
+    assert len(texts) == len(topics)
+    for text, name in zip(texts, sorted(topics)):
+        whole = topics[name]
+        first_line = whole.split("\n", 1)[0]
+        assert whole.startswith(text) and (text == whole or whole[len(text)] == "\n")
+        assert len(text) <= 2000 or text == first_line
+        assert text == whole or len(text) + len(whole[len(text):].split("\n", 2)[1]) + 1 > 2000 or text == first_line
+    assert sum(map(len, texts)) < sum(map(len, topics.values())) / 3
+    assert cli.main(["corpus", "pydoc", "--out", str(cut), "--max-chars", "-1"]) == 2
 
 
 def test_prepare_reads_pydoc_with_the_real_smollm2(tmp_path, smollm2_dir):

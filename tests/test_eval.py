@@ -17,10 +17,11 @@ from rptfast.config import ConfigError
 from rptfast.data.inspect_samples import inspect_store
 from rptfast.data.prepare import prepare
 from rptfast.data.store import SampleStore
-from rptfast.data.templates import TEMPLATES, PromptBuilder
+from rptfast.data.templates import PREFILLS, TEMPLATES, THINK_OPEN, PromptBuilder
 from rptfast.data.tokens import token_bytes
 from rptfast.eval import plain_correct, run_eval
 from rptfast.model import load_policy, resolve_attn
+from rptfast.reward import escape as reward_escape
 from rptfast.reward import reward
 from rptfast.tasks.rpt import RPTTask
 from rptfast.testing import write_tokenizer
@@ -39,6 +40,11 @@ def store(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok(tiny_dir):
     return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def write_toml(cfg, path: Path) -> Path:
+    path.write_text(config.to_toml(cfg))
+    return path
 
 
 def make_cfg(tiny_dir, store, out="runs/x", **sections):
@@ -75,7 +81,9 @@ def test_templates_are_the_config_choices(tok):
     for name in TEMPLATES:
         build = PromptBuilder(tok, name, 400, tb)
         text = tok.decode(build(context), skip_special_tokens=False)
-        assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n<think>\n")
+        prefill = PREFILLS.get(name, THINK_OPEN)  # this chat template opens <think> itself: never a second one
+        assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n" + prefill)
+        assert text.count("<think>") == 1 and build.prefill == prefill[len(THINK_OPEN):]
         assert " and the river runs south to the sea" in text and ("\\boxed{" in text) == (name != "bare")
     with pytest.raises(ConfigError, match="max_prompt_tokens"):
         PromptBuilder(tok, "v0", 100, tb)  # the v0 wrapping alone takes more than 100 tiny-BPE tokens
@@ -116,6 +124,33 @@ def test_score_prefix_and_first_token(tiny_dir, store, tok):
     assert task.score(p, tok.encode(f"no end of thinking \\boxed{{{first}}}", add_special_tokens=False)) == 0.0
     ft = RPTTask(tok, make_cfg(tiny_dir, store, data={"reward": "first_token"}).data, cfg.rollout, seed=0)
     assert ft.score(p, completion(first)) == 1.0 and ft.score(p, completion(whole)) == 0.0
+
+
+def test_prefilled_templates_score_and_warm_up(tiny_dir, store, tok):
+    """'answer' pre-fills an empty thought and the box's opening: the reward reads the prefill in front of the
+    completion, so `tok}` alone earns 1, and the warm-up's supervised target is exactly such an answer and EOS.
+    'think' pre-fills only the thought's opening. rpt_ntp = 'text' is next-token training on the kept context."""
+    cfg = make_cfg(tiny_dir, store, data={"template": "answer", "rpt_ntp": "answers"})
+    task = RPTTask(tok, cfg.data, cfg.rollout, seed=0)
+    prompts = task.prompts(0, 12)
+    pairs = task.pretrain_samples(0, 12)
+    for p, (prompt, target) in zip(prompts, pairs):
+        first = p.meta["truth"][:p.meta["boundaries"][0]].decode()
+        assert prompt == p.token_ids and tok.decode(p.token_ids).endswith("</think>\n\\boxed{")
+        assert target[-1] == tok.eos_token_id and tok.decode(target[:-1]) == reward_escape(first) + "}"
+        assert task.score(p, target) == 1.0
+        assert task.score(p, tok.encode("@@}", add_special_tokens=False)) == 0.0
+    think = RPTTask(tok, make_cfg(tiny_dir, store, data={"template": "think"}).data, cfg.rollout, seed=0)
+    p = think.prompts(0, 1)[0]
+    first = p.meta["truth"][:p.meta["boundaries"][0]].decode()
+    said = tok.encode(f"so</think>\\boxed{{{reward_escape(first)}}}", add_special_tokens=False)
+    assert think.score(p, said) == 1.0 and think.build.prefill == ""
+    assert tok.decode(p.token_ids).endswith("assistant\n<think>\n")
+    text = RPTTask(tok, make_cfg(tiny_dir, store, data={"rpt_ntp": "text"}).data, cfg.rollout, seed=0)
+    for p, (prompt, target) in zip(text.prompts(0, 12), text.pretrain_samples(0, 12)):
+        assert prompt + target == p.meta["context_ids"] + p.meta["truth_ids"][:1] and len(prompt) == 1
+    with pytest.raises(ConfigError, match="template = 'answer'"):
+        make_cfg(tiny_dir, store, data={"template": "answer", "reward": "info_gain"})
 
 
 def test_task_refuses_bad_setups(tiny_dir, store, tok, tmp_path):
@@ -167,6 +202,22 @@ def test_eval_end_to_end_and_plain_accuracy_equals_hf(tiny_dir, store, vllm_engi
     assert result["response_len"] > 0 and result["entropy"].startswith("top-16 entropy of the proxy")
     assert f"truncated_frac {result['truncated_frac']:.3f}" in printed.out and "context (both modes)" in printed.out
     assert "eval reasoning" in printed.err and "eval plain" in printed.err  # the progress bars
+    # answer_rate: the share of completions with a box after </think>, per sample and overall
+    assert result["answer_rate"] == pytest.approx(np.mean(result["per_sample"]["answered"]))
+    # `rptfast table` puts two evaluations side by side: its cells are the evaluation's own splits
+    plain_only = tmp_path / "plain.json"
+    assert cli.main(["eval", "--model", tiny_dir, "--data", store, "--out", str(plain_only), "--config",
+                     str(write_toml(cfg, tmp_path / "c.toml")), "--set", "eval.reasoning=false"]) == 0
+    assert cli.main(["table", "--eval", f"base={out}", "--eval", f"base={plain_only}", "--data", store,
+                     "--out", str(tmp_path / "table")]) == 0
+    rows_ = json.loads((tmp_path / "table" / "table.json").read_text())["rows"]
+    assert [r["mode"] for r in rows_] == ["plain", "random@1", "plain"]  # in order; a name may repeat
+    for r in rows_:
+        for name in ("all", "easy", "medium", "hard"):
+            assert r["accuracy"][name] == pytest.approx(result["splits"][name][r["mode"]])
+    assert rows_[1]["answered"] == pytest.approx(result["answer_rate"]) and rows_[0]["answered"] is None
+    assert "base: reasoning, 'context_first', 16 tokens, k=2" in (tmp_path / "table" / "table.txt").read_text()
+    assert cli.main(["table", "--eval", str(out), "--data", store, "--out", str(tmp_path / "t2")]) == 2
 
 
 def test_cli_eval_plain_only(tiny_dir, store, tmp_path, capsys):

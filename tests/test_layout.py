@@ -15,7 +15,7 @@ LAYERS = [
     ["rptfast.model"],
     ["rptfast.rollout", "rptfast.checkpoint"],
     ["rptfast.data.corpus", "rptfast.data.filter", "rptfast.data.prepare", "rptfast.data.inspect_samples"],
-    ["rptfast.eval"],
+    ["rptfast.eval", "rptfast.report"],
     ["rptfast.tasks"],
     ["rptfast.train"],
     ["rptfast.throughput", "rptfast.trl_peer", "rptfast.testing"],

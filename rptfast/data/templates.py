@@ -3,7 +3,9 @@
 Each template is a user message with a `{context}` slot, wrapped in the policy's chat
 template with thinking on (`enable_thinking=True`: the generation prompt opens `<think>`
 where the template knows the flag), so the completion is reasoning, `</think>`, then the
-answer in `\\boxed{}`.
+answer in `\\boxed{}`. Two templates also pre-fill the start of the assistant's turn (PREFILLS),
+for a chat model that has never seen `<think>`: the prefill is part of the prompt, and the
+reward reads it in front of the completion (`PromptBuilder.scored_text`).
 
 - "v0": the paper's v0 (its main runs), in substance: complete the text under "### Context" by
   predicting the next token, reason step by step, the most probable next token in \\boxed{},
@@ -17,6 +19,15 @@ answer in `\\boxed{}`.
 - "context_first": the context first, the instruction after it, nearest to the answer.
 - "bare": the context alone, no instructions: for a model trained from scratch that knows no
   English (rptfast.tasks.toy); the chat wrapping and the open thought mark the task.
+- "answer": thought budget 0. A short instruction (the next token in \\boxed{}, its leading space
+  kept), and the assistant's turn pre-filled with `<think>\\n</think>\\n\\boxed{`, so the completion is
+  the token and `}` (and EOS). What is left to the model is the answer and where the box closes.
+- "think": the format stated in words (think briefly, close with `</think>`, then the box) and the
+  assistant's turn pre-filled with `<think>\\n`, so the thought is open from the first token.
+A chat template whose generation prompt opens `<think>` itself (R1-Distill's) gets the prefill
+without its own `<think>`: never two. Neither works for a 135M instruct model without a format
+warm-up (docs/rpt.md, "On a real model", has what each earned); "answer" is what rptfast's
+warm-up (data.rpt_ntp = "answers") demonstrates.
 
 The paper found initial accuracy differs by up to 2x between templates, hence the choice.
 
@@ -60,7 +71,18 @@ TEMPLATES = {
         "Do not use \\text{}. " + ESCAPE_RULE
     ),
     "bare": "{context}",
+    "answer": (
+        "Predict the next token of the text under \"### Context\" and give it inside \\boxed{}, with its "
+        "leading space if it has one. " + ESCAPE_RULE + "\n\n### Context\n{context}"
+    ),
+    "think": (
+        "Predict the next token of the text under \"### Context\". Think about it briefly, then write </think> "
+        "and the token inside \\boxed{}, with its leading space if it has one, for example </think>\\boxed{ the}. "
+        + ESCAPE_RULE + "\n\n### Context\n{context}"
+    ),
 }
+THINK_OPEN, ANSWER_OPEN = "<think>\n", "</think>\n\\boxed{"
+PREFILLS = {"answer": THINK_OPEN + ANSWER_OPEN, "think": THINK_OPEN}  # the assistant's turn, begun for the model
 
 SLOT = "{context}"
 SENTINEL = "\u2063RPTFAST-CONTEXT\u2063"  # stands in for the context while the chat template renders
@@ -82,8 +104,12 @@ class PromptBuilder:
             raise ConfigError(f"the policy's chat template does not keep the user message verbatim, so the "
                               f"context slot of template {name!r} cannot be found in it")
         pre, _, post = chat.partition(SENTINEL)
+        prefill = PREFILLS.get(name, "")
+        if prefill.startswith(THINK_OPEN) and post.rstrip().endswith(THINK_OPEN.strip()):
+            prefill = prefill[len(THINK_OPEN):]  # the generation prompt opened the thought already
+        self.prefill = prefill  # text of the completion's start that the prompt holds
         self.pre = tokenizer.encode(pre, add_special_tokens=False)
-        self.post = tokenizer.encode(post, add_special_tokens=False)
+        self.post = tokenizer.encode(post + prefill, add_special_tokens=False)
         self.budget = max_prompt_tokens - len(self.pre) - len(self.post)
         if self.budget < 1:
             raise ConfigError(f"data.max_prompt_tokens = {max_prompt_tokens} leaves no room for the context: "
@@ -100,6 +126,14 @@ class PromptBuilder:
 
     def __call__(self, context_ids: list[int]) -> list[int]:
         return self.pre + self.context(context_ids) + self.post
+
+    def scored_text(self, completion: str) -> str:
+        """What the reward reads: the prefill, then the completion."""
+        return self.prefill + completion
+
+    def answer_at_once(self, answer: str) -> str:
+        """The completion that gives `answer` (as boxed: escaped) after an empty thought, in this template's format."""
+        return (answer if self.prefill.endswith(ANSWER_OPEN) else ANSWER_OPEN + answer) + "}"
 
 
 def check_lengths(max_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:

@@ -207,7 +207,8 @@ class ToyTask:
         right_plain = np.array([self.tokenizer.decode(c.token_ids) == t[p] for c, t, p in zip(plain, texts, pos)])
         sampling = SamplingConfig(self.rollout.temperature, self.rollout.top_p, self.rollout.max_tokens)
         comps = engine.generate([self.build(c) for c in contexts], 1, sampling, seeds=[seed + i for i in range(count)])
-        completions = [self.tokenizer.decode(c.token_ids, skip_special_tokens=False) for c in comps]
+        completions = [self.build.scored_text(self.tokenizer.decode(c.token_ids, skip_special_tokens=False))
+                       for c in comps]
         right_reason = np.array([reward(c, t[p].encode(), [1]) for c, t, p in zip(completions, texts, pos)])
         thinks = np.array([not c.startswith("</think>") for c in completions])
         kinds = np.array(kinds)
