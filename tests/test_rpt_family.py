@@ -106,6 +106,7 @@ def test_info_gain_equals_a_plain_fp64_computation(tiny_dir, store, tmp_path):
         assert [c.token_ids for c in g.completions] == [ids[:ids.index(close[0]) + 1] if close[0] in ids else ids
                                                         for ids in comps]
     assert stats["info_gain"] == pytest.approx(sum(gains) / len(gains), abs=2e-4)
+    assert stats["all_equal_frac"] == 0.0  # gains differ within every group (the prefix rewards mostly did not)
 
 
 def test_ema_follows_the_policy_and_resumes_exactly(tiny_dir, store, tmp_path):
@@ -234,6 +235,7 @@ def test_info_gain_run_logs_its_metrics_and_refuses_what_cannot_run(tiny_dir, st
         assert math.isfinite(r["info_gain"]) and r["logp_think"] < 0 and r["logp_nothink"] < 0
         assert r["info_gain"] == pytest.approx(r["logp_think"] - r["logp_nothink"], abs=1e-6)
         assert 0 < r["thought_len"] <= MAX_TOKENS and 0.0 <= r["accuracy"] <= 1.0 and r["budget"] == MAX_TOKENS
+        assert r["all_equal_frac"] == 0.0  # of the information gains, not of the prefix rewards they replace
     for bad, match in (({"data": {"task": "first_token"}}, "needs data.task = 'rpt'"),
                        ({"algorithm": {"dynamic_sampling": True}}, "never are"),
                        ({"train": {"master_dtype": "bfloat16"}}, "fp32 masters"),

@@ -102,10 +102,11 @@ def rescore(run: Run, groups: list[Group]) -> dict:
         g.rewards, g.advantages, g.all_equal = rewards[part], adv[part], bool(all_equal[i])
         g.completions = [dataclasses.replace(c, token_ids=c.token_ids[:m], logprobs=c.logprobs[:m])
                          for c, m in zip(g.completions, lengths[part])]
-    s_n, s_r, s_gain, s_think, s_plain, s_len = all_sum(
+    s_n, s_r, s_gain, s_think, s_plain, s_len, s_eq = all_sum(
         [gain.numel(), rewards.double().sum().item(), gain.sum().item(), with_thought.sum().item(),
-         without.sum().item() * n, sum(lengths)], run.d)
+         without.sum().item() * n, sum(lengths), int(all_equal.sum())], run.d)
     s_n = max(s_n, 1)
+    # all_equal_frac replaces the rollout's, which counted the prefix-match rewards these replace
     return {"reward": s_r / s_n, "info_gain": s_gain / s_n, "logp_think": s_think / s_n,
-            "logp_nothink": s_plain / s_n, "thought_len": s_len / s_n}
+            "logp_nothink": s_plain / s_n, "thought_len": s_len / s_n, "all_equal_frac": s_eq * n / s_n}
 
