@@ -24,7 +24,6 @@ step, means over seeds). On the 2-core CPU one method and seed takes 2 to 5 minu
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import statistics
@@ -32,6 +31,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rpt_toy_sweep import append_row  # bench/ is the script's own directory, first on sys.path
+
+from rptfast.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "rpt_family.csv"
@@ -100,10 +103,6 @@ def measure(method: str, seed: int | str, steps: int, evaluation: Path, data: Pa
     return row
 
 
-def read_jsonl(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def curves(out: Path, methods: list[str], seeds: list[int]) -> None:
     """rpt_family_accuracy.png and rpt_family_length.png: each RL method's training accuracy (completions whose box
     matches the text) and completion length per step, means over seeds."""
@@ -162,13 +161,7 @@ def main() -> None:
             rows.append(run_method(method, seed, args.steps, args.base, args.data, args.out, not args.no_train))
             if args.no_train:
                 continue
-            new = not args.csv.exists()
-            args.csv.parent.mkdir(parents=True, exist_ok=True)
-            with args.csv.open("a", newline="") as f:
-                w = csv.DictWriter(f, FIELDS, lineterminator="\n")
-                if new:
-                    w.writeheader()
-                w.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()})
+            append_row(args.csv, FIELDS, rows[-1])
             print(f"{method} seed {seed}: {time.time() - t0:.0f} s, hard {100 * rows[-1]['hard/all']:.1f}%",
                   flush=True)
     text = table(rows)

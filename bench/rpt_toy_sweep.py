@@ -36,6 +36,17 @@ def commit() -> str:
     return r.stdout.strip() or "unknown"
 
 
+def append_row(path: Path, fields: list[str], row: dict) -> None:
+    """One row appended to a results CSV (its header first when the file is new), floats to 4 places."""
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fields, lineterminator="\n")
+        if new:
+            w.writeheader()
+        w.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+
+
 def rptfast(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "rptfast", *args], check=True, stdout=subprocess.DEVNULL)
 
@@ -95,13 +106,7 @@ def main() -> None:
             out = args.out / f"{args.key}={value}-seed{seed}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
             rows.append(run_point(args.key, value, seed, out, args.set))
-            new = not args.csv.exists()
-            args.csv.parent.mkdir(parents=True, exist_ok=True)
-            with args.csv.open("a", newline="") as f:
-                w = csv.DictWriter(f, FIELDS, lineterminator="\n")
-                if new:
-                    w.writeheader()
-                w.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()})
+            append_row(args.csv, FIELDS, rows[-1])
             print(json.dumps(rows[-1]), flush=True)
     print(f"| {args.key} | seed | hard: plain | hard: reasoning before | after RPT | reducible: plain | before | after "
           "| random: plain | before | after | reducible: tokens before | after |")

@@ -75,14 +75,15 @@ def compare(evals: list[tuple[str, Path]], data: str, out_dir: Path, run: Path |
     return text
 
 
-def curves(run_dir: Path, out_dir: Path) -> None:
-    """Training reward and held-out Random@1 by split against step, from an RL run's metrics.jsonl."""
+def curves(run_dir: Path, out_dir: Path, prefix: str = "") -> None:
+    """Training reward and held-out Random@1 by split against step, from an RL run's metrics.jsonl:
+    <prefix>reward.png and <prefix>accuracy.png."""
     from rptfast.metrics import plot, read_jsonl
 
     if not (Path(run_dir) / "metrics.jsonl").is_file():
         raise PathError(f"--run {str(run_dir)!r}: no metrics.jsonl there; give the directory of an rptfast train run")
     rows = read_jsonl(run_dir)
-    plot(rows, {"train reward": "reward", "held-out Random@1 (all)": "eval/random@1"}, out_dir / "reward.png",
+    plot(rows, {"train reward": "reward", "held-out Random@1 (all)": "eval/random@1"}, out_dir / f"{prefix}reward.png",
          "reward / accuracy")
-    plot(rows, {s: f"eval/random@1/{s}" for s in ("easy", "medium", "hard")}, out_dir / "accuracy.png",
+    plot(rows, {s: f"eval/random@1/{s}" for s in ("easy", "medium", "hard")}, out_dir / f"{prefix}accuracy.png",
          "held-out reasoning accuracy (Random@1)")

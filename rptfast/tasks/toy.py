@@ -315,11 +315,8 @@ def table(evals: dict[str, Path], data: str, out_dir: Path, rpt_run: Path | None
 def curves(run_dir: Path, out_dir: Path) -> None:
     """Reward, held-out accuracy by split and completion length against step, from the RPT run's metrics.jsonl."""
     from rptfast.metrics import plot, read_jsonl
+    from rptfast.report import curves as reward_curves
 
-    rows = read_jsonl(run_dir)
-    plot(rows, {"train reward": "reward", "held-out Random@1 (all)": "eval/random@1"},
-         out_dir / "rpt_toy_reward.png", "reward / accuracy")
-    plot(rows, {s: f"eval/random@1/{s}" for s in ("easy", "medium", "hard")}, out_dir / "rpt_toy_accuracy.png",
-         "held-out reasoning accuracy (Random@1)")
-    plot(rows, {"train": "response_len", "held-out": "eval/response_len"}, out_dir / "rpt_toy_length.png",
-         "completion tokens (5: at once, 11: worked)")
+    reward_curves(run_dir, out_dir, prefix="rpt_toy_")
+    plot(read_jsonl(run_dir), {"train": "response_len", "held-out": "eval/response_len"},
+         out_dir / "rpt_toy_length.png", "completion tokens (5: at once, 11: worked)")
