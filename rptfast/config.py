@@ -53,7 +53,11 @@ class DataConfig:
     template: str = "v0"  # rpt: prompt template name (rptfast.data.templates)
     max_prompt_tokens: int = 1024  # rpt: context cut from the left to fit this many prompt tokens
     reward: str = "prefix"  # rpt: prefix (the paper's Eq. 3) | first_token | info_gain (RLP: log-prob gain)
-    rpt_ntp: str = "text"  # rpt, train.ntp_steps: text (the prompts' contexts, every token) | answers (box at once)
+    rpt_ntp: str = "text"  # rpt, train.ntp_steps: text (contexts) | answers (box at once) | thoughts (inline warm-up)
+    think_open: str = "<think>"  # inline template: the marker that opens a thought in the raw text
+    think_close: str = "</think>"  # inline template: the marker that closes it; the text goes on right after
+    thought_spans: int = 4  # rpt_ntp = thoughts: thoughts inserted per warm-up window (one at the sample's position)
+    thought_hint: float = 0.5  # rpt_ntp = thoughts: share of them holding the next 1-3 true tokens (the rest empty)
     info_gain_tokens: int = 1  # info_gain: ground-truth tokens teacher-forced after the thought (log-probs summed)
     first_token_set: int = 8  # first_token: reward 1 when the completion starts with a token id < this
     prompt_len: int = 8  # first_token: prompt length in tokens

@@ -27,8 +27,8 @@ CHOICES = {
     "data.parity_reward": ("answer", "chain"),
     "data.reward": ("prefix", "first_token", "info_gain"),
     "rollout.budget_schedule": ("constant", "linear", "cosine"),
-    "data.template": ("v0", "candidates", "multi", "context_first", "bare", "answer", "think"),
-    "data.rpt_ntp": ("text", "answers"),
+    "data.template": ("v0", "candidates", "multi", "context_first", "bare", "answer", "think", "inline"),
+    "data.rpt_ntp": ("text", "answers", "thoughts"),
     "prepare.txt_unit": ("file", "paragraph", "line"),
     "eval.split": ("eval", "train", "all"),
     "rollout.engine": ("auto", "vllm", "torch"),
@@ -45,6 +45,8 @@ BOUNDS = {
     "data.toy_demos": (lambda v: 0.0 <= v <= 1.0, "a share in [0, 1]"),
     "data.toy_think": (lambda v: 0.0 <= v <= 1.0, "a share in [0, 1]"),
     "data.toy_think_from": (lambda v: v >= 0, "a step >= 0"),
+    "data.thought_spans": (lambda v: v >= 1, "an integer >= 1"),
+    "data.thought_hint": (lambda v: 0.0 <= v <= 1.0, "a share in [0, 1]"),
     "data.max_prompt_tokens": (lambda v: v >= 8, "an integer >= 8"),
     "data.first_token_set": (lambda v: v >= 1, "an integer >= 1"),
     "data.prompt_len": (lambda v: v >= 1, "an integer >= 1"),
@@ -219,6 +221,14 @@ def check_rpt_family(cfg: Config) -> None:
             raise ConfigError("algorithm.dynamic_sampling drops groups whose rewards are all equal, which "
                               "information-gain rewards (continuous) never are; set it to false with "
                               "data.reward = 'info_gain'")
+    d = cfg.data
+    if not d.think_open.strip() or not d.think_close.strip() or d.think_open == d.think_close:
+        raise ConfigError(f"data.think_open ({d.think_open!r}) and data.think_close ({d.think_close!r}) must be two "
+                          f"different, non-blank markers, e.g. '<think>' and '</think>'")
+    if d.rpt_ntp == "thoughts" and d.template != "inline":
+        raise ConfigError(f"data.rpt_ntp = 'thoughts' is the warm-up for inline thoughts, and data.template = "
+                          f"{d.template!r} wraps prompts in a chat; set data.template = 'inline', or use "
+                          f"data.rpt_ntp = 'answers' for a chat template")
     if a.ntp_coef and cfg.data.task != "rpt":
         raise ConfigError(f"algorithm.ntp_coef mixes in the next-token loss of the prompts' context tokens, which "
                           f"only RPT prompts have; set it to 0 for data.task = {cfg.data.task!r}")

@@ -43,48 +43,67 @@ import torch
 from rptfast.config import Config, ConfigError
 from rptfast.data.store import SPLITS, SampleStore, check_tokenizer, split_masks, write_json
 from rptfast.data.templates import PromptBuilder, check_lengths
-from rptfast.data.tokens import token_bytes
 from rptfast.errors import PathError, check_writable_dir
 from rptfast.metrics import quiet_startup
-from rptfast.model import Sequence, collate, hidden_states, load_policy, resolve_attn, resolve_dtype
-from rptfast.reward import extract_answer, reward
+from rptfast.model import (
+    Sequence,
+    collate,
+    collate_shared,
+    hidden_states,
+    load_policy,
+    pack,
+    pack_shared,
+    resolve_attn,
+    resolve_dtype,
+    shares_prompts,
+)
+from rptfast.reward import extract_answer, inline_reward, reward
 from rptfast.rollout import SamplingConfig, check_model_dir, is_hub_name, make_engine
 
 GENERATE_CHUNK = 16  # prompts per generate call (the progress bar moves per call; seeds are per prompt)
 
 
 @torch.no_grad()
-def plain_correct(lm, contexts: list[list[int]], truths: list[int], batch_tokens: int, bar=None) -> np.ndarray:
-    """[N] bool: greedy argmax after each context == its truth token; contexts packed into forwards."""
+def next_token_scores(lm, seqs: list[Sequence], batch_tokens: int, bar=None) -> tuple[np.ndarray, np.ndarray]:
+    """Of sequences that each score one token, their last: [N] whether the greedy argmax is that token and [N]
+    its log-probability (fp32 softmax, temperature 1). Packed eval.batch_tokens to a forward; sequences with a
+    common prompt (Sequence.prompt: a context and its k thoughts) hold it once where the backend can."""
     device = next(lm.parameters()).device
-    seqs = [Sequence(list(c) + [t], len(c)) for c, t in zip(contexts, truths)]
-    out = np.zeros(len(seqs), dtype=bool)
-    batches, used = [[]], 0
-    for i, s in enumerate(seqs):
-        if batches[-1] and used + len(s.tokens) > batch_tokens:
-            batches.append([])
-            used = 0
-        batches[-1].append(i)
-        used += len(s.tokens)
-    for idx in batches:
-        if not idx:
-            continue
-        mb = collate(seqs, idx, device)
+    shared = shares_prompts(lm)
+    bins = (pack_shared if shared else pack)(seqs, batch_tokens)
+    right, logp = np.zeros(len(seqs), dtype=bool), np.zeros(len(seqs))
+    for idx in bins:
+        mb = (collate_shared if shared else collate)(seqs, idx, device)
         hidden = hidden_states(lm, mb)  # [T, H]
-        logits = lm.get_output_embeddings()(hidden.index_select(0, mb.pred_idx))  # [B, V]: one row per context
-        out[idx] = (logits.argmax(-1) == mb.targets).cpu().numpy()
+        logits = lm.get_output_embeddings()(hidden.index_select(0, mb.pred_idx)).float()  # [B, V]: one row a sequence
+        right[idx] = (logits.argmax(-1) == mb.targets).cpu().numpy()
+        logp[idx] = logits.log_softmax(-1).gather(1, mb.targets[:, None])[:, 0].double().cpu().numpy()
         if bar is not None:
             bar.update(len(idx))
+    return right, logp
+
+
+def inline_sequences(build: PromptBuilder, contexts: list[list[int]], truths: list[int],
+                     thoughts: list[list[int] | None]) -> list[Sequence]:
+    """Context, data.think_open, thought, data.think_close, then the true next token, scored; a thought of None
+    leaves the markers out (plain). A sequence's prompt is its context, which every mode and thought on the
+    same context shares (prompt-once rows: the context's forward is done once for all of them)."""
+    out = []
+    for c, t, th in zip(contexts, truths, thoughts):
+        head = list(c) if th is None else list(c) + build.open + list(th) + build.close
+        out.append(Sequence(head + [t], len(head), prompt=len(c)))
     return out
 
 
 def reasoning_rewards(engine, prompts: list[list[int]], score: Callable[[int, list[int]], tuple[float, bool]],
                       k: int, sampling: SamplingConfig, seed: int, bar=None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
-    """[N, k] rewards, [N, k] token lengths and [N, k] answered (a box after `</think>`) of k completions per
-    prompt, and the response length, truncation and answer-rate stats."""
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float], list[list[list[int]]]]:
+    """[N, k] rewards, [N, k] token lengths and [N, k] answered (a box after `</think>`, or a closed inline
+    thought) of k completions per prompt, the response length, truncation and answer-rate stats, and the
+    completions' token ids [N][k]."""
     rewards, lengths = np.zeros((len(prompts), k)), np.zeros((len(prompts), k), dtype=np.int64)
     answered = np.zeros((len(prompts), k), dtype=bool)
+    ids: list[list[list[int]]] = [[[] for _ in range(k)] for _ in prompts]
     comps = []
     for at in range(0, len(prompts), GENERATE_CHUNK):
         chunk = prompts[at:at + GENERATE_CHUNK]
@@ -93,13 +112,14 @@ def reasoning_rewards(engine, prompts: list[list[int]], score: Callable[[int, li
             i, j = at + c.prompt_index, c.sample_index
             rewards[i, j], answered[i, j] = score(i, c.token_ids)
             lengths[i, j] = len(c.token_ids)
+            ids[i][j] = list(c.token_ids)
         comps += got
         if bar is not None:
             bar.update(len(chunk))
     stats = {"response_len": float(lengths.mean()),
              "truncated_frac": float(np.mean([c.finish_reason == "length" for c in comps])),
              "answer_rate": float(answered.mean())}
-    return rewards, lengths, answered, stats
+    return rewards, lengths, answered, stats, ids
 
 
 def summarize(entropy: np.ndarray, plain: np.ndarray | None, rewards: np.ndarray | None) -> dict[str, dict]:
@@ -115,6 +135,36 @@ def summarize(entropy: np.ndarray, plain: np.ndarray | None, rewards: np.ndarray
             row["pass@k"] = float((rewards[mask] >= 1).any(axis=1).mean())
         out[name] = row
     return out
+
+
+def mode_summary(entropy: np.ndarray, right: np.ndarray, logp: np.ndarray) -> dict[str, dict]:
+    """Per split: samples, accuracy and mean log p of the true token, each with its standard error over samples
+    ([N] per-sample values: a sample's k thoughts are averaged first, so k adds no false precision)."""
+    out = {}
+    for name, mask in split_masks(entropy).items():
+        n = int(mask.sum())
+        row = {"samples": n, "accuracy": None, "accuracy_se": None, "logp": None, "logp_se": None}
+        if n:
+            for key, v in (("accuracy", right[mask]), ("logp", logp[mask])):
+                row[key] = float(v.mean())
+                row[key + "_se"] = float(v.std(ddof=1) / np.sqrt(n)) if n > 1 else None
+        out[name] = row
+    return out
+
+
+def inline_table(modes: dict[str, dict]) -> str:
+    """Accuracy (%) and mean log p of the true token per inline mode and split, standard errors in brackets."""
+    head = f"{'mode':<10} " + " ".join(f"{name:>22}" for name in SPLITS)
+    lines = [head, "-" * len(head)]
+    for mode, splits in modes.items():
+        cells = []
+        for name in SPLITS:
+            r = splits[name]
+            cells.append(f"{'-':>22}" if r["accuracy"] is None else
+                         f"{100 * r['accuracy']:6.1f} ({100 * (r['accuracy_se'] or 0):3.1f}) {r['logp']:6.2f} "
+                         f"({r['logp_se'] or 0:4.2f})")
+        lines.append(f"{mode:<10} " + " ".join(cells))
+    return "\n".join(lines)
 
 
 def table(splits: dict[str, dict], k: int) -> str:
@@ -134,14 +184,19 @@ def accuracy_mode(reward_name: str) -> str:
     return "prefix" if reward_name == "info_gain" else reward_name
 
 
-def sample_scorer(tokenizer, samples: list[dict], mode: str, prefill: str = ""
+def sample_scorer(tokenizer, samples: list[dict], mode: str, build: PromptBuilder
                   ) -> Callable[[int, list[int]], tuple[float, bool]]:
-    """score(i, completion) -> (reward against sample i, whether it boxes an answer); `prefill` is the completion's
-    start that the prompt holds (PromptBuilder.prefill), read in front of it."""
+    """score(i, completion) -> (reward against sample i, whether it answers: a box after `</think>`, or for the
+    inline template a closed thought); the prompt's prefill (PromptBuilder.prefill) is read in front of it."""
+    eos = tokenizer.eos_token_id
+
     def score(i: int, completion: list[int]) -> tuple[float, bool]:
-        text = prefill + tokenizer.decode(completion, skip_special_tokens=False)
-        return (reward(text, samples[i]["continuation_bytes"], samples[i]["boundaries"], mode),
-                extract_answer(text) is not None)
+        truth, bounds = samples[i]["continuation_bytes"], samples[i]["boundaries"]
+        if build.inline:
+            r, _ = inline_reward(completion, build.token_bytes, build.close_bytes, eos, truth, bounds, mode)
+            return r, build.thought(completion, eos)[2]
+        text = build.prefill + tokenizer.decode(completion, skip_special_tokens=False)
+        return reward(text, truth, bounds, mode), extract_answer(text) is not None
     return score
 
 
@@ -186,7 +241,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
     samples = [store.get(int(r)) for r in rows]
     entropy = store.entropy[rows]
     # one context for both modes: what the template keeps of the stored context
-    build = PromptBuilder(tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, token_bytes(tokenizer))
+    build = PromptBuilder.of(tokenizer, cfg.data)
     contexts = [build.context(s["context_ids"]) for s in samples]
     seen = np.array([len(c) for c in contexts])
     stored = np.array([len(s["context_ids"]) for s in samples])
@@ -196,16 +251,8 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.model.dtype, device)
     show = progress if progress is not None else cfg.log.progress and sys.stderr.isatty()
-    plain = rewards = lengths = answered = None
+    plain = rewards = lengths = answered = completions = None
     stats: dict[str, float] = {}
-    if e.plain:
-        lm = load_policy(model, dtype=dtype, attn=resolve_attn(cfg.model.attn, device, dtype),
-                         trust_remote_code=cfg.model.trust_remote_code, gradient_checkpointing=False).to(device).eval()
-        with tqdm(total=len(samples), desc="eval plain", unit="sample", disable=not show, dynamic_ncols=True) as bar:
-            plain = plain_correct(lm, contexts, [s["continuation_ids"][0] for s in samples], e.batch_tokens, bar)
-        del lm
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     if e.reasoning:
         own = engine is None
         if own:
@@ -220,14 +267,44 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         try:
             with tqdm(total=len(samples), desc="eval reasoning", unit="sample", disable=not show,
                       dynamic_ncols=True) as bar:
-                rewards, lengths, answered, stats = reasoning_rewards(
+                rewards, lengths, answered, stats, completions = reasoning_rewards(
                     engine, [build.pre + c + build.post for c in contexts],
-                    sample_scorer(tokenizer, samples, accuracy_mode(cfg.data.reward), build.prefill), e.k, sampling,
+                    sample_scorer(tokenizer, samples, accuracy_mode(cfg.data.reward), build), e.k, sampling,
                     cfg.train.seed, bar)
         finally:
             if own and hasattr(engine, "close"):
                 engine.close()
+    # HF forwards: plain, and for the inline template the true token after an empty thought, after an oracle
+    # thought (the true token itself inside it) and after each of the model's own sampled thoughts
+    modes: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # mode -> ([N] right, [N] log p), per-sample means
+    if e.plain or build.inline and e.reasoning:
+        lm = load_policy(model, dtype=dtype, attn=resolve_attn(cfg.model.attn, device, dtype),
+                         trust_remote_code=cfg.model.trust_remote_code, gradient_checkpointing=False).to(device).eval()
+        truths = [s["continuation_ids"][0] for s in samples]
+        wanted = {}
+        if e.plain:
+            wanted["plain"] = [None] * len(samples)
+            if build.inline:
+                wanted["empty"], wanted["oracle"] = [[]] * len(samples), [[t] for t in truths]
+        if build.inline and e.reasoning:
+            wanted["reasoning"] = [build.thought(c, tokenizer.eos_token_id)[0] for own in completions for c in own]
+        seqs, spans = [], {}
+        for mode, thoughts in wanted.items():  # one forward pass for all modes, each context once
+            reps = len(thoughts) // len(samples)  # k sampled thoughts a sample, else 1
+            spans[mode] = (len(seqs), reps)
+            seqs += inline_sequences(build, [c for c in contexts for _ in range(reps)],
+                                     [t for t in truths for _ in range(reps)], thoughts)
+        with tqdm(total=len(seqs), desc="eval forward", unit="seq", disable=not show, dynamic_ncols=True) as bar:
+            right, logp = next_token_scores(lm, seqs, e.batch_tokens, bar)
+        for mode, (at, reps) in spans.items():
+            part = slice(at, at + reps * len(samples))
+            modes[mode] = (right[part].reshape(-1, reps).mean(axis=1), logp[part].reshape(-1, reps).mean(axis=1))
+        plain = modes["plain"][0] if e.plain else None
+        del lm
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     splits = summarize(entropy, plain, rewards)
+    inline = {mode: mode_summary(entropy, *v) for mode, v in modes.items()} if build.inline else None
     result = {
         "model": model,
         "data": str(data),
@@ -245,9 +322,14 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         "max_tokens": cfg.rollout.max_tokens if e.reasoning else None,
         **stats,
         "splits": splits,
+        # the inline template's modes: accuracy and log p of the true token, per split, with standard errors
+        "inline": inline,
         # per sample, in the order drawn: its store row, plain right (0/1), mean reward and mean length in tokens
-        # over the k completions
+        # over the k completions; for each mode run by an HF forward, <mode> (right, averaged over thoughts) and
+        # <mode>_logp
         "per_sample": {"row": [int(r) for r in rows],
+                       **{m: v[0].round(6).tolist() for m, v in modes.items() if m != "plain"},
+                       **{f"{m}_logp": v[1].round(6).tolist() for m, v in modes.items()},
                        "plain": None if plain is None else plain.astype(int).tolist(),
                        "random@1": None if rewards is None else rewards.mean(axis=1).round(6).tolist(),
                        "response_len": None if lengths is None else lengths.mean(axis=1).round(3).tolist(),
@@ -258,12 +340,17 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
     print(f"next-token accuracy (%), model {model}, {len(rows)} samples from {result['documents']} documents of "
           f"{data} ({e.split})")
     print(table(splits, e.k))
+    if inline:
+        print("the true next token inline (accuracy % and mean log p, standard errors in brackets): plain, after an "
+              "empty thought, after the true token written in the thought (oracle), after the model's own thoughts")
+        print(inline_table(inline))
     print(f"context (both modes): mean {context['tokens_mean']:.0f}, max {context['tokens_max']} tokens (stored mean "
           f"{context['stored_tokens_mean']:.0f}; {100 * context['cut_frac']:.0f}% cut to data.max_prompt_tokens = "
           f"{cfg.data.max_prompt_tokens} with template {cfg.data.template!r})")
     if e.reasoning:
         print(f"reasoning: response_len {stats['response_len']:.1f}, truncated_frac {stats['truncated_frac']:.3f} "
               f"(cut by rollout.max_tokens = {cfg.rollout.max_tokens}; a cut completion earns 0), answer_rate "
-              f"{stats['answer_rate']:.3f} (completions that box an answer after </think>)")
+              f"{stats['answer_rate']:.3f} (completions that "
+              f"{'close their thought' if build.inline else 'box an answer after </think>'})")
     print(f"entropy: {result['entropy']} -> {path}")
     return result

@@ -36,6 +36,17 @@ only boundaries between characters), so it is written together with the tokens t
 the character. The two readings differ only where a box holds `\\{`, `\\}` or `\\\\`; both
 are literal strings, so the second reading adds one guess, never a pattern.
 Left out, as in the paper: a format penalty (a missing or malformed answer simply earns 0).
+
+Inline completions (data.template = "inline", RLP's format `x_<t <think> c </think> x_t`) have no box: after
+the close the text simply goes on. The prediction is that continuation, cut where the model's own tokens
+first cover the first true token: the bytes of its tokens after the close, up to the first token that ends
+at or past the first boundary L[0] (a token that straddles the close counts from the close on). It earns what
+Eq. 3 gives those bytes: 1 iff they are a prefix of the truth ending on one of its boundaries. So ` para`
+earns 1 against ` para|meter`, so do ` p` `ara` and a single token ` parameter`, and ` paragraph` earns 0
+although its first bytes match: a prediction ends where the model's token ends, as the paper's does where
+the box closes. No escaping is needed: the bytes are the text's own. No close, or EOS before the first true
+token is covered: 0. The update trains on the thought, the close and the prediction's tokens, not on the
+text the model goes on to write (inline_reward returns where the prediction ends).
 """
 
 from __future__ import annotations
@@ -103,6 +114,28 @@ def first_token_reward(prediction: str | None, truth: bytes, boundaries: Sequenc
     if prediction is None:
         return 0.0
     return float(prediction.encode("utf-8") == truth[:boundaries[0]])
+
+
+def inline_reward(completion: Sequence[int], token_bytes: Sequence[bytes], close: bytes, eos: int | None,
+                  truth: bytes, boundaries: Sequence[int], mode: str = "prefix") -> tuple[float, int]:
+    """(reward, completion tokens through the prediction's end) of an inline completion (module docstring);
+    without a close or a prediction, the second is the whole completion."""
+    data, ends = b"", []
+    for t in completion:
+        if t == eos:
+            break
+        data += token_bytes[t]
+        ends.append(len(data))
+    at = data.find(close)
+    if at < 0:
+        return 0.0, len(completion)
+    begin = at + len(close)
+    for k, end in enumerate(ends):
+        if end - begin >= boundaries[0]:
+            y = data[begin:end]
+            ok = y == truth[:boundaries[0]] if mode == "first_token" else len(y) in boundaries and truth.startswith(y)
+            return float(ok), k + 1
+    return 0.0, len(completion)
 
 
 def reward(text: str, truth: bytes, boundaries: Sequence[int], mode: str = "prefix") -> float:

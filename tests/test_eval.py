@@ -19,8 +19,8 @@ from rptfast.data.prepare import prepare
 from rptfast.data.store import SampleStore
 from rptfast.data.templates import PREFILLS, TEMPLATES, THINK_OPEN, PromptBuilder
 from rptfast.data.tokens import token_bytes
-from rptfast.eval import plain_correct, run_eval
-from rptfast.model import load_policy, resolve_attn
+from rptfast.eval import next_token_scores, run_eval
+from rptfast.model import Sequence, load_policy, resolve_attn
 from rptfast.reward import escape as reward_escape
 from rptfast.reward import reward
 from rptfast.tasks.rpt import RPTTask
@@ -81,6 +81,9 @@ def test_templates_are_the_config_choices(tok):
     for name in TEMPLATES:
         build = PromptBuilder(tok, name, 400, tb)
         text = tok.decode(build(context), skip_special_tokens=False)
+        if name == "inline":  # no chat wrapping, no instruction: the raw context's own ids, then the opener
+            assert build(context) == context + tok.encode("<think>") and build.budget == 400 - len(build.open)
+            continue
         prefill = PREFILLS.get(name, THINK_OPEN)  # this chat template opens <think> itself: never a second one
         assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n" + prefill)
         assert text.count("<think>") == 1 and build.prefill == prefill[len(THINK_OPEN):]
@@ -133,7 +136,7 @@ def test_prefilled_templates_score_and_warm_up(tiny_dir, store, tok):
     cfg = make_cfg(tiny_dir, store, data={"template": "answer", "rpt_ntp": "answers"})
     task = RPTTask(tok, cfg.data, cfg.rollout, seed=0)
     prompts = task.prompts(0, 12)
-    pairs = task.pretrain_samples(0, 12)
+    pairs = [(q.tokens[:q.start], q.tokens[q.start:]) for q in task.pretrain_samples(0, 12)]
     for p, (prompt, target) in zip(prompts, pairs):
         first = p.meta["truth"][:p.meta["boundaries"][0]].decode()
         assert prompt == p.token_ids and tok.decode(p.token_ids).endswith("</think>\n\\boxed{")
@@ -147,8 +150,8 @@ def test_prefilled_templates_score_and_warm_up(tiny_dir, store, tok):
     assert think.score(p, said) == 1.0 and think.build.prefill == ""
     assert tok.decode(p.token_ids).endswith("assistant\n<think>\n")
     text = RPTTask(tok, make_cfg(tiny_dir, store, data={"rpt_ntp": "text"}).data, cfg.rollout, seed=0)
-    for p, (prompt, target) in zip(text.prompts(0, 12), text.pretrain_samples(0, 12)):
-        assert prompt + target == p.meta["context_ids"] + p.meta["truth_ids"][:1] and len(prompt) == 1
+    for p, q in zip(text.prompts(0, 12), text.pretrain_samples(0, 12)):
+        assert q.tokens == p.meta["context_ids"] + p.meta["truth_ids"][:1] and q.start == 1
     with pytest.raises(ConfigError, match="template = 'answer'"):
         make_cfg(tiny_dir, store, data={"template": "answer", "reward": "info_gain"})
 
@@ -197,11 +200,16 @@ def test_eval_end_to_end_and_plain_accuracy_equals_hf(tiny_dir, store, vllm_engi
     truths = [a if i % 2 == 0 else (a + 1) % 512 for i, a in enumerate(argmax)]
     packed = load_policy(tiny_dir, dtype=torch.float32, attn=resolve_attn("auto", torch.device("cpu"), torch.float32),
                          trust_remote_code=False, gradient_checkpointing=False).eval()  # as run_eval loads it
-    got = plain_correct(packed, contexts, truths, batch_tokens=100)
+    got, logp = next_token_scores(packed, [Sequence(c + [t], len(c)) for c, t in zip(contexts, truths)],
+                                  batch_tokens=100)
     assert got.tolist() == [i % 2 == 0 for i in range(len(samples))]
+    with torch.no_grad():  # and its log p against HF's own log-softmax
+        want = [float(lm(input_ids=torch.tensor([c])).logits[0, -1].double().log_softmax(-1)[t])
+                for c, t in zip(contexts, truths)]
+    assert logp == pytest.approx(want, abs=1e-5)
     assert result["response_len"] > 0 and result["entropy"].startswith("top-16 entropy of the proxy")
     assert f"truncated_frac {result['truncated_frac']:.3f}" in printed.out and "context (both modes)" in printed.out
-    assert "eval reasoning" in printed.err and "eval plain" in printed.err  # the progress bars
+    assert "eval reasoning" in printed.err and "eval forward" in printed.err  # the progress bars
     # answer_rate: the share of completions with a box after </think>, per sample and overall
     assert result["answer_rate"] == pytest.approx(np.mean(result["per_sample"]["answered"]))
     # `rptfast table` puts two evaluations side by side: its cells are the evaluation's own splits

@@ -33,7 +33,7 @@ def text(tok, ids):
 
 def test_long_chain_is_running_parity(tok):
     t = task(tok)
-    samples = t.pretrain_samples(0, 400)
+    samples = [(q.tokens[:q.start], q.tokens[q.start:]) for q in t.pretrain_samples(0, 400)]
     n_long = 0
     for prompt, target in samples:
         bits = [int(c) for c in text(tok, prompt)[:-1]]
@@ -48,7 +48,7 @@ def test_long_chain_is_running_parity(tok):
     # p_cot = 0.3 over 400 samples: 120 expected, binomial sd ~ 9
     assert 90 < n_long < 150
     # a pure function of the index: the same stream from any start
-    assert t.pretrain_samples(17, 3) == samples[17:20]
+    assert [(q.tokens[:q.start], q.tokens[q.start:]) for q in t.pretrain_samples(17, 3)] == samples[17:20]
     assert [p.token_ids for p in t.prompts(5, 2)] == [s[0] for s in samples[5:7]]
 
 

@@ -65,9 +65,13 @@ def hf_logprob(model, ids: list[int], start: int) -> float:
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[start:])[:, None]).sum().item()
 
 
-def test_info_gain_equals_a_plain_fp64_computation(tiny_dir, store, tmp_path):
-    """Closed, unclosed and EOS-ended thoughts; the baseline from EMA weights that differ from the policy's."""
-    run = build(make_cfg(tiny_dir, store, tmp_path / "run"), tiny_dir)
+@pytest.mark.parametrize("template, share", [("bare", True), ("bare", False), ("inline", True)])
+def test_info_gain_equals_a_plain_fp64_computation(tiny_dir, store, tmp_path, template, share):
+    """Closed, unclosed and EOS-ended thoughts; the baseline from EMA weights that differ from the policy's; the
+    policy's scoring in prompt-once rows (each group's prompt once) and unshared; the chat format (the truth after
+    `</think>\\boxed{`) and the inline one (the truth right after the close)."""
+    run = build(make_cfg(tiny_dir, store, tmp_path / "run", data={"template": template},
+                         train={"share_prompts": share}), tiny_dir)
     other = make_tiny_model(tmp_path / "other", "qwen3", vocab=512, layers=2, seed=5)  # the EMA: other weights
     with torch.no_grad():
         for p, q in zip(run.ema.parameters(), AutoModelForCausalLM.from_pretrained(other).parameters()):
@@ -75,6 +79,7 @@ def test_info_gain_equals_a_plain_fp64_computation(tiny_dir, store, tmp_path):
     groups, _ = trainer.rollout(run, 0, Timer(run.d.device))
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     close, answer = (tok.encode(x, add_special_tokens=False) for x in ("</think>", "\\boxed{"))
+    answer = [] if template == "inline" else answer
     assert close == [tok.convert_tokens_to_ids("</think>")]  # one special token in this tokenizer
     for g in groups:  # every kind of thought: closed in the middle, unclosed, ended by EOS without a close
         for j, c in enumerate(g.completions):

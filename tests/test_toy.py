@@ -76,7 +76,8 @@ def test_demonstrations_work_the_sum_out_and_earn_the_reward(tok):
     task = toy.ToyTask(tok, cfg.data, cfg.rollout, seed=2, sequences_per_step=8)
     build = PromptBuilder(tok, "bare", 136, token_bytes(tok))
     n_demo = n_reducible = 0
-    for i, (prompt, target) in enumerate(task.pretrain_samples(0, 300)):
+    pairs = [(q.tokens[:q.start], q.tokens[q.start:]) for q in task.pretrain_samples(0, 300)]
+    for i, (prompt, target) in enumerate(pairs):
         text = toy.document(2, i)
         if prompt[:len(build.pre)] != build.pre:  # a plain document: its first token is the prompt
             assert tok.decode(prompt + target) == text and len(prompt) == 1
@@ -111,7 +112,8 @@ def test_think_share_sets_how_often_an_answer_is_worked_out(tok):
     task = toy.ToyTask(tok, cfg.data, cfg.rollout, seed=5, sequences_per_step=20)
     build = PromptBuilder(tok, "bare", 136, token_bytes(tok))
     worked = []
-    for i, (prompt, target) in enumerate(task.pretrain_samples(0, 800)):
+    pairs = [(q.tokens[:q.start], q.tokens[q.start:]) for q in task.pretrain_samples(0, 800)]
+    for i, (prompt, target) in enumerate(pairs):
         context = tok.decode(prompt[len(build.pre):-len(build.post)])
         completion = tok.decode(target, skip_special_tokens=False)
         if toy.kind(context) == "reducible":

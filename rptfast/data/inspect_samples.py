@@ -44,7 +44,7 @@ def inspect_store(cfg: Config, data: str, samples: int, split: str, template: st
     check_tokenizer(store, tok, f"tokenizer {tok_path!r}")
     name = template or cfg.data.template
     tb = token_bytes(tok)
-    build = PromptBuilder(tok, name, cfg.data.max_prompt_tokens, tb)
+    build = PromptBuilder.of(tok, cfg.data, name, tb)
     rows = store.spread(store.rows(split), samples, seed)
     c = store.manifest["counts"]["samples"]
     print(f"{data}: {c['total']} samples ({c['train']} train, {c['eval']} eval) from "

@@ -24,6 +24,12 @@ reward reads it in front of the completion (`PromptBuilder.scored_text`).
   the token and `}` (and EOS). What is left to the model is the answer and where the box closes.
 - "think": the format stated in words (think briefly, close with `</think>`, then the box) and the
   assistant's turn pre-filled with `<think>\\n`, so the thought is open from the first token.
+- "inline": RLP's format (arXiv 2510.01265), for base models: no chat template and no instruction. The
+  prompt is the raw context, then data.think_open; the completion is the thought, data.think_close, then
+  the text itself goes on: `x_<t <think> c </think> x_t`. The reward reads the continuation right after the
+  close (rptfast.reward.inline_reward), no box. The markers are tokenized on their own, between the
+  document's own tokens, so the context and the truth keep the ids prepare stored (the warm-up and the
+  evaluation insert them the same way).
 A chat template whose generation prompt opens `<think>` itself (R1-Distill's) gets the prefill
 without its own `<think>`: never two. Neither works for a 135M instruct model without a format
 warm-up (docs/rpt.md, "On a real model", has what each earned); "answer" is what rptfast's
@@ -41,6 +47,7 @@ inside a multi-byte character, so the context always starts with a whole charact
 from __future__ import annotations
 
 from rptfast.config import ConfigError
+from rptfast.data.tokens import token_bytes
 
 ESCAPE_RULE = ("Write a brace or a backslash that is part of the token as \\{, \\} or \\\\, and spaces or line "
                "breaks as they are.")  # rptfast.reward.escape: every token has an answer that earns 1
@@ -80,7 +87,9 @@ TEMPLATES = {
         "and the token inside \\boxed{}, with its leading space if it has one, for example </think>\\boxed{ the}. "
         + ESCAPE_RULE + "\n\n### Context\n{context}"
     ),
+    "inline": "{context}",  # no chat wrapping: the raw context, then data.think_open (PromptBuilder)
 }
+INLINE = "inline"
 THINK_OPEN, ANSWER_OPEN = "<think>\n", "</think>\n\\boxed{"
 PREFILLS = {"answer": THINK_OPEN + ANSWER_OPEN, "think": THINK_OPEN}  # the assistant's turn, begun for the model
 
@@ -91,9 +100,19 @@ SENTINEL = "\u2063RPTFAST-CONTEXT\u2063"  # stands in for the context while the 
 class PromptBuilder:
     """Prompt token ids for a context, within data.max_prompt_tokens."""
 
-    def __init__(self, tokenizer, name: str, max_prompt_tokens: int, token_bytes: list[bytes]):
+    def __init__(self, tokenizer, name: str, max_prompt_tokens: int, token_bytes: list[bytes],
+                 think_open: str = "<think>", think_close: str = "</think>"):
         if name not in TEMPLATES:
             raise ConfigError(f"data.template = {name!r} is not a template; choose one of {', '.join(TEMPLATES)}")
+        self.token_bytes = token_bytes
+        self.inline = name == INLINE
+        self.open = tokenizer.encode(think_open, add_special_tokens=False)  # the markers' own ids
+        self.close = tokenizer.encode(think_close, add_special_tokens=False)
+        self.close_bytes = think_close.encode("utf-8")
+        if self.inline:
+            self.prefill, self.pre, self.post = "", [], list(self.open)
+            self._set_budget(max_prompt_tokens, name)
+            return
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("the policy tokenizer has no chat template; RPT prompts are chat-wrapped with "
                               "thinking on, so use a chat (reasoning) model or add a chat_template")
@@ -110,12 +129,21 @@ class PromptBuilder:
         self.prefill = prefill  # text of the completion's start that the prompt holds
         self.pre = tokenizer.encode(pre, add_special_tokens=False)
         self.post = tokenizer.encode(post + prefill, add_special_tokens=False)
+        self._set_budget(max_prompt_tokens, name)
+
+    @classmethod
+    def of(cls, tokenizer, data_cfg, template: str | None = None, tb: list[bytes] | None = None) -> PromptBuilder:
+        """The builder data_cfg describes (data.template unless `template` says otherwise, data.max_prompt_tokens,
+        the thought markers)."""
+        return cls(tokenizer, template or data_cfg.template, data_cfg.max_prompt_tokens,
+                   token_bytes(tokenizer) if tb is None else tb, data_cfg.think_open, data_cfg.think_close)
+
+    def _set_budget(self, max_prompt_tokens: int, name: str) -> None:
         self.budget = max_prompt_tokens - len(self.pre) - len(self.post)
         if self.budget < 1:
             raise ConfigError(f"data.max_prompt_tokens = {max_prompt_tokens} leaves no room for the context: "
-                              f"template {name!r} with the chat wrapping takes {len(self.pre) + len(self.post)} "
+                              f"template {name!r} with its wrapping takes {len(self.pre) + len(self.post)} "
                               f"tokens; raise it")
-        self.token_bytes = token_bytes
 
     def context(self, context_ids: list[int]) -> list[int]:
         """The context tokens the prompt keeps: the last ones that fit, from a character start."""
@@ -126,6 +154,18 @@ class PromptBuilder:
 
     def __call__(self, context_ids: list[int]) -> list[int]:
         return self.pre + self.context(context_ids) + self.post
+
+    def thought(self, completion: list[int], eos: int | None) -> tuple[list[int], int, bool]:
+        """(the completion's thought: what it wrote before its first data.think_close, or, cut at the budget or
+        ended by EOS without one, all it sampled but the EOS; how many sampled tokens the thought spans, its
+        close included when sampled; whether the model closed it). The close is matched on its own token ids,
+        as the prompts, the warm-up and the evaluation write it. Scoring appends the close (self.close)."""
+        n = len(self.close)
+        for i in range(len(completion) - n + 1):
+            if completion[i:i + n] == self.close:
+                return list(completion[:i]), i + n, True
+        body = completion[:-1] if completion and completion[-1] == eos else completion
+        return list(body), len(completion), False
 
     def scored_text(self, completion: str) -> str:
         """What the reward reads: the prefill, then the completion."""

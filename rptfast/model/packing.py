@@ -26,10 +26,24 @@ class Sequence:
     advantage: float = 0.0
     rollout_logprobs: list[float] | None = None  # the engine's logprob of each scored token
     context: tuple[int, int] | None = None  # tokens[a:b] also scored by the next-token loss (algorithm.ntp_coef)
+    prompt: int | None = None  # tokens[:prompt] shared with the group's other sequences (prompt-once rows); None: start
+    skip: tuple[int, ...] = ()  # positions at or after start left unscored (a warm-up's inserted thought spans)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.start if self.prompt is None else self.prompt
+
+    @property
+    def scored(self) -> list[int]:
+        """Positions of the scored tokens, in order."""
+        if not self.skip:
+            return list(range(self.start, len(self.tokens)))
+        skip = set(self.skip)
+        return [j for j in range(self.start, len(self.tokens)) if j not in skip]
 
     @property
     def n_scored(self) -> int:
-        return len(self.tokens) - self.start
+        return len(self.tokens) - self.start - len(self.skip)
 
 
 @dataclass
@@ -100,8 +114,9 @@ def collate(seqs: list[Sequence], idx: list[int], device: torch.device, masked: 
         ids += s.tokens + ([0] * (L - len(s.tokens)) if padded else [])
         pos += list(range(len(s.tokens))) + ([0] * (L - len(s.tokens)) if padded else [])
         cu.append(cu[-1] + len(s.tokens))
-        pred += range(off + s.start - 1, off + len(s.tokens) - 1)
-        tgt += s.tokens[s.start:]
+        scored = s.scored
+        pred += [off + j - 1 for j in scored]
+        tgt += [s.tokens[j] for j in scored]
         sid += [k] * s.n_scored
         adv += [s.advantage] * s.n_scored
         rlp += s.rollout_logprobs if s.rollout_logprobs is not None else [0.0] * s.n_scored

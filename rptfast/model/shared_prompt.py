@@ -225,22 +225,23 @@ class _SharedAttention(torch.autograd.Function):
 def pack_shared(seqs: list[Sequence], budget: int) -> list[list[int]]:
     """Group sequence indices into prompt-once micro-batches of at most `budget` tokens.
 
-    Sequences with the same prompt (tokens before `start`) form a unit that costs the prompt
-    once plus each completion. A unit larger than the budget is split into parts, first-fit
-    decreasing on completion lengths, each part paying for its own copy of the prompt; the parts
-    are then packed first-fit decreasing like sequences. Two parts of one prompt never land in
-    one micro-batch (they would have been one part), so collate_shared can regroup a bin by prompt.
+    Sequences with the same prompt (the tokens before Sequence.prompt_len, which is `start` unless the
+    sequence says otherwise) form a unit that costs the prompt once plus each completion. A unit larger
+    than the budget is split into parts, first-fit decreasing on completion lengths, each part paying for
+    its own copy of the prompt; the parts are then packed first-fit decreasing like sequences. Two parts
+    of one prompt never land in one micro-batch (they would have been one part), so collate_shared can
+    regroup a bin by prompt.
     """
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, s in enumerate(seqs):
-        by_prompt.setdefault(tuple(s.tokens[:s.start]), []).append(i)
+        by_prompt.setdefault(tuple(s.tokens[:s.prompt_len]), []).append(i)
     units: list[tuple[int, list[int]]] = []  # (tokens, sequence indices)
     for prompt, members in by_prompt.items():
         P = len(prompt)
         parts: list[list[int]] = []
         room: list[int] = []
-        for i in sorted(members, key=lambda i: -seqs[i].n_scored):
-            n = seqs[i].n_scored
+        for i in sorted(members, key=lambda i: P - len(seqs[i].tokens)):
+            n = len(seqs[i].tokens) - P
             if P + n > budget:
                 raise ValueError(f"a sequence of {P + n} tokens does not fit train.micro_batch_tokens = {budget}; "
                                  f"raise it to at least {P + n} (prompt + rollout.max_tokens)")
@@ -271,24 +272,26 @@ def collate_shared(seqs: list[Sequence], idx: list[int], device: torch.device) -
     """seqs[idx] as one prompt-once row: per distinct prompt, the prompt, then each completion.
 
     Positions: the prompt's 0..P-1, every completion's P..P+R-1. The prompt's last hidden state
-    predicts the first token of every completion. Scored tokens come in the order of `idx`,
+    predicts the first token of every completion. Scored tokens lie in the completion (start >= prompt_len;
+    start > prompt_len scores only its tail, as the information-gain reward scores the truth after a
+    thought). Scored tokens come in the order of `idx`,
     sequence by sequence, as in `collate`, so both give the same [R] layout for the same idx.
     """
     units: dict[tuple[int, ...], list[int]] = {}
     for i in idx:
-        units.setdefault(tuple(seqs[i].tokens[:seqs[i].start]), []).append(i)
+        units.setdefault(tuple(seqs[i].tokens[:seqs[i].prompt_len]), []).append(i)
     ids: list[int] = []
     pos: list[int] = []
     segments: list[tuple[int, int, int, int]] = []
-    where: dict[int, tuple[int, int]] = {}  # sequence -> (its prompt's last position, its completion's first)
+    where: dict[int, tuple[int, int]] = {}  # sequence -> (its prompt's first position, its completion's first)
     for prompt, members in units.items():
         p0, P = len(ids), len(prompt)
         ids += prompt
         pos += range(P)
         segments.append((p0, P, p0, 0))
         for i in members:
-            completion = seqs[i].tokens[seqs[i].start:]
-            where[i] = (p0 + P - 1, len(ids))
+            completion = seqs[i].tokens[P:]
+            where[i] = (p0, len(ids))
             if completion:
                 segments.append((len(ids), len(completion), p0, P))
                 pos += range(P, P + len(completion))
@@ -296,12 +299,15 @@ def collate_shared(seqs: list[Sequence], idx: list[int], device: torch.device) -
     pred, tgt, sid, adv, rlp, ntp_idx, ntp_tgt = [], [], [], [], [], [], []
     for k, i in enumerate(idx):
         s = seqs[i]
-        last, first = where[i]
+        p0, first = where[i]
+        P = s.prompt_len
         if s.context is not None:  # the context lies in the row's one copy of the prompt
-            ntp_idx += context_positions(s, last - s.start + 1)
+            ntp_idx += context_positions(s, p0)
             ntp_tgt += s.tokens[max(1, s.context[0]):s.context[1]]
-        pred += [last, *range(first, first + s.n_scored - 1)] if s.n_scored else []
-        tgt += s.tokens[s.start:]
+        scored = s.scored
+        # row position of token j: in the prompt's copy (j < P) or in this sequence's completion
+        pred += [p0 + j - 1 if j - 1 < P else first + j - 1 - P for j in scored]
+        tgt += [s.tokens[j] for j in scored]
         sid += [k] * s.n_scored
         adv += [s.advantage] * s.n_scored
         rlp += s.rollout_logprobs if s.rollout_logprobs is not None else [0.0] * s.n_scored

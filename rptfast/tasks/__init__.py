@@ -29,6 +29,10 @@ class Task(Protocol):
     def evaluate(self, engine, count: int, seed: int) -> dict[str, float]:
         """Task metrics on `count` held-out prompts through the rollout engine."""
 
+    # optional: pretrain_samples(start, count) -> list[model.Sequence], the sequences of the next-token phase
+    # (train.ntp_steps); trained_length(prompt, completion) -> int, the completion tokens the update trains on
+    # (all of them when a task has none: inline RPT trains on the thought and the prediction, not what follows)
+
 
 def make_task(cfg, tokenizer, seed: int) -> Task:
     """The task named by data.task."""

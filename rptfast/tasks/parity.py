@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rptfast.metrics import plot, read_jsonl
+from rptfast.model import Sequence
 from rptfast.rollout import SamplingConfig
 from rptfast.tasks import Prompt
 
@@ -64,13 +65,14 @@ class ParityTask:
             out.append(Prompt(i, self.prompt_ids(x), {"bits": x}))
         return out
 
-    def pretrain_samples(self, start: int, count: int) -> list[tuple[list[int], list[int]]]:
-        """(prompt, target) pairs; sample i is long with probability p_cot."""
+    def pretrain_samples(self, start: int, count: int) -> list[Sequence]:
+        """Prompt then target, the target scored; sample i is long with probability p_cot."""
         out = []
         for i in range(start, start + count):
             x = self.bits(i)
             long = np.random.default_rng([self.seed, i, 1]).random() < self.p_cot
-            out.append((self.prompt_ids(x), self.long_target(x) if long else self.short_target(x)))
+            prompt = self.prompt_ids(x)
+            out.append(Sequence(prompt + (self.long_target(x) if long else self.short_target(x)), len(prompt)))
         return out
 
     def answer(self, completion: list[int]) -> tuple[list[int] | None, bool]:

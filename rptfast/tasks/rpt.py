@@ -3,8 +3,8 @@
 Prompt i of the stream is a pure function of (seed, i): epoch e = i // N over the N training
 samples, and a permutation of them seeded by (seed, e), so a resumed run or another rank
 count sees the same prompts in the same places, and every epoch is a fresh shuffle. Prompts
-are the sample's context in data.template, chat-wrapped, cut to data.max_prompt_tokens
-(rptfast.data.templates). A completion earns data.reward: the paper's prefix match, or the
+are the sample's context in data.template, chat-wrapped (or raw, then `<think>`, for "inline"), cut to
+data.max_prompt_tokens (rptfast.data.templates). A completion earns data.reward: the paper's prefix match, or the
 first-token match (rptfast.reward); with "info_gain" (RLP) the trainer replaces the reward by the
 thought's information gain (rptfast.train.info_gain) and score() is the prefix match, kept for accuracy.
 
@@ -17,6 +17,14 @@ prompt, as data.rpt_ntp says:
   templates say) boxed after an empty thought, and EOS; the completion's tokens scored. A format
   warm-up for a chat model that has never seen `</think>`: it teaches the answer format, and the
   answer itself, by supervision (so it is also the supervised counterpart of RPT on the same prompts).
+- "thoughts": the transparent-thought warm-up for the inline template (docs/rpt.md has the study that chose
+  it). The text the prompt keeps and the truth after it, with data.thought_spans thoughts inserted between
+  its tokens: one at the sample's own position (where RL will think), the others at random character
+  boundaries. A thought is `<think>`, its content, `</think>`; its content is the next 1-3 true tokens with
+  probability data.thought_hint (a hint: the model learns to read what a thought says), else nothing (the
+  model learns that a thought costs it nothing). Only the text is scored, every token after the first,
+  including each token right after a close; the markers and the thoughts' content are not, so the warm-up
+  teaches reading thoughts, not writing them: what to write is RL's to teach.
 
 evaluate() runs one completion per held-out sample (the documents prepare set aside), `count`
 of them drawn across documents with the run's seed (SampleStore.spread, as `rptfast eval`
@@ -32,9 +40,9 @@ import numpy as np
 from rptfast.config import ConfigError
 from rptfast.data.store import SampleStore, check_tokenizer
 from rptfast.data.templates import PromptBuilder, check_lengths
-from rptfast.data.tokens import token_bytes
 from rptfast.eval import accuracy_mode, reasoning_rewards, sample_scorer, summarize
-from rptfast.reward import escape, reward
+from rptfast.model import Sequence
+from rptfast.reward import escape, inline_reward, reward
 from rptfast.rollout import SamplingConfig
 from rptfast.tasks import Prompt
 
@@ -47,10 +55,11 @@ class RPTTask:
         check_tokenizer(self.store, tokenizer, "the policy")
         check_lengths(data_cfg.max_prompt_tokens, rollout_cfg.max_tokens, rollout_cfg.max_model_len)
         self.tokenizer = tokenizer
-        self.build = PromptBuilder(tokenizer, data_cfg.template, data_cfg.max_prompt_tokens, token_bytes(tokenizer))
+        self.build = PromptBuilder.of(tokenizer, data_cfg)
         self.mode = accuracy_mode(data_cfg.reward)
         self.rollout = rollout_cfg
         self.ntp = data_cfg.rpt_ntp
+        self.spans, self.hint = data_cfg.thought_spans, data_cfg.thought_hint
         self.seed = seed
         self.train_rows = self.store.rows("train")
         if len(self.train_rows) == 0:
@@ -81,8 +90,8 @@ class RPTTask:
     def prompts(self, start: int, count: int) -> list[Prompt]:
         return [self.prompt(i, self.row(i)) for i in range(start, start + count)]
 
-    def pretrain_samples(self, start: int, count: int) -> list[tuple[list[int], list[int]]]:
-        """(prompt, target) token ids of prompts start .. start+count-1, as data.rpt_ntp says (module docstring)."""
+    def pretrain_samples(self, start: int, count: int) -> list[Sequence]:
+        """The sequences of prompts start .. start+count-1, as data.rpt_ntp says (module docstring)."""
         eos = self.tokenizer.eos_token_id
         if self.ntp == "answers" and eos is None:
             raise ConfigError("data.rpt_ntp = 'answers' ends each boxed answer with EOS, and the policy's tokenizer "
@@ -90,17 +99,47 @@ class RPTTask:
         out = []
         for p in self.prompts(start, count):
             if self.ntp == "text":
-                text = p.meta["context_ids"] + p.meta["truth_ids"][:1]
-                out.append((text[:1], text[1:]))
+                out.append(Sequence(p.meta["context_ids"] + p.meta["truth_ids"][:1], 1))
+            elif self.ntp == "thoughts":
+                out.append(self.with_thoughts(p))
             else:
                 first = p.meta["truth"][:p.meta["boundaries"][0]].decode("utf-8")
                 answer = self.tokenizer.encode(self.build.answer_at_once(escape(first)), add_special_tokens=False)
-                out.append((p.token_ids, answer + [eos]))
+                out.append(Sequence(p.token_ids + answer + [eos], len(p.token_ids)))
         return out
 
+    def with_thoughts(self, p: Prompt) -> Sequence:
+        """The warm-up sequence of prompt p: its context and truth with thoughts inserted, the text scored."""
+        text = p.meta["context_ids"] + p.meta["truth_ids"]
+        at = len(p.meta["context_ids"])
+        rng = np.random.default_rng([self.seed, p.index, 2])
+        tb = self.build.token_bytes
+        starts = [j for j in range(1, len(text)) if j != at and (tb[text[j]][:1] or b"\0")[0] & 0xC0 != 0x80]
+        cuts = {at, *rng.choice(starts, size=min(self.spans - 1, len(starts)), replace=False).tolist()}
+        tokens, skip = [text[0]], []
+        for j in range(1, len(text)):
+            if j in cuts:
+                hint = text[j:j + int(rng.integers(1, 4))] if rng.random() < self.hint else []
+                span = self.build.open + hint + self.build.close
+                skip += range(len(tokens), len(tokens) + len(span))
+                tokens += span
+            tokens.append(text[j])
+        return Sequence(tokens, 1, skip=tuple(skip))
+
     def score(self, prompt: Prompt, completion: list[int]) -> float:
+        if self.build.inline:
+            return self.inline(prompt, completion)[0]
         text = self.build.scored_text(self.tokenizer.decode(completion, skip_special_tokens=False))
         return reward(text, prompt.meta["truth"], prompt.meta["boundaries"], self.mode)
+
+    def trained_length(self, prompt: Prompt, completion: list[int]) -> int:
+        """Completion tokens the update trains on: inline, the thought, the close and the prediction (the text
+        the model goes on to write is no part of its answer); otherwise all of them."""
+        return self.inline(prompt, completion)[1] if self.build.inline else len(completion)
+
+    def inline(self, prompt: Prompt, completion: list[int]) -> tuple[float, int]:
+        return inline_reward(completion, self.build.token_bytes, self.build.close_bytes, self.tokenizer.eos_token_id,
+                             prompt.meta["truth"], prompt.meta["boundaries"], self.mode)
 
     def evaluate(self, engine, count: int, seed: int) -> dict[str, float]:
         """Random@1 (one completion at rollout.temperature) on held-out samples, overall and by split."""
@@ -108,9 +147,9 @@ class RPTTask:
         rows = self.store.spread(self.eval_rows if heldout else self.train_rows, count, self.seed)
         samples = [self.store.get(int(r)) for r in rows]
         sampling = SamplingConfig(self.rollout.temperature, self.rollout.top_p, self.rollout.max_tokens)
-        rewards, _, _, stats = reasoning_rewards(engine, [self.build(s["context_ids"]) for s in samples],
-                                                 sample_scorer(self.tokenizer, samples, self.mode, self.build.prefill),
-                                                 1, sampling, seed)
+        rewards, _, _, stats, _ = reasoning_rewards(engine, [self.build(s["context_ids"]) for s in samples],
+                                                    sample_scorer(self.tokenizer, samples, self.mode, self.build),
+                                                    1, sampling, seed)
         splits = summarize(self.store.entropy[rows], None, rewards)
         out = {"random@1": splits["all"]["random@1"], "heldout": float(heldout), **stats}
         out.update({f"random@1/{name}": row["random@1"] for name, row in splits.items()

@@ -55,8 +55,8 @@ from pathlib import Path
 import numpy as np
 
 from rptfast.data.templates import PromptBuilder
-from rptfast.data.tokens import token_bytes
 from rptfast.errors import ConfigError
+from rptfast.model import Sequence
 from rptfast.reward import reward
 from rptfast.rollout import SamplingConfig
 from rptfast.tasks import Prompt
@@ -138,7 +138,7 @@ class ToyTask:
         self.seed = seed
         self.demos, self.think = data_cfg.toy_demos, data_cfg.toy_think
         self.think_from = data_cfg.toy_think_from * sequences_per_step  # the first sequence index toy_think applies to
-        self.build = PromptBuilder(tokenizer, data_cfg.template, data_cfg.max_prompt_tokens, token_bytes(tokenizer))
+        self.build = PromptBuilder.of(tokenizer, data_cfg)
         self.rollout = rollout_cfg
         self.encode = lambda s: tokenizer.encode(s, add_special_tokens=False)
         if tokenizer.unk_token_id in self.encode("0123456789:=\n</think>\\boxed{}"):
@@ -170,8 +170,9 @@ class ToyTask:
         return self.build(self.encode(context)), self.encode(f"{work}</think>\\boxed{{{text[pos]}}}") + [
             self.tokenizer.eos_token_id]
 
-    def pretrain_samples(self, start: int, count: int) -> list[tuple[list[int], list[int]]]:
-        """Sequence i: a demonstration with probability data.toy_demos, else document i (first token unscored).
+    def pretrain_samples(self, start: int, count: int) -> list[Sequence]:
+        """Sequence i: a demonstration with probability data.toy_demos (its prompt unscored), else document i
+        (first token unscored).
 
         A demonstration at an answer works the sum out, from step data.toy_think_from on with probability
         data.toy_think only."""
@@ -181,10 +182,10 @@ class ToyTask:
             text = document(self.seed, i)
             if rng.random() < self.demos:
                 pos, _ = self.positions(text, rng)
-                out.append(self.demonstration(text, pos, worked=rng.random() < self.think or i < self.think_from))
+                prompt, target = self.demonstration(text, pos, worked=rng.random() < self.think or i < self.think_from)
+                out.append(Sequence(prompt + target, len(prompt)))
             else:
-                ids = self.encode(text)
-                out.append((ids[:1], ids[1:]))
+                out.append(Sequence(self.encode(text), 1))
         return out
 
     def prompts(self, start: int, count: int) -> list[Prompt]:

@@ -6,6 +6,7 @@ advantage, zero gradient) and draws more prompts until the batch is full or the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 from rptfast.distributed import all_gather_objects, all_max, all_sum
 from rptfast.kernels import group_advantages
 from rptfast.metrics import Timer
-from rptfast.rollout import SamplingConfig
+from rptfast.rollout import Completion, SamplingConfig
 from rptfast.tasks import Prompt
 from rptfast.train.guards import check_finite_outputs
 from rptfast.train.run import Run
@@ -37,6 +38,11 @@ class Group:
     rewards: torch.Tensor  # [G]
     advantages: torch.Tensor  # [G]
     all_equal: bool
+
+
+def trained_part(c: Completion, n: int) -> Completion:
+    """The completion's first n tokens, with their rollout log-probs: what the update trains on."""
+    return c if n == len(c.token_ids) else dataclasses.replace(c, token_ids=c.token_ids[:n], logprobs=c.logprobs[:n])
 
 
 def rollout(run: Run, step: int, timer: Timer) -> tuple[list[Group], dict]:
@@ -69,11 +75,13 @@ def rollout(run: Run, step: int, timer: Timer) -> tuple[list[Group], dict]:
             if cfg.algorithm.length_coef:
                 rewards = rewards - torch.tensor([length_penalty(cfg, len(c.token_ids)) for c in comps])
             adv, all_equal = group_advantages(rewards, n, scale=cfg.algorithm.adv_scale, eps=cfg.algorithm.adv_eps)
-            groups = [Group(p, comps[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n], adv[i * n:(i + 1) * n],
-                            bool(all_equal[i])) for i, p in enumerate(prompts)]
             rewards_all.append(rewards)
             lengths += [len(c.token_ids) for c in comps]
             truncated += sum(c.finish_reason == "length" for c in comps)
+            if hasattr(run.task, "trained_length"):  # inline RPT: the thought and the prediction, not what follows
+                comps = [trained_part(c, run.task.trained_length(prompts[c.prompt_index], c.token_ids)) for c in comps]
+            groups = [Group(p, comps[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n], adv[i * n:(i + 1) * n],
+                            bool(all_equal[i])) for i, p in enumerate(prompts)]
             equal += int(all_equal.sum())
             if not dynamic:
                 kept = groups

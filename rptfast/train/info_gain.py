@@ -1,16 +1,18 @@
 """RLP's information-gain reward (arXiv 2510.01265): a thought is worth what it adds to the log-probability of
 the true next token(s), and the no-think baseline is an exponential moving average of the policy.
 
-    r(c) = log p_theta(x_t .. x_t+k-1 | prompt, c, "\\boxed{")  -  log p_ema(x_t .. x_t+k-1 | x_<t)
+    r(c) = log p_theta(x_t .. x_t+k-1 | prompt, c, "</think>\\boxed{")  -  log p_ema(x_t .. x_t+k-1 | x_<t)
 
 The first term: the policy, teacher-forced, scores the ground-truth tokens (the document's own token ids,
-data.info_gain_tokens of them, log-probs summed) after its thought, closed by `</think>`, and the answer's
-opening `\\boxed{` (the format the RPT templates ask for and the toy's demonstrations use). The second: the
+data.info_gain_tokens of them, log-probs summed) after its thought, closed by data.think_close, and the
+answer's opening `\\boxed{` (the format the RPT templates ask for and the toy's demonstrations use); with the
+inline template (RLP's own format, `x_<t <think> c </think> x_t`) the truth follows the close directly. The second: the
 same tokens after the raw context the prompt kept (no template, no thought), under the EMA weights
 (phi <- decay phi + (1 - decay) theta after every optimizer step, algorithm.ema_decay; optimize.ema_update).
 Both run through the packed forward and the fused log-prob kernel (no [tokens, vocab] tensor) at temperature
 1 (the models' own distributions), after the engine has gone to sleep; the baseline once per position, not
-per completion.
+per completion, and the policy's prompt once per group (prompt-once rows, train.share_prompts: the G scoring
+sequences of a group share the prompt as the update's rows do; exact, tests/test_rpt_family.py).
 The reward then takes the length term (algorithm.length_coef) and group-relative advantages, as RPT's does.
 
 What it leaves out, and why:
@@ -27,46 +29,33 @@ What it leaves out, and why:
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
+from rptfast.data.templates import PromptBuilder
 from rptfast.distributed import all_sum
 from rptfast.kernels import group_advantages
 from rptfast.model import PolicyLogprob, Sequence
-from rptfast.train.groups import Group
+from rptfast.train.groups import Group, trained_part
 from rptfast.train.optimize import indexed_micro_batches
 from rptfast.train.run import Run
 from rptfast.train.schedule import length_penalty
 
-THINK_CLOSE = "</think>"
 ANSWER_OPEN = "\\boxed{"
 
 
-def thought_length(ids: list[int], close: list[int]) -> tuple[int, bool]:
-    """(tokens of the thought in a completion, `</think>` included; whether it was closed)."""
-    n = len(close)
-    for i in range(len(ids) - n + 1):
-        if ids[i:i + n] == close:
-            return i + n, True
-    return len(ids), False
-
-
-def scoring_sequences(groups: list[Group], close: list[int], answer: list[int], k: int,
+def scoring_sequences(groups: list[Group], build: PromptBuilder, answer: list[int], k: int,
                       eos: int | None) -> tuple[list[Sequence], list[Sequence], list[int]]:
-    """(policy sequences, one per completion: prompt + thought + close + answer + truth[:k], scored on the truth;
-    baseline sequences, one per group: context + truth[:k]; each completion's thought length)."""
+    """(policy sequences, one per completion: prompt + thought + close + answer + truth[:k], scored on the truth,
+    the prompt shared by the group; baseline sequences, one per group: context + truth[:k]; each completion's
+    thought length). A thought cut at the budget (or ended by EOS) without a close is closed here, for scoring."""
     think, plain, lengths = [], [], []
     for g in groups:
         truth, context = g.prompt.meta["truth_ids"][:k], g.prompt.meta["context_ids"]
         plain.append(Sequence(context + truth, len(context)))
         for c in g.completions:
-            n, closed = thought_length(c.token_ids, close)
-            body = c.token_ids[:n]
-            if not closed:  # cut at the budget (or ended without closing): closed here, for scoring only
-                body = (body[:-1] if body and body[-1] == eos else body) + close
-            head = g.prompt.token_ids + body + answer
-            think.append(Sequence(head + truth, len(head)))
+            body, n, _ = build.thought(c.token_ids, eos)
+            head = g.prompt.token_ids + body + build.close + answer
+            think.append(Sequence(head + truth, len(head), prompt=len(g.prompt.token_ids)))
             lengths.append(n)
     return think, plain, lengths
 
@@ -86,10 +75,9 @@ def logprob_sums(run: Run, module: PolicyLogprob, seqs: list[Sequence]) -> torch
 def rescore(run: Run, groups: list[Group]) -> dict:
     """Rewards and advantages of `groups` replaced by the information gain (minus the length term), completions
     cut to their thoughts; returns the step's metrics of it (means over every rank)."""
-    cfg, tok = run.cfg, run.tokenizer
-    close = tok.encode(THINK_CLOSE, add_special_tokens=False)
-    answer = tok.encode(ANSWER_OPEN, add_special_tokens=False)
-    think, plain, lengths = scoring_sequences(groups, close, answer, cfg.data.info_gain_tokens, tok.eos_token_id)
+    cfg, tok, build = run.cfg, run.tokenizer, run.task.build
+    answer = [] if build.inline else tok.encode(ANSWER_OPEN, add_special_tokens=False)
+    think, plain, lengths = scoring_sequences(groups, build, answer, cfg.data.info_gain_tokens, tok.eos_token_id)
     with_thought = logprob_sums(run, run.policy, think)
     without = logprob_sums(run, run.ema, plain)
     n = cfg.rollout.n
@@ -100,8 +88,7 @@ def rescore(run: Run, groups: list[Group]) -> dict:
     for i, g in enumerate(groups):
         part = slice(i * n, (i + 1) * n)
         g.rewards, g.advantages, g.all_equal = rewards[part], adv[part], bool(all_equal[i])
-        g.completions = [dataclasses.replace(c, token_ids=c.token_ids[:m], logprobs=c.logprobs[:m])
-                         for c, m in zip(g.completions, lengths[part])]
+        g.completions = [trained_part(c, m) for c, m in zip(g.completions, lengths[part])]
     s_n, s_r, s_gain, s_think, s_plain, s_len, s_eq = all_sum(
         [gain.numel(), rewards.double().sum().item(), gain.sum().item(), with_thought.sum().item(),
          without.sum().item() * n, sum(lengths), int(all_equal.sum())], run.d)

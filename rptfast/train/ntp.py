@@ -1,5 +1,5 @@
-"""The next-token phase (train.ntp_steps, before RL): the task's (context, target) sequences, target tokens
-scored, mean per token. Parity and the toy corpus pre-train from scratch here."""
+"""The next-token phase (train.ntp_steps, before RL): the task's sequences (Task.pretrain_samples), their scored
+tokens' loss, mean per token. Parity and the toy corpus pre-train from scratch here; RPT warms a real model up."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import time
 
 from rptfast.distributed import all_sum
 from rptfast.metrics import Timer
-from rptfast.model import Sequence
 from rptfast.train.guards import check_finite_state
 from rptfast.train.optimize import aligned_micro_batches, clip_grad
 from rptfast.train.run import Run
@@ -24,9 +23,8 @@ def ntp_step(run: Run, step: int) -> dict:
     N = cfg.train.ntp_sequences
     per_rank = N // d.world
     with timer("pack"):
-        pairs = run.task.pretrain_samples(run.cursor + d.rank * per_rank, per_rank)
+        seqs = run.task.pretrain_samples(run.cursor + d.rank * per_rank, per_rank)
         run.cursor += N
-        seqs = [Sequence(p + y, len(p)) for p, y in pairs]
         mbs = aligned_micro_batches(run, seqs)
         (n_targets,) = all_sum([sum(s.n_scored for s in seqs)], d)
     for g in run.optimizer.param_groups:
