@@ -146,6 +146,25 @@ def test_ema_follows_the_policy_and_resumes_exactly(tiny_dir, store, tmp_path):
     assert any(not torch.equal(first[k], a[k]) for k in a)  # the EMA moved between the two checkpoints
 
 
+def test_ema_under_mixed_precision(tiny_dir, store, tmp_path):
+    """bf16 compute over fp32 masters (FSDP2's mixed precision, here on one process): the EMA's scoring forward has no
+    backward, which leaves the root's parameters unsharded in bf16; the average is still taken over the fp32 masters
+    (the default on GPUs, where this crashed at the first RLP step)."""
+    decay = 0.5
+    cfg = make_cfg(tiny_dir, store, tmp_path / "run", model={"dtype": "bfloat16"}, algorithm={"ema_decay": decay},
+                   train={"steps": 1})
+    engine = TorchEngine(tiny_dir, dtype=torch.bfloat16, device=torch.device("cpu"), max_model_len=256)
+    run, _ = trainer.build(cfg, engine=engine)
+    trainer.sync(run)
+    full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double()  # noqa: E731
+    phi = [full(p) for p in run.ema.parameters()]
+    trainer.rl_step(run, 0)
+    for e, p, before in zip(run.ema.parameters(), run.policy.parameters(), phi):
+        assert e.dtype == torch.float32 and p.dtype == torch.float32
+        torch.testing.assert_close(full(e), decay * before + (1 - decay) * full(p), rtol=0, atol=1e-6)
+    assert any(not torch.equal(full(e), b) for e, b in zip(run.ema.parameters(), phi))
+
+
 def test_budget_schedules_and_length_term_by_hand():
     def cfg(schedule, end, **kw):
         return config.from_dict({"model": {"path": "m"}, "data": {"task": "first_token"}, "rollout": {

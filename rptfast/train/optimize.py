@@ -244,7 +244,12 @@ def _accumulate(sums: dict, m: dict, weight: int) -> None:
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, policy: torch.nn.Module, decay: float) -> None:
     """phi <- decay phi + (1 - decay) theta (info_gain's baseline), parameter by parameter, local shards under
-    FSDP, in place; both in fp32."""
+    FSDP, in place; both in fp32. Under mixed precision FSDP2 leaves the root's parameters unsharded in the
+    compute dtype after a forward with no backward (the EMA's scoring pass): resharded first, so that the fp32
+    shards are what is averaged."""
+    for module in (ema, policy):
+        if hasattr(module, "reshard"):
+            module.reshard()
     local = lambda t: t._local_tensor if hasattr(t, "_local_tensor") else t  # noqa: E731
     torch._foreach_lerp_([local(p) for p in ema.parameters()], [local(p) for p in policy.parameters()], 1 - decay)
 
