@@ -47,6 +47,7 @@ BOUNDS = {
     "data.toy_think_from": (lambda v: v >= 0, "a step >= 0"),
     "data.thought_spans": (lambda v: v >= 1, "an integer >= 1"),
     "data.thought_hint": (lambda v: 0.0 <= v <= 1.0, "a share in [0, 1]"),
+    "data.thought_sampled": (lambda v: 0.0 <= v <= 1.0, "a share in [0, 1]"),
     "data.max_prompt_tokens": (lambda v: v >= 8, "an integer >= 8"),
     "data.first_token_set": (lambda v: v >= 1, "an integer >= 1"),
     "data.prompt_len": (lambda v: v >= 1, "an integer >= 1"),
@@ -225,6 +226,9 @@ def check_rpt_family(cfg: Config) -> None:
     if not d.think_open.strip() or not d.think_close.strip() or d.think_open == d.think_close:
         raise ConfigError(f"data.think_open ({d.think_open!r}) and data.think_close ({d.think_close!r}) must be two "
                           f"different, non-blank markers, e.g. '<think>' and '</think>'")
+    if d.thought_hint + d.thought_sampled > 1:
+        raise ConfigError(f"data.thought_hint ({d.thought_hint}) + data.thought_sampled ({d.thought_sampled}) "
+                          f"exceeds 1: they are shares of the warm-up's thoughts (the rest are empty); lower one")
     if d.rpt_ntp == "thoughts" and d.template != "inline":
         raise ConfigError(f"data.rpt_ntp = 'thoughts' is the warm-up for inline thoughts, and data.template = "
                           f"{d.template!r} wraps prompts in a chat; set data.template = 'inline', or use "

@@ -25,10 +25,9 @@ from rptfast.eval import run_eval
 from rptfast.metrics import Timer
 from rptfast.model import Sequence, collate, collate_shared, hidden_states, load_policy, resolve_attn
 from rptfast.reward import inline_reward
-from rptfast.rollout import SamplingConfig
+from rptfast.rollout import SamplingConfig, sample_seed
 from rptfast.rollout.torch_engine import TorchEngine
 from rptfast.tasks.rpt import RPTTask
-from rptfast.train.groups import sample_seed
 
 OPEN, CLOSE = "<reason>", "</reason>"  # not tokens of the tiny vocabulary: each marker is several tokens
 PROMPT, MAX_TOKENS = 64, 12
@@ -100,6 +99,12 @@ def test_inline_reward_by_hand():
     assert score(b"</r>", b"x", b" para") == (0.0, 3)  # "x" is short of the first boundary: "x para", wrong
 
 
+def closes(s: Sequence, n: int) -> set[int]:
+    """Positions of the closes' tokens (n each) in a warm-up sequence: scored, right after a thought's unscored part."""
+    skip = set(s.skip)
+    return {k + i for k in range(1, len(s.tokens)) if k - 1 in skip and k not in skip for i in range(n)}
+
+
 def test_prompts_score_and_warmup_on_a_base_model(base_dir, store, tok, tmp_path):
     with pytest.raises(ConfigError, match="no chat template"):
         PromptBuilder(tok, "v0", PROMPT, token_bytes(tok))
@@ -118,14 +123,13 @@ def test_prompts_score_and_warmup_on_a_base_model(base_dir, store, tok, tmp_path
         assert task.trained_length(p, thought + close_ids + truth + [7]) == len(thought + close_ids) + 1
         assert task.score(p, thought + close_ids + [(truth[0] + 1) % 500] + truth) == 0.0
         assert task.score(p, thought + truth) == 0.0 and task.trained_length(p, thought + truth) == len(thought + truth)
-        # the warm-up: the text with thoughts inserted; only the text is scored, every token after the first
-        scored = set(s.scored)
-        assert [t for j, t in enumerate(s.tokens) if j not in s.skip] == context + truth
-        assert [s.tokens[j] for j in s.scored] == (context + truth)[1:] and s.start == 1
-        j, n_spans = 0, 0
-        text_at = 0  # index into context + truth of the next text token
+        # the warm-up: the text with thoughts inserted; the text is scored, every token after the first, and the
+        # closes' tokens (data.thought_close); the openers and the thoughts' content are not
+        assert [t for k, t in enumerate(s.tokens) if k not in s.skip and k not in closes(s, len(close_ids))] ==\
+            context + truth
+        j, n_spans, text_at = 1, 0, 1  # s.tokens[j] is text[text_at] unless a thought starts there
         while j < len(s.tokens):
-            if j in scored or j == 0:
+            if j not in s.skip:
                 j, text_at = j + 1, text_at + 1
                 continue
             assert s.tokens[j:j + len(open_ids)] == open_ids
@@ -133,14 +137,42 @@ def test_prompts_score_and_warmup_on_a_base_model(base_dir, store, tok, tmp_path
                        if s.tokens[k:k + len(close_ids)] == close_ids)
             hint = s.tokens[j + len(open_ids):end]
             assert len(hint) <= 3 and hint == (context + truth)[text_at:text_at + len(hint)]  # the next true tokens
+            assert all(k in s.skip for k in range(j, end)) and not set(range(end, end + len(close_ids))) & set(s.skip)
             hinted += bool(hint)
             n_spans += 1
-            if text_at == len(context):  # the sample's own position always gets a thought
-                spans_seen += 1
+            spans_seen += text_at == len(context)  # the sample's own position always gets a thought
             j = end + len(close_ids)
-            assert j in scored  # the text token right after a close is scored
-        assert n_spans == 3
+            assert j not in s.skip  # the text token right after a close is scored
+        assert n_spans == 3 and s.scored == [k for k in range(1, len(s.tokens)) if k not in s.skip]
     assert spans_seen == 40 and 0.3 < hinted / 120 < 0.7  # a share of 0.5 over 120 spans: sd ~0.05
+
+
+def test_warmup_with_the_models_own_thoughts(base_dir, store, tok, tmp_path):
+    """data.thought_sampled: the thoughts are what the engine samples after the text so far and the opener (cut at
+    the close, EOS dropped), drawn again here from the same engine and seeds; the text around them is intact."""
+    cfg = make_cfg(base_dir, store, tmp_path / "run", data={"thought_hint": 0.0, "thought_sampled": 1.0,
+                                                          "thought_spans": 2})
+    task = RPTTask(tok, cfg.data, cfg.rollout, seed=0)
+    engine = TorchEngine(base_dir, dtype=torch.float32, device=torch.device("cpu"), max_model_len=128)
+    open_ids, close_ids = tok.encode(OPEN), tok.encode(CLOSE)
+    with pytest.raises(ValueError, match="needs the rollout engine"):
+        task.pretrain_samples(0, 2)
+    sampling = SamplingConfig(cfg.rollout.temperature, cfg.rollout.top_p, MAX_TOKENS)
+    non_empty = 0
+    for p, s in zip(task.prompts(0, 3), task.pretrain_samples(0, 3, engine)):
+        text = p.meta["context_ids"] + p.meta["truth_ids"]
+        assert [t for j, t in enumerate(s.tokens) if j not in s.skip and j not in closes(s, len(close_ids))] == text
+        j, at = 1, 1  # s.tokens[j] is text[at] unless a span starts there
+        while j < len(s.tokens):
+            if j not in s.skip:
+                j, at = j + 1, at + 1
+                continue
+            c = engine.generate([text[:at] + open_ids], 1, sampling, [sample_seed(0, "thought", p.index, at)])[0]
+            thought = task.build.thought(c.token_ids, tok.eos_token_id)[0]
+            assert s.tokens[j:j + len(open_ids) + len(thought) + len(close_ids)] == open_ids + thought + close_ids
+            non_empty += bool(thought)
+            j += len(open_ids) + len(thought) + len(close_ids)
+    assert non_empty >= 5  # 6 thoughts of up to 12 sampled tokens from a random model: hardly ever empty
 
 
 def test_packed_forward_scores_tails_and_skips_spans(base_dir):
@@ -236,3 +268,11 @@ def test_warmup_then_rl_with_a_budget_schedule(base_dir, store, tmp_path):
         n = run.task.trained_length(g.prompt, c.token_ids)
         assert kept.token_ids == c.token_ids[:n] and kept.logprobs == c.logprobs[:n]
 
+
+
+def test_rlp_qwen3_base_preset_is_the_papers_setting():
+    cfg = config.load("rlp-qwen3-1.7b-base")
+    assert cfg.model.path == "Qwen/Qwen3-1.7B-Base" and cfg.data.template == "inline"
+    assert (cfg.data.reward, cfg.rollout.n, cfg.train.lr, cfg.rollout.max_tokens) == ("info_gain", 16, 1e-6, 2048)
+    assert cfg.data.rpt_ntp == "thoughts" and cfg.train.ntp_steps > 0 and cfg.prepare.min_entropy == 0.0
+    assert cfg.data.max_prompt_tokens + cfg.rollout.max_tokens + cfg.data.info_gain_tokens < cfg.rollout.max_model_len

@@ -12,6 +12,7 @@ over the nucleus), i.e. the distribution the trainer scores when top_p = 1.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from collections.abc import Iterable, Iterator
@@ -38,6 +39,15 @@ class Completion:
     token_ids: list[int]  # sampled tokens, EOS included when it was sampled
     logprobs: list[float]  # logprob of each sampled token under the tempered distribution
     finish_reason: str  # "stop" (EOS) or "length" (max_tokens or max_model_len)
+
+
+def sample_seed(*parts) -> int:
+    """Seed of a prompt's group: a pure function of its parts, e.g. (run seed, step, global prompt index).
+
+    62 bits, so that seed + j (sample j of the group, vLLM's convention) cannot overflow.
+    """
+    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 2
 
 
 class RolloutEngine(Protocol):

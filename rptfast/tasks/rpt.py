@@ -21,10 +21,13 @@ prompt, as data.rpt_ntp says:
   it). The text the prompt keeps and the truth after it, with data.thought_spans thoughts inserted between
   its tokens: one at the sample's own position (where RL will think), the others at random character
   boundaries. A thought is `<think>`, its content, `</think>`; its content is the next 1-3 true tokens with
-  probability data.thought_hint (a hint: the model learns to read what a thought says), else nothing (the
-  model learns that a thought costs it nothing). Only the text is scored, every token after the first,
-  including each token right after a close; the markers and the thoughts' content are not, so the warm-up
-  teaches reading thoughts, not writing them: what to write is RL's to teach.
+  probability data.thought_hint (a hint: the model learns to read what a thought says), the model's own
+  sampled thought with probability data.thought_sampled (what RL will sample there: the model learns how
+  much such a thought is worth, so that its own thoughts do not mislead it before RL has shaped them), and
+  nothing otherwise (the model learns that a thought costs it nothing). The text is scored, every token
+  after the first, including each token right after a close, and with data.thought_close the close's own
+  tokens (the model learns to end a thought, which RPT's reward needs); the opener and the thoughts'
+  content are not: what to write in a thought is RL's to teach.
 
 evaluate() runs one completion per held-out sample (the documents prepare set aside), `count`
 of them drawn across documents with the run's seed (SampleStore.spread, as `rptfast eval`
@@ -43,7 +46,7 @@ from rptfast.data.templates import PromptBuilder, check_lengths
 from rptfast.eval import accuracy_mode, reasoning_rewards, sample_scorer, summarize
 from rptfast.model import Sequence
 from rptfast.reward import escape, inline_reward, reward
-from rptfast.rollout import SamplingConfig
+from rptfast.rollout import SamplingConfig, sample_seed
 from rptfast.tasks import Prompt
 
 
@@ -59,7 +62,8 @@ class RPTTask:
         self.mode = accuracy_mode(data_cfg.reward)
         self.rollout = rollout_cfg
         self.ntp = data_cfg.rpt_ntp
-        self.spans, self.hint = data_cfg.thought_spans, data_cfg.thought_hint
+        self.spans, self.hint, self.sampled = data_cfg.thought_spans, data_cfg.thought_hint, data_cfg.thought_sampled
+        self.score_close = data_cfg.thought_close
         self.seed = seed
         self.train_rows = self.store.rows("train")
         if len(self.train_rows) == 0:
@@ -90,41 +94,65 @@ class RPTTask:
     def prompts(self, start: int, count: int) -> list[Prompt]:
         return [self.prompt(i, self.row(i)) for i in range(start, start + count)]
 
-    def pretrain_samples(self, start: int, count: int) -> list[Sequence]:
-        """The sequences of prompts start .. start+count-1, as data.rpt_ntp says (module docstring)."""
+    def pretrain_samples(self, start: int, count: int, engine=None) -> list[Sequence]:
+        """The sequences of prompts start .. start+count-1, as data.rpt_ntp says (module docstring); `engine`
+        samples the thoughts of the warm-up that has the model's own (data.thought_sampled)."""
         eos = self.tokenizer.eos_token_id
         if self.ntp == "answers" and eos is None:
             raise ConfigError("data.rpt_ntp = 'answers' ends each boxed answer with EOS, and the policy's tokenizer "
                               "has none; set eos_token in its tokenizer_config.json, or use data.rpt_ntp = 'text'")
+        prompts = self.prompts(start, count)
+        if self.ntp == "thoughts":
+            return self.with_thoughts(prompts, engine)
         out = []
-        for p in self.prompts(start, count):
+        for p in prompts:
             if self.ntp == "text":
                 out.append(Sequence(p.meta["context_ids"] + p.meta["truth_ids"][:1], 1))
-            elif self.ntp == "thoughts":
-                out.append(self.with_thoughts(p))
             else:
                 first = p.meta["truth"][:p.meta["boundaries"][0]].decode("utf-8")
                 answer = self.tokenizer.encode(self.build.answer_at_once(escape(first)), add_special_tokens=False)
                 out.append(Sequence(p.token_ids + answer + [eos], len(p.token_ids)))
         return out
 
-    def with_thoughts(self, p: Prompt) -> Sequence:
-        """The warm-up sequence of prompt p: its context and truth with thoughts inserted, the text scored."""
-        text = p.meta["context_ids"] + p.meta["truth_ids"]
-        at = len(p.meta["context_ids"])
-        rng = np.random.default_rng([self.seed, p.index, 2])
+    def with_thoughts(self, prompts: list[Prompt], engine) -> list[Sequence]:
+        """The warm-up sequences: each prompt's context and truth with thoughts inserted, the text scored."""
+        plans = []  # per prompt: its text, and the thought before text[j] for every cut j (None: to be sampled)
         tb = self.build.token_bytes
-        starts = [j for j in range(1, len(text)) if j != at and (tb[text[j]][:1] or b"\0")[0] & 0xC0 != 0x80]
-        cuts = {at, *rng.choice(starts, size=min(self.spans - 1, len(starts)), replace=False).tolist()}
-        tokens, skip = [text[0]], []
-        for j in range(1, len(text)):
-            if j in cuts:
-                hint = text[j:j + int(rng.integers(1, 4))] if rng.random() < self.hint else []
-                span = self.build.open + hint + self.build.close
-                skip += range(len(tokens), len(tokens) + len(span))
-                tokens += span
-            tokens.append(text[j])
-        return Sequence(tokens, 1, skip=tuple(skip))
+        for p in prompts:
+            text = p.meta["context_ids"] + p.meta["truth_ids"]
+            at = len(p.meta["context_ids"])
+            rng = np.random.default_rng([self.seed, p.index, 2])
+            starts = [j for j in range(1, len(text)) if j != at and (tb[text[j]][:1] or b"\0")[0] & 0xC0 != 0x80]
+            cuts = sorted({at, *rng.choice(starts, size=min(self.spans - 1, len(starts)), replace=False).tolist()})
+            thoughts = {}
+            for j in cuts:
+                u = rng.random()
+                thoughts[j] = (text[j:j + int(rng.integers(1, 4))] if u < self.hint else
+                               None if u < self.hint + self.sampled else [])
+            plans.append((p, text, thoughts))
+        wanted = [(i, j) for i, (_, _, th) in enumerate(plans) for j, t in th.items() if t is None]
+        if wanted:  # the model's own thoughts at those places, as RL would sample them
+            if engine is None:
+                raise ValueError("data.thought_sampled > 0 needs the rollout engine to sample thoughts")
+            r = self.rollout
+            got = engine.generate([plans[i][1][:j] + self.build.open for i, j in wanted], 1,
+                                  SamplingConfig(r.temperature, r.top_p, r.max_tokens),
+                                  [sample_seed(self.seed, "thought", plans[i][0].index, j) for i, j in wanted])
+            for c in got:
+                i, j = wanted[c.prompt_index]
+                plans[i][2][j] = self.build.thought(c.token_ids, self.tokenizer.eos_token_id)[0]
+        out = []
+        for _, text, thoughts in plans:
+            tokens, skip = [text[0]], []
+            for j in range(1, len(text)):
+                if j in thoughts:
+                    span = self.build.open + thoughts[j] + self.build.close
+                    unscored = len(span) - len(self.build.close) if self.score_close else len(span)
+                    skip += range(len(tokens), len(tokens) + unscored)
+                    tokens += span
+                tokens.append(text[j])
+            out.append(Sequence(tokens, 1, skip=tuple(skip)))
+        return out
 
     def score(self, prompt: Prompt, completion: list[int]) -> float:
         if self.build.inline:

@@ -7,7 +7,6 @@ advantage, zero gradient) and draws more prompts until the batch is full or the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -15,20 +14,11 @@ import torch
 from rptfast.distributed import all_gather_objects, all_max, all_sum
 from rptfast.kernels import group_advantages
 from rptfast.metrics import Timer
-from rptfast.rollout import Completion, SamplingConfig
+from rptfast.rollout import Completion, SamplingConfig, sample_seed
 from rptfast.tasks import Prompt
 from rptfast.train.guards import check_finite_outputs
 from rptfast.train.run import Run
 from rptfast.train.schedule import budget_at, length_penalty
-
-
-def sample_seed(run_seed: int, step: int, index: int) -> int:
-    """Seed of a prompt's group: a pure function of (run seed, step, global prompt index).
-
-    62 bits, so that seed + j (sample j of the group, vLLM's convention) cannot overflow.
-    """
-    h = hashlib.blake2b(f"{run_seed}/{step}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") >> 2
 
 
 @dataclass

@@ -8,7 +8,8 @@ import time
 
 from rptfast.distributed import all_sum
 from rptfast.metrics import Timer
-from rptfast.train.guards import check_finite_state
+from rptfast.train.colocate import sync, trainer_in, trainer_out
+from rptfast.train.guards import CheckedOutputs, check_finite_state
 from rptfast.train.optimize import aligned_micro_batches, clip_grad
 from rptfast.train.run import Run
 from rptfast.train.schedule import lr_at
@@ -16,15 +17,25 @@ from rptfast.train.step_metrics import finish_metrics
 
 
 def ntp_step(run: Run, step: int) -> dict:
-    """Next-token loss on the task's (prompt, target) sequences: target tokens only, mean per token."""
+    """Next-token loss on the task's sequences: their scored tokens, mean per token."""
     cfg, d = run.cfg, run.d
     timer = Timer(d.device)
     t0 = time.perf_counter()
     N = cfg.train.ntp_sequences
     per_rank = N // d.world
+    if cfg.data.rpt_ntp == "thoughts" and cfg.data.thought_sampled and cfg.data.task == "rpt":
+        with timer("generate"):  # the warm-up's own thoughts: the engine, woken with the current weights
+            trainer_out(run)
+            sync(run)
+            seqs = run.task.pretrain_samples(run.cursor + d.rank * per_rank, per_rank, CheckedOutputs(
+                run.engine, f"the warm-up's thoughts at step {step + 1}"))
+            run.engine.sleep()
+            trainer_in(run)
+    else:
+        with timer("pack"):
+            seqs = run.task.pretrain_samples(run.cursor + d.rank * per_rank, per_rank)
+    run.cursor += N
     with timer("pack"):
-        seqs = run.task.pretrain_samples(run.cursor + d.rank * per_rank, per_rank)
-        run.cursor += N
         mbs = aligned_micro_batches(run, seqs)
         (n_targets,) = all_sum([sum(s.n_scored for s in seqs)], d)
     for g in run.optimizer.param_groups:
