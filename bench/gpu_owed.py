@@ -49,17 +49,20 @@ OWED_KERNELS = "selective_logprob,fused_policy_loss_from_logits,linear_logprob,l
 # ---------------------------------------------------------------- the steps that run in this file's process
 
 
-def step_liger(dry: bool) -> dict:
+def step_liger(dry: bool, save) -> dict:
     import torch
     from liger_peer import compare
 
     device = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")
     shapes = [(2, 24, 32, 300)] if dry else [(8, 1024, 4096, 128256), (8, 1024, 4096, 151936)]
-    return {f"B{b}xT{t}xH{h}xV{v}": compare(b, t, h, v, device, torch.bfloat16, compiled=not dry)
-            for b, t, h, v in shapes}
+    out = {}
+    for b, t, h, v in shapes:
+        out[f"B{b}xT{t}xH{h}xV{v}"] = compare(b, t, h, v, device, torch.bfloat16, compiled=not dry)
+        save(out)
+    return out
 
 
-def step_shared_prompts(dry: bool) -> dict:
+def step_shared_prompts(dry: bool, save) -> dict:
     import torch
     from gpu_paths import check_shared_prompts
 
@@ -91,7 +94,7 @@ def _groups(engine, vocab: int, n_prompts: int, G: int, P: int, R: int):
     return out
 
 
-def step_trainer(dry: bool) -> dict:
+def step_trainer(dry: bool, save) -> dict:
     """Trainer-only throughput per variant (see the module docstring): 1 warm-up update, then 3 timed (1 in a dry
     run)."""
     import torch
@@ -154,6 +157,7 @@ def step_trainer(dry: bool) -> dict:
             if cuda:
                 torch.cuda.empty_cache()
             print(f"trainer/{name}: {json.dumps(out[name])}", flush=True)
+            save(out)
     return out
 
 
@@ -210,11 +214,12 @@ def run_kernel_tests(out: Path, dry: bool, timeout: float) -> dict:
 
 
 def run_step_here(name: str, out: Path, dry: bool, timeout: float) -> dict:
+    """A step of this file in its own process; what it saved is kept even when it fails or runs out of time."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__)), name, "--result", str(result)] + (["--dry-run"] if dry else [])
         code, _ = _subprocess(cmd, out / "owed.log", timeout)
-        return {"exit": code, **(json.loads(result.read_text()) if code == 0 and result.exists() else {})}
+        return {"exit": code, **(json.loads(result.read_text()) if result.exists() else {})}
 
 
 def owed_steps() -> list[tuple[str, object]]:
@@ -285,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    res = STEPS_HERE[args.step](args.dry_run)
-    tmp = args.result.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, default=str))
-    tmp.replace(args.result)
+    def save(res: dict) -> None:  # after each shape or variant: a step cut short keeps what it measured
+        tmp = args.result.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, default=str))
+        tmp.replace(args.result)
+
+    save(STEPS_HERE[args.step](args.dry_run, save))
     return 0
 
 
