@@ -1,34 +1,43 @@
-"""Every GPU figure rptfast owes, in three short runs on a bare GPU machine.
+"""Every GPU figure rptfast owes, as prepared runs on a bare GPU machine, and which recorded figures are current.
 
-    python bench/gpu.py --part kernels --out DIR   # kernel tests compiled + bench/kernels.py at DESIGN sizes
+    python bench/gpu.py --part owed --out DIR      # THE run: everything issue 31 owes, within 9 minutes on an H100
+    python bench/gpu.py --part owed --out DIR --dry-run   # all of it on the CPU at toy sizes (make test runs it)
+    python bench/gpu.py --part kernels --out DIR   # kernel tests compiled + bench/kernels.py at every DESIGN size
     python bench/gpu.py --part train --out DIR     # rptfast bench throughput: Qwen3-0.6B shape, bf16 + fp32 masters
-    python bench/gpu.py --part paths --out DIR     # CUDA-only paths in bf16 against fp32 references
-    python bench/gpu.py --part paths --out DIR --dry-run   # the same on the CPU at toy sizes (a test runs all three)
+    python bench/gpu.py --part paths --out DIR     # CUDA-only paths in bf16 against fp32 references (gpu_paths.py)
+    python bench/gpu.py --check-stale [--markdown] # which rows in bench/results/ are current at HEAD (stale.py)
+    python bench/gpu.py --collect DIR              # a fetched DIR's rows into bench/results/ (once each)
 
-Written for a borrowed machine with no network (python, torch, triton, transformers, safetensors,
-tokenizers, numpy, pytest; no vllm, no flash-attn): it installs rptfast first, offline
-(`pip install --no-deps --no-build-isolation -e .`, setuptools from the machine), unless this
-checkout is installed already. Each part fits in 8 minutes on an H100.
+--part owed (gpu_owed.py says what each step measures) needs liger-kernel for its Liger step. The GPU image has no
+registry, so carry the wheel: here, `.venv/bin/pip download liger-kernel==0.8.5 --no-deps -d wheels/` (wheels/ is
+git-ignored; the wheel is pure Python, 0.9 MB), then on the device `carry: ["wheels"]`: this script installs every
+wheels/*.whl with `pip install --no-deps --no-index` before the run (its log says so; without the wheel the step
+records "liger-kernel not installed" and the rest runs). Commit first and run from a clean tree: every row records
+the commit and the files that were dirty (rptfast.provenance), and rows of uncommitted code cannot be current.
 
-Output, all in DIR (at most 8 files, each under 16 MiB, so a borrowed machine can hand it back):
-results.json (every figure), summary.md (the short version, with pass/fail against DESIGN.md's
-targets where a part has them), gpu.csv (the rows appended to bench/results/gpu.csv), the logs of
-the install and of each subprocess, and the kernel and throughput CSV rows that were appended to
-bench/results/ (so a session can copy them back into its own checkout).
+Written for a borrowed machine with no network (python, torch, triton, transformers, safetensors, tokenizers,
+numpy, pytest; no vllm, no flash-attn): it installs rptfast first, offline (`pip install --no-deps
+--no-build-isolation -e .`, setuptools from the machine), unless this checkout is installed already; where pip
+cannot, it puts rptfast on the path from a link farm, and every subprocess runs in DIR, not in the checkout (whose
+source folder rptfast/, without kernels/ inside, would shadow the links).
 
-Left out: the vLLM engine (not on the GPU image; the CPU tests cover it) and multi-GPU runs.
+Output, all in DIR (at most 8 files, each under 16 MiB, so a borrowed machine can hand it back): results.json (every
+figure), summary.md (pass/fail against the targets), gpu.csv (the rows appended to bench/results/gpu.csv), the rows
+appended to kernels.csv and throughput.csv, and the logs. --part owed rewrites results.json and summary.md after
+every step, so a run killed at its limit still brings back what finished. On the device the appended
+bench/results/ stays behind: `--collect DIR` here copies the rows in.
+
+Left out: the vLLM engine (not on the GPU image; the CPU tests cover it: generation on the GPU runs through
+TorchEngine, eager HF forwards, and its numbers are labelled so) and multi-GPU runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import importlib.util
 import json
-import multiprocessing
 import os
-import resource
 import site
 import subprocess
 import sys
@@ -37,12 +46,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import gpu_owed
+import gpu_paths
+import stale
+from gpu_paths import QWEN3_06B, TOY
+
 ROOT = Path(__file__).resolve().parent.parent
 MAX_FILES, MAX_BYTES = 8, 16 << 20
-# the Qwen3-0.6B shape of bench/throughput-0.7b.toml (head_dim 64, untied: 0.7B parameters)
-QWEN3_06B = dict(vocab=151936, layers=28, hidden=1024, heads=16, kv_heads=8, intermediate=3072)
-TOY = dict(vocab=512, layers=2, hidden=128, heads=2, kv_heads=1, intermediate=256)
-GPU_CSV_FIELDS = ["date", "commit", "device", "part", "dry_run", "figure", "value"]
+GPU_FIELDS = ["part", "dry_run", "figure", "value"]  # after rptfast.provenance.PROVENANCE
 
 
 # ---------------------------------------------------------------- install and bookkeeping
@@ -100,11 +111,30 @@ def install(out: Path) -> str:
     return f"pip failed (exit {r.returncode}, see install.log); rptfast imported from links in {farm}"
 
 
+def install_wheels(out: Path) -> str:
+    """pip install --no-deps --no-index every wheels/*.whl of this checkout (liger-kernel, carried to the device)."""
+    wheels = sorted((ROOT / "wheels").glob("*.whl"))
+    if not wheels:
+        return "no wheels/ to install"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", *map(str, wheels)],
+                       capture_output=True, text=True, cwd=gpu_owed.scratch_dir())
+    with (out / "install.log").open("a") as f:
+        f.write(r.stdout + r.stderr)
+    importlib.invalidate_caches()
+    names = ", ".join(w.name for w in wheels)
+    return f"installed {names}" if r.returncode == 0 else f"pip could not install {names} (see install.log)"
+
+
 def run_logged(cmd: list[str], log: Path, timeout: int, env: dict | None = None) -> tuple[int, str]:
-    """Run a subprocess with its output in `log`; return (exit code, its last stdout line)."""
+    """Run a subprocess with its output in `log`; return (exit code, its last stdout line).
+
+    It runs in an empty directory of its own (gpu_owed.scratch_dir), never in the checkout: there the source folder
+    rptfast/ (which has no kernels/ inside) would come first on sys.path and shadow the link farm or an editable
+    install; nor in DIR, which must hold only what comes back. Paths in cmd are absolute.
+    """
     t0 = time.perf_counter()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=gpu_owed.scratch_dir(), timeout=timeout,
                            env={**os.environ, **(env or {})})
         code, stdout, stderr = r.returncode, r.stdout, r.stderr
     except subprocess.TimeoutExpired as e:
@@ -114,32 +144,24 @@ def run_logged(cmd: list[str], log: Path, timeout: int, env: dict | None = None)
     return code, lines[-1] if lines else ""
 
 
-def git_commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return r.stdout.strip() or "unknown"
+def copy_rows(src: Path, dst: Path) -> int:
+    """Append the rows of the CSV src to dst (through rptfast.provenance.append_rows), skipping rows dst already
+    has; returns how many were appended."""
+    from rptfast.provenance import append_rows
 
-
-def device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def append_rows(src: Path, dst: Path) -> int:
-    """Append the CSV rows of src (written by a subprocess into DIR) to dst under bench/results/."""
     if not src.exists():
         return 0
-    rows = list(csv.DictReader(src.open()))
-    if not rows:
-        return 0
-    new = not dst.exists() or dst.stat().st_size == 0
-    fields = list(rows[0]) if new else next(csv.reader(dst.open()))
-    with dst.open("a", newline="") as f:
-        w = csv.DictWriter(f, fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    return len(rows)
+    with src.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows, fields = list(reader), reader.fieldnames or []
+    have = set()
+    if dst.exists():
+        with dst.open(newline="") as f:
+            have = {tuple(r.get(c, "") for c in fields) for r in csv.DictReader(f)}
+    new = [r for r in rows if tuple(r.get(c, "") for c in fields) not in have]
+    if new:
+        append_rows(dst, fields, new)
+    return len(new)
 
 
 # ---------------------------------------------------------------- part: kernels
@@ -148,8 +170,8 @@ def append_rows(src: Path, dst: Path) -> int:
 def part_kernels(out: Path, dry: bool, results: Path) -> dict:
     """pytest tests/kernels (compiled on a GPU; the interpreter-free CPU path in a dry run), then
     bench/kernels.py at the DESIGN sizes (--tiny in a dry run) with its own roofline and targets."""
-    files = ["tests/kernels/test_kernel_advantages.py"] if dry else sorted(
-        str(f.relative_to(ROOT)) for f in (ROOT / "tests" / "kernels").glob("test_*.py"))
+    files = [str(ROOT / "tests" / "kernels" / "test_kernel_advantages.py")] if dry else sorted(
+        str(f) for f in (ROOT / "tests" / "kernels").glob("test_*.py"))
     # one process per file: a CUDA error (a device-side assert, say) ends the CUDA context of its process, and
     # in a shared one it would fail every test after it
     logs, summaries, code = [], {}, 0
@@ -161,11 +183,11 @@ def part_kernels(out: Path, dry: bool, results: Path) -> dict:
         code = code or (c if c != 5 else 0)  # 5: every test of the file skipped (the CPU-only compile test)
     (out / "pytest.log").write_text("\n".join(logs))
     res = {"pytest": {"exit": code, "summary": "; ".join(f"{k}: {v}" for k, v in summaries.items())}}
-    bench = [sys.executable, "bench/kernels.py", "--csv", str(out / "kernels.csv")] + (["--tiny", "--no-compile"]
-                                                                                      if dry else [])
+    bench = [sys.executable, str(ROOT / "bench" / "kernels.py"), "--csv", str(out / "kernels.csv")]
+    bench += ["--tiny", "--no-compile"] if dry else []
     code, last = run_logged(bench, out / "kernels.log", timeout=420)
     res["bench"] = {"exit": code, **(json.loads(last) if code == 0 and last.startswith("{") else {})}
-    res["rows_appended"] = append_rows(out / "kernels.csv", results / "kernels.csv")
+    res["rows_appended"] = copy_rows(out / "kernels.csv", results / "kernels.csv")
     return res
 
 
@@ -189,380 +211,13 @@ def part_train(out: Path, dry: bool, results: Path) -> dict:
         for ckpt in (False, True):
             name = f"checkpointing_{'on' if ckpt else 'off'}"
             js = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, "-m", "rptfast", "bench", "throughput", "bench/throughput-0.7b.toml", *steps,
+            cmd = [sys.executable, "-m", "rptfast", "bench", "throughput", str(ROOT / "bench" / "throughput-0.7b.toml"),
+                   *steps,
                    "--json", str(js), "--csv", str(out / "throughput.csv"),
                    *[a for s in [*sets, f"model.gradient_checkpointing={str(ckpt).lower()}"] for a in ("--set", s)]]
-            code, _ = run_logged(cmd, out / f"throughput-{name}.log", timeout=200 if dry else 230)
+            code, _ = run_logged(cmd, out / f"{name}.log", timeout=200 if dry else 230)
             res[name] = {"exit": code, **(json.loads(js.read_text())["default"] if code == 0 else {})}
-    res["rows_appended"] = append_rows(out / "throughput.csv", results / "throughput.csv")
-    return res
-
-
-# ---------------------------------------------------------------- part: paths
-
-
-def _packed(vocab: int, lengths: list[int], device):
-    import torch
-
-    from rptfast.model import Sequence, collate
-
-    g = torch.Generator().manual_seed(0)
-    seqs = [Sequence(torch.randint(0, vocab, (n,), generator=g).tolist(), n // 2) for n in lengths]
-    return collate(seqs, list(range(len(seqs))), device)
-
-
-def check_attention(model_dir: Path, device, lengths: list[int]) -> dict:
-    """Final hidden states of one packed row in bf16 through each backend vs an fp32 reference: each
-    backend's max error must be at most twice that of torch's own bf16 path (sdpa, block-diagonal mask)."""
-    import torch
-
-    from rptfast.model import hidden_states, load_policy, resolve_attn, torch_varlen_available
-
-    def hidden(attn: str, dtype):
-        lm = load_policy(str(model_dir), dtype=dtype, attn=resolve_attn(attn, device, dtype), trust_remote_code=False,
-                         gradient_checkpointing=False).to(device)
-        with torch.no_grad():
-            return hidden_states(lm, _packed(lm.config.vocab_size, lengths, device)).float()
-
-    ref = hidden("sdpa", torch.float32)
-    scale = ref.abs().max().item()
-    backends = ["sdpa", "per_seq"] + (["varlen"] if device.type == "cuda" and torch_varlen_available() else [])
-    err = {b: (hidden(b, torch.bfloat16) - ref).abs().max().item() / scale for b in backends}
-    out = {f"{b}_max_rel_err": e for b, e in err.items()}
-    out["ok"] = all(e <= 2 * err["sdpa"] + 1e-6 for e in err.values())
-    if "varlen" not in backends:
-        out["varlen"] = "not run: needs CUDA and torch.nn.attention.varlen"
-    return out
-
-
-def _shared_groups(vocab: int, groups: list[tuple[int, list[int]]], seed: int):
-    """Sequences: per (prompt length, completion lengths), one random prompt and its completions."""
-    import torch
-
-    from rptfast.model import Sequence
-
-    g = torch.Generator().manual_seed(seed)
-    seqs = []
-    for P, lens in groups:
-        prompt = torch.randint(0, vocab, (P,), generator=g).tolist()
-        seqs += [Sequence(prompt + torch.randint(0, vocab, (R,), generator=g).tolist(), P) for R in lens]
-    return seqs
-
-
-def _logp_and_grads(policy, mb):
-    """Log-probs of a micro-batch's scored tokens [R] and the flat gradient of sum(w * logp), w fixed per token."""
-    import torch
-
-    policy.zero_grad(set_to_none=True)
-    logp, _ = policy(mb, 1.0)
-    (logp.float() * torch.linspace(-1, 1, logp.numel(), device=logp.device)).sum().backward()
-    return logp.detach().float(), torch.cat([p.grad.float().flatten() for p in policy.parameters()])
-
-
-def check_shared_prompts(model_dir: Path, device, G: int, P: int, R: int) -> dict:
-    """Prompt-once rows against unshared packing through the trainer's default backend in bf16 (varlen or flash on
-    CUDA: model/flash_shared.py; per_seq on the CPU): log-probs and gradients, each path's error against an fp32
-    unshared reference (per_seq), on one group of G completions of R tokens after a P-token prompt plus a group of
-    irregular lengths. The shared path's errors must be at most twice the unshared path's own. Then the
-    forward + backward time of both on the G x (P + R) group alone (best of 3 after a warm-up) and its tokens."""
-    import torch
-
-    from rptfast.model import PolicyLogprob, collate, collate_shared, load_policy, resolve_attn, shares_prompts
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-
-    def policy(attn: str, dtype):
-        lm = load_policy(str(model_dir), dtype=dtype, attn=resolve_attn(attn, device, dtype), trust_remote_code=False,
-                         gradient_checkpointing=False).to(device)
-        return PolicyLogprob(lm)
-
-    bf16 = policy("auto", torch.bfloat16)
-    out = {"backend": bf16.lm.config._attn_implementation, "shares_prompts": shares_prompts(bf16.lm)}
-    if device.type == "cuda":
-        from rptfast.model.flash_shared import varlen_kernels
-
-        out["kernels"] = varlen_kernels().name
-    if not out["shares_prompts"]:
-        return {**out, "ok": False, "error": "the default backend does not share prompts: nothing to compare"}
-    vocab = bf16.lm.config.vocab_size
-    timed = [(P, [R] * G)]
-    seqs = _shared_groups(vocab, timed + [(P // 3 + 1, [R - (i * 37) % R for i in range(G - 1)])], seed=0)
-    everything = list(range(len(seqs)))
-    sh, un = collate_shared(seqs, everything, device), collate(seqs, everything, device)
-    assert torch.equal(sh.targets, un.targets)  # the same scored tokens in the same order
-    ref_lp, ref_g = _logp_and_grads(policy("per_seq", torch.float32), un)
-    res = {name: _logp_and_grads(bf16, mb) for name, mb in (("shared", sh), ("unshared", un))}
-    scale = ref_g.norm().item()
-    for name, (lp, g) in res.items():
-        out[f"{name}_bf16"] = {"logp_max_abs_err": (lp - ref_lp).abs().max().item(),
-                               "logp_mean_abs_err": (lp - ref_lp).abs().mean().item(),
-                               "grad_rel_err": (g - ref_g).norm().item() / scale}
-    out["shared_vs_unshared"] = {"logp_max_abs": (res["shared"][0] - res["unshared"][0]).abs().max().item(),
-                                 "grad_rel": (res["shared"][1] - res["unshared"][1]).norm().item() / scale}
-    s, u = out["shared_bf16"], out["unshared_bf16"]
-    out["ok"] = all(s[k] <= 2 * u[k] + 1e-6 for k in ("logp_max_abs_err", "grad_rel_err"))
-    del res, ref_g
-    seqs = _shared_groups(vocab, timed, seed=1)
-    for name, fn in (("shared", collate_shared), ("unshared", collate)):
-        mb = fn(seqs, list(range(G)), device)
-        times = []
-        for _ in range(4):  # the first is the warm-up
-            sync()
-            t0 = time.perf_counter()
-            _logp_and_grads(bf16, mb)
-            sync()
-            times.append(time.perf_counter() - t0)
-        out[f"{name}_step"] = {"tokens": mb.n_tokens, "fwd_bwd_s": min(times[1:]),
-                               "tok_per_s": mb.n_tokens / min(times[1:])}
-    out["speedup"] = out["unshared_step"]["fwd_bwd_s"] / out["shared_step"]["fwd_bwd_s"]
-    out["shape"] = f"G={G} P={P} R={R}"
-    return out
-
-
-def check_sleep_wake(model_dir: Path, device) -> dict:
-    """TorchEngine in bf16: sleep frees the weights (torch.cuda.memory_allocated), wake restores them, and
-    the greedy tokens after wake equal those before; level 2 (dropped weights) through update_weights."""
-    import torch
-
-    from rptfast.rollout import SamplingConfig
-    from rptfast.rollout.torch_engine import TorchEngine
-
-    cuda = device.type == "cuda"
-    mem = lambda: torch.cuda.memory_allocated(device) if cuda else None  # noqa: E731
-    out = {}
-    for level in (1, 2):
-        eng = TorchEngine(str(model_dir), dtype=torch.bfloat16, device=device, max_model_len=64, sleep_level=level)
-        weights = {n: p.detach().clone() for n, p in eng.model.named_parameters()}
-        nbytes = sum(p.numel() * p.element_size() for p in weights.values())
-        greedy = SamplingConfig(temperature=0.0, max_tokens=8)
-        before = [c.token_ids for c in eng.generate([[1, 2, 3, 4], [5, 6]], 1, greedy)]
-        m0 = mem()
-        eng.sleep()
-        m1 = mem()
-        if level == 1:
-            eng.wake()
-        else:
-            eng.update_weights(weights.items())
-        m2 = mem()
-        after = [c.token_ids for c in eng.generate([[1, 2, 3, 4], [5, 6]], 1, greedy)]
-        r = {"weights_mb": nbytes / 2**20, "same_tokens": before == after}
-        if cuda:
-            r.update(freed_mb=(m0 - m1) / 2**20, restored_mb=(m2 - m1) / 2**20)
-            r["ok"] = r["same_tokens"] and m0 - m1 >= 0.95 * nbytes and abs(m2 - m0) <= 0.05 * nbytes
-        else:
-            r["ok"] = r["same_tokens"]
-            r["memory"] = "not measured: torch.cuda.memory_allocated needs CUDA"
-        out[f"level_{level}"] = r
-        del eng, weights
-    return out
-
-
-def check_offload(model_dir: Path, device, tmp: Path) -> dict:
-    """trainer_out/trainer_in round trips bit for bit: optimizer state offload under fp32 masters with bf16
-    compute (FSDP2 world-size-1), weight offload under fp32 compute (offload_weights needs no FSDP)."""
-    import torch
-
-    from rptfast import config
-    from rptfast import train as trainer
-
-    out = {}
-    for name, sets in {"optimizer_bf16_compute_fp32_masters": {"model": {"dtype": "bfloat16"}},
-                       "optimizer_and_weights_fp32": {"model": {"dtype": "float32"},
-                                                      "train": {"offload_weights": True}}}.items():
-        tree = {"model": {"path": str(model_dir)}, "data": {"task": "first_token", "prompt_len": 6},
-                "rollout": {"engine": "torch", "n": 4, "max_tokens": 4, "max_model_len": 64},
-                "train": {"prompts_per_step": 4, "micro_batch_tokens": 64, "steps": 1, "out_dir": str(tmp / name)},
-                "log": {"progress": False, "tensorboard": False}}
-        for section, table in sets.items():
-            tree[section].update(table)
-        run, _ = trainer.build(config.from_dict(tree))
-        trainer.sync(run)
-        trainer.rl_step(run, 0)  # ends with trainer_out: the optimizer state exists and is offloaded
-        trainer.trainer_in(run)
-
-        def flat(run=run) -> list[torch.Tensor]:
-            state = [t for s in run.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-            return [t.detach().clone().cpu() for t in state + list(run.policy.parameters())]
-
-        snap = flat()
-        m0 = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        trainer.trainer_out(run)
-        m1 = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        trainer.trainer_in(run)
-        same = all(torch.equal(a, b) for a, b in zip(snap, flat()))
-        r = {"bitwise_equal": same}
-        if m0 is not None:
-            r["freed_mb"] = (m0 - m1) / 2**20
-            r["ok"] = same and m0 > m1
-        else:
-            r["ok"] = same
-            r["memory"] = "not measured on the CPU: trainer_out leaves everything in place there"
-        out[name] = r
-        run.logger.close()
-    return out
-
-
-def _step_cost(variant: str, model_dir: str, device: str, lengths: list[int], queue) -> None:
-    """One forward/backward/AdamW step of the policy in a fresh process: (seconds, peak bytes, grads, new weights)."""
-    import torch
-
-    from rptfast import distributed
-    from rptfast.model import PolicyLogprob, load_policy, resolve_attn
-
-    dev = torch.device(device)
-    d = distributed.Dist(0, 1, 0, dev)
-    dtype = torch.bfloat16 if variant != "fp32" else torch.float32
-    lm = load_policy(model_dir, dtype=torch.bfloat16 if variant == "bf16 weights" else torch.float32,
-                     attn=resolve_attn("auto", dev, dtype), trust_remote_code=False,
-                     gradient_checkpointing=False).to(dev)
-    policy = PolicyLogprob(lm)
-    if variant == "fsdp2 world-size-1":
-        distributed.shard(policy, lm.model.layers, d, compute_dtype=dtype)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    mb = _packed(lm.config.vocab_size, lengths, dev)
-    weights = torch.linspace(-1, 1, mb.targets.numel(), device=dev)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for i in range(3):  # the first step allocates the optimizer state; the later ones are timed
-        t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=variant == "autocast"):
-            logp, _ = policy(mb, 1.0)
-        (logp.float() * weights).sum().backward()
-        grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in policy.parameters()]
-        grads = torch.cat([g.detach().double().flatten().cpu() for g in grads])
-        if i == 0:
-            first = grads
-            opt.step()
-            new = torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().flatten().cpu()
-                             for p in policy.parameters()])
-        opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024  # KiB; growth from here on
-    master = next(policy.parameters()).dtype
-    # numpy, not tensors: torch shares tensors through file descriptors that die with this process
-    queue.put((min(times[1:]), peak, first.numpy(), new.numpy(), str(master)))
-
-
-def _result_of(p, q, what: str, timeout: float):
-    """The child's one result, or an error as soon as it dies without one (not after the whole timeout)."""
-    import queue
-
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        try:
-            return q.get(timeout=2)
-        except queue.Empty:
-            if not p.is_alive():
-                raise RuntimeError(f"{what}: its process exited with code {p.exitcode} and no result; "
-                                   "its traceback is in this part's log") from None
-    p.kill()
-    raise TimeoutError(f"{what}: no result after {timeout:.0f} s")
-
-
-def check_mixed_precision(model_dir: Path, device, lengths: list[int]) -> dict:
-    """fp32 masters + bf16 compute: FSDP2 on a world-size-1 mesh (NCCL on a GPU, gloo on the CPU) against
-    autocast, bf16 weights and the fp32 reference: step time, peak memory (CUDA: allocated beyond the model;
-    CPU: growth of the resident high-water mark), gradient error and masters' dtype. Each in its own process."""
-    import torch
-
-    ctx = multiprocessing.get_context("spawn")
-    res = {}
-    for variant in ("fp32", "fsdp2 world-size-1", "autocast", "bf16 weights"):
-        q = ctx.Queue()
-        p = ctx.Process(target=_step_cost, args=(variant, str(model_dir), str(device), lengths, q))
-        p.start()
-        sec, peak, g, w, master = _result_of(p, q, variant, timeout=300)
-        p.join()
-        res[variant] = (sec, peak, torch.from_numpy(g), torch.from_numpy(w), master)
-    ref_g, ref_w = res["fp32"][2], res["fp32"][3]
-    w0 = ref_w  # updates compared against the fp32 step
-    out = {}
-    for variant, (sec, peak, g, w, master) in res.items():
-        out[variant] = {"step_s": sec, "peak_mb": peak / 2**20, "master_dtype": master,
-                        "grad_rel_err": ((g - ref_g).norm() / ref_g.norm()).item(),
-                        "weights_vs_fp32_max": (w - w0).abs().max().item()}
-    f = out["fsdp2 world-size-1"]
-    # fsdp2's gradients carry bf16 compute error only (<= 2x bf16 weights' own), and its masters stay fp32
-    out["ok"] = f["master_dtype"] == "torch.float32" and f["grad_rel_err"] <= 2 * out["bf16 weights"]["grad_rel_err"]
-    return out
-
-
-def check_engine_mismatch(model_dir: Path, device, n_prompts: int, max_tokens: int) -> dict:
-    """The bf16 torch engine's logprobs vs the trainer's (bf16 compute, fp32 masters) on the sampled tokens,
-    with the trainer's lm_head in bf16 (as the engine's) and in fp32 (TRL's cast_lm_head_to_fp32); each also
-    against an fp64 forward of the same weights."""
-    import torch
-
-    from rptfast import distributed
-    from rptfast.model import PolicyLogprob, Sequence, collate, load_policy, resolve_attn
-    from rptfast.rollout import SamplingConfig
-    from rptfast.rollout.torch_engine import TorchEngine
-
-    eng = TorchEngine(str(model_dir), dtype=torch.bfloat16, device=device, max_model_len=256)
-    g = torch.Generator().manual_seed(1)
-    vocab = eng.model.config.vocab_size
-    prompts = [torch.randint(0, vocab, (int(n),), generator=g).tolist()
-               for n in torch.randint(4, 24, (n_prompts,), generator=g)]
-    comps = eng.generate(prompts, 4, SamplingConfig(1.0, 1.0, max_tokens), list(range(n_prompts)))
-    seqs = [Sequence(prompts[c.prompt_index] + c.token_ids, len(prompts[c.prompt_index]), 0.0, c.logprobs)
-            for c in comps]
-    mb = collate(seqs, list(range(len(seqs))), device)
-    out = {"tokens": int(mb.targets.numel())}
-    with torch.no_grad():
-        lm64 = load_policy(str(model_dir), dtype=torch.float64, attn=resolve_attn("sdpa", device, torch.float64),
-                           trust_remote_code=False, gradient_checkpointing=False).to(device)
-        exact = PolicyLogprob(lm64, "reference")(mb, 1.0)[0].double()
-        del lm64
-        out["engine_vs_fp64"] = {"mean": (mb.rollout_logprobs.double() - exact).abs().mean().item(),
-                                 "max": (mb.rollout_logprobs.double() - exact).abs().max().item()}
-        for fp32_head in (False, True):
-            lm = load_policy(str(model_dir), dtype=torch.float32, attn=resolve_attn("auto", device, torch.bfloat16),
-                             trust_remote_code=False, gradient_checkpointing=False).to(device)
-            policy = distributed.shard(PolicyLogprob(lm, "fused", fp32_head), lm.model.layers,
-                                       distributed.Dist(0, 1, 0, device), compute_dtype=torch.bfloat16)
-            lp = policy(mb, 1.0)[0].double()
-            diff = (lp - mb.rollout_logprobs.double()).abs()
-            out[f"lm_head_{'fp32' if fp32_head else 'bf16'}"] = {
-                "vs_engine_mean": diff.mean().item(), "vs_engine_max": diff.max().item(),
-                "vs_fp64_mean": (lp - exact).abs().mean().item(), "vs_fp64_max": (lp - exact).abs().max().item()}
-    return out
-
-
-def part_paths(out: Path, dry: bool, results: Path) -> dict:
-    import torch
-
-    from rptfast.testing import make_tiny_model
-
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    lengths = [37, 5, 64, 64, 13, 101, 2, 64] if not dry else [9, 5, 9, 3]
-    shape = TOY if dry else dict(QWEN3_06B, layers=4)
-    shared_shape = (4, 24, 8) if dry else (8, 2048, 256)  # G completions of R tokens after a P-token prompt
-    res = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        model = make_tiny_model(Path(tmp) / "model", "qwen3", seed=0, **shape)
-        checks = {"attention": lambda: check_attention(model, device, lengths),
-                  "shared_prompts": lambda: check_shared_prompts(model, device, *shared_shape),
-                  "sleep_wake": lambda: check_sleep_wake(model, device),
-                  "mixed_precision": lambda: check_mixed_precision(model, device, lengths),
-                  "engine_mismatch": lambda: check_engine_mismatch(model, device, 4 if dry else 16, 8 if dry else 64),
-                  "offload": lambda: check_offload(model, device, Path(tmp))}
-        for name, fn in checks.items():
-            t0 = time.perf_counter()
-            try:
-                res[name] = fn()
-            except Exception as e:  # one broken path must not hide the others' figures
-                res[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            res[name]["seconds"] = time.perf_counter() - t0
-            print(f"paths/{name}: {json.dumps(res[name])[:400]}", flush=True)
+    res["rows_appended"] = copy_rows(out / "throughput.csv", results / "throughput.csv")
     return res
 
 
@@ -583,8 +238,8 @@ def flat_figures(tree, prefix: str = "") -> list[tuple[str, object]]:
 
 def summary(part: str, res: dict, meta: dict) -> str:
     lines = [f"# bench/gpu.py --part {part}{' --dry-run' if meta['dry_run'] else ''}",
-             f"{meta['device']} | commit {meta['commit']} | {meta['date']} | {meta['seconds']:.0f} s | "
-             f"torch {meta['torch']}", ""]
+             f"{meta['device']} | commit {meta['commit'][:12]} (dirty: {meta['dirty']}) | {meta['date']} | "
+             f"{meta['seconds']:.0f} s | torch {meta['torch']}, triton {meta['triton']}", ""]
     if part == "kernels":
         lines.append(f"- pytest tests/kernels: exit {res['pytest']['exit']}: {res['pytest']['summary']}")
         lines.append(f"- bench/kernels.py: exit {res['bench']['exit']}; rows appended: {res['rows_appended']}")
@@ -595,7 +250,7 @@ def summary(part: str, res: dict, meta: dict) -> str:
         for name in ("checkpointing_off", "checkpointing_on"):
             r = res[name]
             if r["exit"] != 0:
-                lines.append(f"- {name}: FAILED (exit {r['exit']}), see throughput-{name}.log")
+                lines.append(f"- {name}: FAILED (exit {r['exit']}), see {name}.log")
                 continue
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "n/a"
             if r.get("sync_gbps"):  # DESIGN.md: the weight sync within 2x of copying the same bytes once
@@ -605,9 +260,14 @@ def summary(part: str, res: dict, meta: dict) -> str:
             lines.append(f"- {name}: step {r['step_s']:.3f} s, {r['tok_per_s']:.0f} tok/s, MFU {mfu}, "
                          f"peak {r['peak_gb']:.2f} GiB; sync {r['sync_gbps'] or 0:.2f} GB/s vs copy "
                          f"{r['copy_gbps']:.2f} GB/s")
+            from rptfast.throughput import ENGINE_LABEL
+
+            lines.append(f"  - generate: {ENGINE_LABEL.get(r['engine'], r['engine'])}")
             lines.append("  - " + ", ".join(f"{p} {v['s']:.3f} s / {v['peak_gb']:.2f} GiB"
                                             + (f" / {v['tok_per_s']:.0f} tok/s" if v["tok_per_s"] else "")
                                             for p, v in r["phases"].items()))
+    elif part == "owed":
+        lines += gpu_owed.summary_lines(res, meta["dry_run"])
     else:
         for name, r in res.items():
             ok = r.get("ok", all(v.get("ok", True) for v in r.values() if isinstance(v, dict)))
@@ -617,42 +277,78 @@ def summary(part: str, res: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+
+
+def report(out: Path, results: Path, part: str, res: dict, meta: dict, new: dict) -> None:
+    """results.json and summary.md rewritten whole (temporary name, then rename); the figures of `new` (the part's
+    results, or one step of --part owed) appended to gpu.csv here and in bench/results/."""
+    from rptfast.provenance import PROVENANCE, append_rows
+
+    for name, text in (("results.json", json.dumps({**meta, "results": res}, indent=2, default=str)),
+                       ("summary.md", summary(part, res, meta))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    rows = [{**{k: meta[k] for k in PROVENANCE}, "part": part, "dry_run": meta["dry_run"], "figure": k, "value": v}
+            for k, v in flat_figures(new) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for path in (out / "gpu.csv", results / "gpu.csv"):
+        append_rows(path, [*PROVENANCE, *GPU_FIELDS], rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", required=True, choices=["kernels", "train", "paths"])
-    parser.add_argument("--out", required=True, type=Path, help="output directory (created; at most 8 files)")
+    parser.add_argument("--part", choices=["owed", "kernels", "train", "paths"])
+    parser.add_argument("--out", type=Path, help="output directory (created; at most 8 files)")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes, on the CPU: checks the script itself")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="CSVs to append rows to")
+    parser.add_argument("--check-stale", action="store_true", help="which result rows are current (bench/stale.py)")
+    parser.add_argument("--markdown", action="store_true", help="--check-stale: the table in markdown")
+    parser.add_argument("--collect", type=Path, metavar="DIR", help="copy a fetched DIR's rows into --results")
     args = parser.parse_args(argv)
+    if args.check_stale:
+        return stale.check(ROOT, args.markdown)
+    if args.collect:
+        for name in ("gpu.csv", "kernels.csv", "throughput.csv"):
+            print(f"{name}: {copy_rows(args.collect / name, args.results / name)} new rows")
+        return 0
+    if not (args.part and args.out):
+        parser.error("--part and --out are needed (or --check-stale, or --collect DIR)")
+    start = time.monotonic()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    t0 = time.perf_counter()
     installed = install(out)
+    if args.part == "owed":
+        installed += "; " + install_wheels(out)
     import torch
+
+    from rptfast.provenance import stamp
 
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu.py: no CUDA device; pass --dry-run to check the script on the CPU", file=sys.stderr)
         return 2
     args.results.mkdir(parents=True, exist_ok=True)
-    res = {"kernels": part_kernels, "train": part_train, "paths": part_paths}[args.part](out, args.dry_run,
-                                                                                      args.results)
-    meta = {"part": args.part, "dry_run": args.dry_run, "device": device_name(), "commit": git_commit(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "install": installed, "seconds": time.perf_counter() - t0}
-    (out / "results.json").write_text(json.dumps({**meta, "results": res}, indent=2, default=str))
-    (out / "summary.md").write_text(summary(args.part, res, meta))
-    rows = [{"date": meta["date"], "commit": meta["commit"], "device": meta["device"], "part": args.part,
-             "dry_run": args.dry_run, "figure": k, "value": v}
-            for k, v in flat_figures(res) if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    for path in (out / "gpu.csv", args.results / "gpu.csv"):
-        new = not path.exists() or path.stat().st_size == 0
-        with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, GPU_CSV_FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+    meta = {"part": args.part, "dry_run": args.dry_run, **stamp(), "install": installed, "seconds": 0.0}
+    if stamp()["dirty"] not in ("false", "unknown"):
+        print(f"gpu.py: the tree is dirty ({stamp()['dirty']}): its rows record that, and cannot be current",
+              file=sys.stderr)
+    if args.part == "owed":
+        res: dict = {}
+
+        def done(name: str, result: dict) -> None:
+            res[name] = result
+            meta["seconds"] = time.monotonic() - start
+            report(out, args.results, "owed", res, meta, {name: result})
+            copy_rows(out / "kernels.csv", args.results / "kernels.csv")
+            print(f"owed/{name}: {json.dumps(result, default=str)[:600]}", flush=True)
+
+        gpu_owed.part_owed(out, args.dry_run, start + gpu_owed.BUDGET_S, done)
+    else:
+        parts = {"kernels": part_kernels, "train": part_train, "paths": gpu_paths.part_paths}
+        res = parts[args.part](out, args.dry_run, args.results)
+        meta["seconds"] = time.monotonic() - start
+        report(out, args.results, args.part, res, meta, res)
     files = [p for p in out.iterdir() if p.is_file()]
     for p in files:  # a runaway log must not stop the directory from coming back
         if p.stat().st_size > MAX_BYTES:

@@ -15,17 +15,15 @@ Bytes and FLOPs are the minimum any implementation must move or compute (logits 
 gradient written once; 2NHV FLOPs per lm_head matmul, recomputation not counted), so the percentage
 also charges the kernel for its own extra passes.
 Prints a table, then pass/fail against DESIGN.md's targets (GPU, full sizes); the last stdout line
-is JSON. Rows are appended to the CSV with the device name, git commit and date. On a CPU the sizes
-are tiny and the numbers mean nothing: the run exists so that this script is tested.
+is JSON. Rows are appended to the CSV as each finishes, with rptfast.provenance's columns (date, commit,
+dirty, device, torch, triton). On a CPU the sizes are tiny and the numbers mean nothing: the run exists
+so that this script is tested. --only KERNEL,... runs those kernels' cases alone (bench/gpu.py --part owed).
 """
 
 import argparse
-import csv
-import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,12 +40,17 @@ from rptfast.kernels import (
     topk_entropy,
 )
 
+from rptfast.provenance import PROVENANCE, append_rows, stamp
+
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = [
-    "date", "commit", "device", "kernel", "shape", "dtype", "phase", "ms", "rate", "unit", "roofline_pct",
+    *PROVENANCE, "kernel", "shape", "dtype", "phase", "ms", "rate", "unit", "roofline_pct",
     "eager_ms", "x_eager", "compile_ms", "x_compile", "twostep_ms", "x_twostep", "liger_ms", "x_liger",
     "peak_extra_mb", "note",
 ]  # fmt: skip
+
+
+KERNEL_OF = {"run_fused_loss": "fused_policy_loss_from_logits"}  # the kernel a Bench.run_* method measures
 
 
 def timeit(fn, device: torch.device) -> float:
@@ -121,19 +124,22 @@ def liger_baselines() -> dict:
 
 class Bench:
     def __init__(self, device: torch.device, compile_baselines: bool, copy_gbps: float, mm_tflops: float,
-                 sink=None):
-        self.device, self.compile_baselines = device, compile_baselines
+                 sink=None, only: set[str] | None = None):
+        self.device, self.compile_baselines, self.only = device, compile_baselines, only
         self.copy_gbps, self.mm_tflops = copy_gbps, mm_tflops
         self.liger = liger_baselines()
         self.rows: list[dict] = []
         self.sink = sink or (lambda row: None)  # called with each row as it is finished (the CSV writer)
 
     def case(self, run, *args, **kwargs) -> None:
-        """One benchmark case; a failure becomes a row that names it, and the next case runs."""
+        """One benchmark case (unless `only` leaves its kernel out); a failure becomes a row that names it, and the
+        next case runs."""
+        if self.only is not None and KERNEL_OF.get(run.__name__, run.__name__.removeprefix("run_")) not in self.only:
+            return
         try:
             run(*args, **kwargs)
         except Exception as e:  # an OOM or a kernel that fails at one shape must not lose the other rows
-            name = run.__name__.removeprefix("run_")
+            name = KERNEL_OF.get(run.__name__, run.__name__.removeprefix("run_"))
             shape = "x".join(str(a) for a in args if isinstance(a, int) and not isinstance(a, bool))
             dtype = next((str(a).removeprefix("torch.") for a in args if isinstance(a, torch.dtype)), "")
             row = dict(kernel=name, shape=shape, dtype=dtype, phase="failed", ms=None, rate=None, unit="",
@@ -458,6 +464,8 @@ def judge_targets(rows: list[dict]) -> list[dict]:
     sel = find("selective_logprob", "32768x151936", "fwd")
     check("selective_logprob fwd >= 80% of copy bandwidth", sel and sel["roofline_pct"],
           sel and sel["roofline_pct"] >= 80)  # fmt: skip
+    check("selective_logprob fwd >= 90% of copy bandwidth (issue 31)", sel and sel["roofline_pct"],
+          sel and sel["roofline_pct"] >= 90)  # fmt: skip
     fused = find("fused_policy_loss_from_logits", "32768x151936", "full")
     speedup = fused and fused.get("x_eager")
     check("fused loss fwd+bwd >= 5x torch eager (32768x151936 bf16)", speedup, speedup and speedup >= 5)
@@ -473,6 +481,10 @@ def judge_targets(rows: list[dict]) -> list[dict]:
     lin_full = find("linear_logprob", "32768x4096x151936", "full")
     check("linear_logprob fwd >= 75% of matmul rate", lin_fwd and lin_fwd["roofline_pct"],
           lin_fwd and lin_fwd["roofline_pct"] >= 75)  # fmt: skip
+    # issue 31 asks 90% "of the copy bandwidth" for both; linear_logprob is bound by its matmul, whose rate is
+    # its roofline, so it is judged at 90% of that
+    check("linear_logprob fwd >= 90% of matmul rate (issue 31)", lin_fwd and lin_fwd["roofline_pct"],
+          lin_fwd and lin_fwd["roofline_pct"] >= 90)  # fmt: skip
     # DESIGN's 3.2x is the fused linear policy loss's (three matmuls); linear_logprob's backward recomputes the
     # logits (four matmuls, ~4x by construction), so its ratio is printed in its rows, not judged
     fused_lin = find("linear_policy_loss", "32768x4096x151936", "full")
@@ -487,14 +499,6 @@ def judge_targets(rows: list[dict]) -> list[dict]:
     return out
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
 def fmt(value, digits=2) -> str:
     if value is None or value == "":
         return "-"
@@ -506,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (always on a CPU)")
     parser.add_argument("--csv", type=Path, default=ROOT / "bench" / "results" / "kernels.csv")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--only", default=None, help="comma-separated kernels: run their cases alone")
+    parser.add_argument("--judged", action="store_true", help="only the shapes DESIGN.md's targets are judged at")
     parser.add_argument("--filter-study", action="store_true",
                         help="only the gradient filtering study (error vs fp64, share of blocks zeroed)")
     args = parser.parse_args(argv)
@@ -522,37 +528,23 @@ def main(argv: list[str] | None = None) -> None:
         study = grad_filter_study(device, args.tiny)
         for r in study:
             print("  ".join(f"{k}={fmt(val, 4)}" for k, val in r.items()))
-        print(json.dumps({"device": device_name, "commit": git_commit(), "filter_study": study}))
+        print(json.dumps({**stamp(), "filter_study": study}))
         return
     copy_gbps, mm_tflops = roofline(device, tiny)
     print(f"# {device_name}: copy {copy_gbps:.1f} GB/s (read + write), bf16 matmul {mm_tflops:.1f} TFLOP/s")
 
     # torch.compile on a CPU needs a C++ toolchain and minutes per shape: the baseline is a GPU one.
     compile_baselines = not args.no_compile and device.type == "cuda"
-    stamp = dict(
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        commit=git_commit(),
-        device=device_name,
-    )
     args.csv.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not args.csv.exists() or args.csv.stat().st_size == 0
-    if not new_file:
-        with args.csv.open() as f:
-            header = next(csv.reader(f), [])
-        if header != FIELDS:
-            sys.exit(f"{args.csv} has the columns of an older bench/kernels.py; move it aside or pass --csv NEW.csv")
-    csv_file = args.csv.open("a", newline="")
-    writer = csv.DictWriter(csv_file, fieldnames=FIELDS, extrasaction="ignore")
-    if new_file:
-        writer.writeheader()
 
     def sink(row: dict) -> None:  # each row reaches the disk as it is finished: a timeout keeps what ran
-        writer.writerow({**stamp, **{k: fmt(v, 4) if isinstance(v, float) else v for k, v in row.items()}})
-        csv_file.flush()
+        append_rows(args.csv, FIELDS, [{**stamp(), **{k: fmt(v, 4) if isinstance(v, float) else v
+                                                      for k, v in row.items()}}])
         print(f"# {row['kernel']} {row['shape']} {row['phase']}: {fmt(row['ms'], 3)} ms {row['note']}",
               file=sys.stderr, flush=True)
 
-    bench = Bench(device, compile_baselines, copy_gbps=copy_gbps, mm_tflops=mm_tflops, sink=sink)
+    only = set(args.only.split(",")) if args.only else None
+    bench = Bench(device, compile_baselines, copy_gbps=copy_gbps, mm_tflops=mm_tflops, sink=sink, only=only)
     bf16 = torch.bfloat16
     if tiny:
         bench.case(bench.run_selective_logprob, 64, 1000, bf16, True)
@@ -562,18 +554,17 @@ def main(argv: list[str] | None = None) -> None:
         bench.case(bench.run_policy_loss, 4096, True)
         bench.case(bench.run_group_advantages, 64, 8, True)
         bench.case(bench.run_topk_entropy, 64, 1000, bf16, True)
-    else:
-        for n, h, v in ((32768, 4096, 151936), (8192, 4096, 151936), (32768, 2048, 128256)):
+    else:  # the first shape of each kernel is the one DESIGN.md's targets are judged at; --judged runs it alone
+        for n, h, v in ((32768, 4096, 151936), (8192, 4096, 151936), (32768, 2048, 128256))[:1 if args.judged else 3]:
             bench.case(bench.run_linear_logprob, n, h, v, bf16, (n, h) == (32768, 4096))
             bench.case(bench.run_linear_policy_loss, n, h, v, bf16, (n, h) == (32768, 4096))
-        for v in (151936, 32000, 128256):
+        for v in (151936, 32000, 128256)[:1 if args.judged else 3]:
             bench.case(bench.run_selective_logprob, 32768, v, bf16, v == 151936)
-        for v in (151936, 32000):
+        for v in (151936, 32000)[:1 if args.judged else 2]:
             bench.case(bench.run_fused_loss, 32768, v, bf16, v == 151936)
         bench.case(bench.run_policy_loss, 1 << 20, True)
         bench.case(bench.run_group_advantages, 1024, 16, True)
         bench.case(bench.run_topk_entropy, 8192, 151936, bf16, True)
-    csv_file.close()
 
     header = ["kernel", "shape", "phase", "ms", "rate", "%roof", "eager", "x eager", "compile", "x comp",
               "2-step", "x 2-step", "liger", "x liger", "peak MiB", "note"]  # fmt: skip
@@ -595,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
         verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
         print(f"{verdict}  {t['target']}: {fmt(t['value'])}")
 
-    summary = dict(**stamp, tiny=tiny, copy_gbps=copy_gbps, matmul_tflops=mm_tflops, rows=bench.rows,
+    summary = dict(**stamp(), tiny=tiny, copy_gbps=copy_gbps, matmul_tflops=mm_tflops, rows=bench.rows,
                    targets=judged, csv=str(args.csv))  # fmt: skip
     print(json.dumps(summary))
 

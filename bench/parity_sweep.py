@@ -4,7 +4,7 @@
 
 Each point is one `rptfast train parity` run with the embedded default's schedule (only d,
 p_cot and the seed change). It appends one row per run to bench/results/parity_sweep.csv
-(with commit and date) and prints a markdown table: greedy accuracy and share of long
+(with rptfast.provenance's columns) and prints a markdown table: greedy accuracy and share of long
 answers after next-token training alone, then after RL. On this 2-core CPU a point takes
 about 3 to 4 minutes.
 """
@@ -12,8 +12,6 @@ about 3 to 4 minutes.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import subprocess
 import sys
 import tempfile
@@ -21,15 +19,11 @@ import time
 from pathlib import Path
 
 from rptfast.metrics import read_jsonl
+from rptfast.provenance import PROVENANCE, append_rows, stamp
 
 RESULTS = Path(__file__).parent / "results" / "parity_sweep.csv"
 FIELDS = ["d", "p_cot", "seed", "ntp_greedy_acc", "ntp_greedy_long", "ntp_sampled_long", "ntp_sampled_long_acc",
-          "rl_greedy_acc", "rl_greedy_long", "rl_greedy_len", "rl_sampled_acc", "minutes", "commit", "date"]
-
-
-def commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return r.stdout.strip() or "unknown"
+          "rl_greedy_acc", "rl_greedy_long", "rl_greedy_len", "rl_sampled_acc", "minutes", *PROVENANCE]
 
 
 def run_point(d: int, p_cot: float, seed: int, out: Path, extra: list[str]) -> dict:
@@ -47,7 +41,7 @@ def run_point(d: int, p_cot: float, seed: int, out: Path, extra: list[str]) -> d
             "ntp_sampled_long": ntp["eval/sampled_long_frac"], "ntp_sampled_long_acc": ntp["eval/sampled_long_acc"],
             "rl_greedy_acc": rl["eval/greedy_acc"], "rl_greedy_long": rl["eval/greedy_long_frac"],
             "rl_greedy_len": rl["eval/greedy_len"], "rl_sampled_acc": rl["eval/sampled_acc"],
-            "minutes": (time.time() - t0) / 60, "commit": commit(), "date": datetime.date.today().isoformat()}
+            "minutes": (time.time() - t0) / 60, **stamp()}
 
 
 def main() -> None:
@@ -58,21 +52,16 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for every point")
     ap.add_argument("--csv", type=Path, default=RESULTS)
     args = ap.parse_args()
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.csv.exists()
     print("| d | p_cot | seed | NTP greedy acc | NTP greedy long | NTP sampled long | RL greedy acc | "
           "RL greedy long | RL greedy len | min |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    with args.csv.open("a", newline="") as f, tempfile.TemporaryDirectory() as tmp:
-        w = csv.DictWriter(f, FIELDS)
-        if new:
-            w.writeheader()
+    with tempfile.TemporaryDirectory() as tmp:
         for d in args.d:
             for p in args.p_cot:
                 for seed in args.seeds:
                     row = run_point(d, p, seed, Path(tmp) / f"d{d}-p{p}-s{seed}", args.set)
-                    w.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-                    f.flush()
+                    append_rows(args.csv, FIELDS, [{k: round(v, 4) if isinstance(v, float) else v
+                                                    for k, v in row.items()}])
                     print(f"| {d} | {p} | {seed} | {row['ntp_greedy_acc']:.3f} | {row['ntp_greedy_long']:.2f} | "
                           f"{row['ntp_sampled_long']:.2f} | {row['rl_greedy_acc']:.3f} | {row['rl_greedy_long']:.2f} | "
                           f"{row['rl_greedy_len']:.1f} | {row['minutes']:.1f} |", flush=True)

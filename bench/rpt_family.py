@@ -24,7 +24,6 @@ step, means over seeds). On the 2-core CPU one method and seed takes 2 to 5 minu
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ from pathlib import Path
 from rpt_toy_sweep import append_row  # bench/ is the script's own directory, first on sys.path
 
 from rptfast.metrics import read_jsonl
+from rptfast.provenance import PROVENANCE, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "rpt_family.csv"
@@ -49,16 +49,11 @@ METHODS = {
 }
 CELLS = [("easy", "all"), ("medium", "all"), ("hard", "all"), ("easy", "reducible"), ("easy", "random")]
 FIELDS = ["method", "seed", "steps", *[f"{s}/{k}" for s, k in CELLS], "len_reducible", "len_random",
-          "sec_per_step", "commit", "date"]
+          "sec_per_step", *PROVENANCE]
 
 
 def rptfast(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "rptfast", *args], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
-
-
-def commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return r.stdout.strip() or "unknown"
 
 
 def ensure_base(base: Path, data: Path) -> None:
@@ -99,7 +94,7 @@ def measure(method: str, seed: int | str, steps: int, evaluation: Path, data: Pa
     acc, lengths = cells(result, kinds, entropy, mode), cells(result, kinds, entropy, "response_len")
     row = {"method": method, "seed": seed, "steps": steps, **{f"{s}/{k}": acc[s, k][0] for s, k in CELLS}}
     row.update(len_reducible=lengths["easy", "reducible"][0], len_random=lengths["easy", "random"][0],
-               sec_per_step=sec_per_step, commit=commit(), date=datetime.date.today().isoformat())
+               sec_per_step=sec_per_step, **stamp())
     return row
 
 

@@ -6,8 +6,8 @@ answers its last steps work out (data.toy_think, the p_cot of the parity study).
 
 Each point runs the demo-rpt chain without its control (rptfast/configs/rpt-toy-base.toml and
 rpt-toy.toml as they are, --key changed in the base): pre-train, prepare with the base as proxy,
-eval, RPT, eval. It appends one row per point to bench/results/rpt_toy_sweep.csv (with commit
-and date) and prints a markdown table: the hard split's plain accuracy of the base, its reasoning
+eval, RPT, eval. It appends one row per point to bench/results/rpt_toy_sweep.csv (with
+rptfast.provenance's columns) and prints a markdown table: the hard split's plain accuracy of the base, its reasoning
 accuracy before and after RPT, the same for reducible and random positions over all splits, and the
 completion length at reducible positions before and after. On this 2-core CPU a point takes about
 8 minutes.
@@ -16,35 +16,24 @@ completion length at reducible positions before and after. On this 2-core CPU a 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from rptfast.provenance import PROVENANCE, append_rows, stamp
+
 RESULTS = Path(__file__).parent / "results" / "rpt_toy_sweep.csv"
 FIELDS = ["key", "value", "seed", "samples_hard", "base_plain_hard", "base_reasoning_hard", "rpt_reasoning_hard",
           "base_plain_reducible", "base_reasoning_reducible", "rpt_reasoning_reducible", "base_plain_random",
           "base_reasoning_random", "rpt_reasoning_random", "base_len_reducible", "rpt_len_reducible", "minutes",
-          "commit", "date"]
-
-
-def commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return r.stdout.strip() or "unknown"
+          *PROVENANCE]
 
 
 def append_row(path: Path, fields: list[str], row: dict) -> None:
-    """One row appended to a results CSV (its header first when the file is new), floats to 4 places."""
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fields, lineterminator="\n")
-        if new:
-            w.writeheader()
-        w.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    """One row appended to a results CSV (rptfast.provenance.append_rows), floats to 4 places."""
+    append_rows(path, fields, [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}])
 
 
 def rptfast(*args: str) -> None:
@@ -87,7 +76,7 @@ def measure(key: str, value: str, seed: int, out: Path, minutes: float) -> dict:
         row[f"{name}_random"] = grid["easy", "random"][0]
     row.update(base_len_reducible=len_before["easy", "reducible"][0],
                rpt_len_reducible=len_after["easy", "reducible"][0])
-    row.update(minutes=minutes, commit=commit(), date=datetime.date.today().isoformat())
+    row.update(minutes=minutes, **stamp())
     return row
 
 

@@ -26,13 +26,10 @@ It isolates the update's compute from the engine and the optimizer, whose times 
 """
 
 import argparse
-import csv
-import datetime
 import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -43,9 +40,10 @@ from rptfast.model import Sequence, collate, collate_shared
 from rptfast.model import attention as attention_module
 from rptfast.model.attention import _per_seq_unshared
 from rptfast.model.shared_prompt import shared_attention
+from rptfast.provenance import PROVENANCE, append_rows, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
-FIELDS = ["date", "commit", "device", "shape", "variant", "fwd_ms", "fwd_bwd_ms", "gflops_fwd_bwd", "roofline_pct",
+FIELDS = [*PROVENANCE, "shape", "variant", "fwd_ms", "fwd_bwd_ms", "gflops_fwd_bwd", "roofline_pct",
           "x_unshared", "load_before", "load_after"]
 
 
@@ -182,11 +180,6 @@ def model_rows(path: str, seqs: list[Sequence], reps: int, seed: int) -> dict:
     return out
 
 
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=1021, help="prompt tokens per unit")
@@ -268,16 +261,11 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['roofline_pct']:7.1f} {r['x_unshared']:10.2f}")
     print(f"load average after: {load_after:.2f}")
     if args.csv and not args.tiny:
-        new = not args.csv.exists()
-        with args.csv.open("a", newline="") as f:
-            w = csv.DictWriter(f, FIELDS)
-            if new:
-                w.writeheader()
-            for name, r in results.items():
-                w.writerow(dict(date=datetime.date.today().isoformat(), commit=git_commit(),
-                                device=f"cpu {platform.machine()} {torch.get_num_threads()} threads", shape=shape,
-                                variant=name, load_before=round(load_before, 2), load_after=round(load_after, 2),
-                                **{k: round(v, 3) for k, v in r.items() if k in FIELDS}))
+        device = {**stamp(), "device": f"cpu {platform.machine()} {torch.get_num_threads()} threads"}
+        append_rows(args.csv, FIELDS, [dict(**device, shape=shape, variant=name, load_before=round(load_before, 2),
+                                             load_after=round(load_after, 2),
+                                             **{k: round(v, 3) for k, v in r.items() if k in FIELDS})
+                                        for name, r in results.items()])
     print(json.dumps({"shape": shape, "roofline_gflops": roof, "load": [load_before, load_after], **results}))
 
 

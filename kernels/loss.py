@@ -13,6 +13,14 @@ kernel is one elementwise pass that writes w_t * l_t and w_t * d l_t / d logp; t
 and the backward one multiply. Masked tokens have w_t = 0 and contribute exactly 0 (their values are
 never used, so NaN or inf there cannot leak).
 
+Edge cases, one behaviour on every path (the Triton code compiled or interpreted, and the torch twin):
+- A token with A = 0 has pg = 0 and d pg / d logp = 0, its limit for any ratio: exp(logp - old) can
+  overflow to inf (old = -inf, or a gap over 88 nats), and -0 * inf is NaN in IEEE arithmetic. Before,
+  the torch path gave NaN there and the Triton path a finite loss (tl.maximum dropped the NaN).
+- Otherwise a NaN reaches the token's loss on every path: the Triton min/max propagate NaN as torch's
+  do (by default tl.maximum returns the other operand, which hid a NaN ratio behind the clip bound),
+  so the trainer's non-finite check sees the same thing on a GPU as on the CPU.
+
 Left out, on purpose: value/critic terms (GRPO has no critic), an entropy bonus (selective_logprob
 returns a differentiable entropy for that), gradients to anything but the log-probs (the old,
 reference and rollout log-probs and the advantages are data).
@@ -62,19 +70,23 @@ def _token_loss(
     TIS: tl.constexpr,
 ):
     """(w * l, w * dl/dlogp) for scalars or blocks of tokens; 0 where w == 0."""
+    # min/max with propagate_nan=ALL: NaN in, NaN out, as torch.maximum and clamp do (module docstring)
     ratio = tl.exp(logp - old)
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
-    pg = tl.maximum(pg_unclipped, pg_clipped)
+    live = adv != 0.0  # A = 0: pg = 0 for any ratio, inf included (-0 * inf would be NaN)
+    pg_unclipped = tl.where(live, -adv * ratio, 0.0)
+    clipped = tl.maximum(ratio, 1.0 - eps_low, propagate_nan=tl.PropagateNan.ALL)
+    clipped = tl.minimum(clipped, 1.0 + eps_high, propagate_nan=tl.PropagateNan.ALL)
+    pg_clipped = tl.where(live, -adv * clipped, 0.0)
+    pg = tl.maximum(pg_unclipped, pg_clipped, propagate_nan=tl.PropagateNan.ALL)
     # d(-A * ratio)/d logp = -A * ratio; the clipped branch only wins outside the clip range, where it
-    # is constant (inside the range both branches are equal and carry the same gradient)
-    dpg = tl.where(pg_unclipped >= pg_clipped, pg_unclipped, 0.0)
+    # is constant (inside the range both branches are equal and carry the same gradient); NaN stays NaN
+    dpg = tl.where(pg_unclipped >= pg_clipped, pg_unclipped, pg * 0.0)
     if DUAL_CLIP:
         dual = (adv < 0) & (pg > -adv * dual_clip)
         pg = tl.where(dual, -adv * dual_clip, pg)
         dpg = tl.where(dual, 0.0, dpg)
     if TIS:
-        tis = tl.minimum(tl.exp(old - rollout), tis_cap)
+        tis = tl.minimum(tl.exp(old - rollout), tis_cap, propagate_nan=tl.PropagateNan.ALL)
         pg = pg * tis
         dpg = dpg * tis
     loss = pg
@@ -223,10 +235,11 @@ def _fused_policy_loss_kernel(
 def _token_loss_torch(logp, old, adv, weight, ref, rollout, eps_low, eps_high, dual_clip, kl_coef, tis_cap):
     """Torch twin of _token_loss (same formulas, same order), for the CPU path."""
     ratio = torch.exp(logp - old)
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    live = adv != 0
+    pg_unclipped = torch.where(live, -adv * ratio, 0.0)
+    pg_clipped = torch.where(live, -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high), 0.0)
     pg = torch.maximum(pg_unclipped, pg_clipped)
-    dpg = torch.where(pg_unclipped >= pg_clipped, pg_unclipped, 0.0)
+    dpg = torch.where(pg_unclipped >= pg_clipped, pg_unclipped, pg * 0.0)
     if dual_clip is not None:
         dual = (adv < 0) & (pg > -adv * dual_clip)
         pg = torch.where(dual, -adv * dual_clip, pg)

@@ -12,10 +12,9 @@ CPU backend", C++ NUMA binding warnings, weight-loading bars). `quiet_startup` s
 descriptors 1 and 2 to a temporary file while they run and replays it only if start-up fails;
 log.verbose = true shows everything.
 
-Only rank 0 writes. MFU counts 6 x params FLOPs per trained token (forward + backward)
-and 2 x params per scored-only token, against the dense bf16 peak of the GPU by name;
-attention FLOPs are left out (small at the lengths RPT trains on, and not what the
-weights cost), so it slightly understates.
+Only rank 0 writes. MFU divides the update's and the pre-passes' counted FLOPs (model/flops.py: the
+decoder's matrices per token, lm_head per scored token, attention per attended pair; a backward twice
+its forward) by their time and the dense bf16 peak of the GPU by name (train/step_metrics.py).
 """
 
 from __future__ import annotations

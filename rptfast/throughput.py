@@ -22,15 +22,17 @@ come with the tokens of the update and the log-prob pre-passes.
 --trl runs the same job through TRL's GRPOTrainer in a subprocess (rptfast/trl_peer.py says
 what is matched and what differs) and reports the ratio of step time and of peak memory.
 
+MFU divides the counted FLOPs of the update and the pre-passes by their time and the GPU's dense bf16 peak.
+The engine is named in every output: with rollout.engine = "torch" (a GPU without vLLM) generation runs
+through TorchEngine, eager HF forwards with a KV cache, and its times are that engine's, not vLLM's.
+
 Output: a table on the console, a JSON file (--json), and one row per variant appended
-to bench/results/throughput.csv (--csv) with device, commit and date.
+to bench/results/throughput.csv (--csv) with rptfast.provenance's columns and the engine.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import datetime
 import importlib.util
 import json
 import os
@@ -45,20 +47,13 @@ import torch
 from rptfast import config
 from rptfast import train as trainer
 from rptfast.distributed import full_tensors
+from rptfast.provenance import PROVENANCE, append_rows, device_name, stamp
 
 PHASES = ["generate", "reward", "sleep", "pack", "logprobs", "update", "offload", "sync"]
-CSV_FIELDS = ["date", "commit", "device", "config", "variant", "steps", "step_s", "tok_per_s", "mfu", "peak_gb",
+CSV_FIELDS = [*PROVENANCE, "config", "variant", "engine", "steps", "step_s", "tok_per_s", "mfu", "peak_gb",
               *[f"{p}_s" for p in PHASES], "sync_gbps", "copy_gbps", "ratio", "note", "update_tokens", "update_gflop"]
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def git_commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                       cwd=Path(__file__).parent)
-    return r.stdout.strip() or "unknown"
+ENGINE_LABEL = {"TorchEngine": "TorchEngine (eager HF forwards with a KV cache; not vLLM)",
+                "VLLMEngine": "vLLM (in process)"}
 
 
 def copy_gbps(run: trainer.Run, repeats: int = 3) -> tuple[float, float]:
@@ -155,7 +150,8 @@ def trl_peer(cfg: config.Config, steps: int, warmup: int) -> dict:
 
 
 def table(name: str, res: dict) -> str:
-    lines = [f"throughput: {name} | {device_name()} | engine {res['engine']} | {res['params'] / 1e6:.2f}M params | "
+    engine = ENGINE_LABEL.get(res["engine"], res["engine"])
+    lines = [f"throughput: {name} | {device_name()} | engine {engine} | {res['params'] / 1e6:.2f}M params | "
              f"{res['steps']} steps after {res['warmup']} warm-up",
              f"{'phase':<10} {'time s':>9} {'share':>7} {'tok/s':>10} {'peak GiB':>9} {'tokens':>9} {'GFLOP':>9}"]
     for p, v in res["phases"].items():
@@ -165,8 +161,9 @@ def table(name: str, res: dict) -> str:
         lines.append(f"{p:<10} {v['s']:>9.4f} {v['share']:>7.1%} {tok:>10} {v['peak_gb']:>9.2f} {n:>9} {gflop:>9}")
     other = res["step_s"] - res["phase_sum_s"]
     lines.append(f"{'(other)':<10} {other:>9.4f} {other / res['step_s']:>7.1%}")
-    mfu = f" | MFU {res['mfu']:.1%}" if res["mfu"] else ""
+    mfu = f" | MFU {res['mfu']:.1%} (counted FLOPs of update + pre-passes)" if res["mfu"] else ""
     lines.append(f"{'step':<10} {res['step_s']:>9.4f} {1:>7.0%} {res['tok_per_s']:>10.0f} {res['peak_gb']:>9.2f}{mfu}")
+    lines.append(f"generate: {engine}")
     if res["sync_gbps"]:
         lines.append(f"weight sync: {res['weights_gb'] * 1e3:.1f} MB at {res['sync_gbps']:.2f} GB/s; a plain device "
                      f"copy of the same bytes: {res['copy_gbps']:.2f} GB/s ({res['copy_gbps'] / res['sync_gbps']:.1f}x "
@@ -189,8 +186,8 @@ def shared_tokens_line(shared: dict, unshared: dict) -> str:
 
 
 def csv_row(name: str, variant: str, res: dict, ratio: float | None, note: str = "") -> dict:
-    row = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": device_name(),
-           "config": name, "variant": variant, "steps": res.get("steps"), "ratio": ratio, "note": note}
+    row = {**stamp(), "config": name, "variant": variant, "engine": res.get("engine", ""), "steps": res.get("steps"),
+           "ratio": ratio, "note": note}
     if "phases" in res:
         row.update({"step_s": res["step_s"], "tok_per_s": res["tok_per_s"], "mfu": res["mfu"],
                     "peak_gb": res["peak_gb"], "sync_gbps": res["sync_gbps"], "copy_gbps": res["copy_gbps"],
@@ -213,8 +210,7 @@ def run(config_name: str, overrides: list[str], steps: int, warmup: int, with_ab
     json_path.parent.mkdir(parents=True, exist_ok=True)
     default, engine = measure(cfg, steps, warmup, trace=json_path.with_suffix(".trace.json") if trace else None)
     print(table(name, default), flush=True)
-    report = {"config": name, "device": device_name(), "commit": git_commit(),
-              "date": datetime.date.today().isoformat(), "default": default, "ablations": {}, "trl": None}
+    report = {"config": name, **stamp(), "default": default, "ablations": {}, "trl": None}
     rows = [csv_row(name, "default", default, 1.0)]
     if with_ablations:
         print("ablations (ratio of step time to the default, same run; > 1 is slower):")
@@ -247,24 +243,7 @@ def run(config_name: str, overrides: list[str], steps: int, warmup: int, with_ab
     if device_name() == "cpu":
         print("(on the CPU these numbers show where time goes, not what a GPU does)")
     json_path.write_text(json.dumps(report, indent=2))
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    new = not csv_path.exists() or csv_path.stat().st_size == 0
-    if not new:
-        with csv_path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            old = list(reader)
-    if not new and reader.fieldnames != CSV_FIELDS:  # a file with older columns: rewrite it whole with the new ones
-        tmp = csv_path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, CSV_FIELDS)
-            w.writeheader()
-            w.writerows(old)
-        tmp.replace(csv_path)
-    with csv_path.open("a", newline="") as f:
-        w = csv.DictWriter(f, CSV_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(csv_path, CSV_FIELDS, rows)
     print(json.dumps({"step_s": default["step_s"], "tok_per_s": default["tok_per_s"], "mfu": default["mfu"],
                       "json": str(json_path), "csv": str(csv_path)}))
     return report

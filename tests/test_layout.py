@@ -9,7 +9,8 @@ MAX_LINES = 400
 
 # lowest first; a module may import its own layer and the ones below it, never one above
 LAYERS = [
-    ["rptfast.errors", "rptfast.config_check", "rptfast.config", "rptfast.configs", "rptfast.assets"],
+    ["rptfast.errors", "rptfast.config_check", "rptfast.config", "rptfast.configs", "rptfast.assets",
+     "rptfast.provenance"],
     ["rptfast.data", "rptfast.data.tokens", "rptfast.data.templates", "rptfast.data.store", "rptfast.kernels",
      "rptfast.distributed", "rptfast.metrics", "rptfast.reward", "rptfast.data.pydoc_topics", "rptfast.convert"],
     ["rptfast.model"],

@@ -18,7 +18,7 @@ from rptfast.model import (
 )
 from rptfast.model import attention as attention_module
 from rptfast.model.flash_shared import ATEN, VarlenKernels, varlen_shared_attention
-from rptfast.model.shared_prompt import shared_attention
+from rptfast.model.shared_prompt import VarlenSeqs, shared_attention
 
 CPU = torch.device("cpu")
 
@@ -117,6 +117,26 @@ def test_pack_shared_counts_prompts_once(tiny_dir):
             assert sum_p + sum_r < n_tokens < 8 * sum_p + sum_r  # split prompts paid once per part
     with pytest.raises(ValueError, match="micro_batch_tokens"):
         pack_shared(seqs, 35)  # prompt 30 + a completion of up to 13
+
+
+def test_empty_prompts_and_keyless_queries_are_refused():
+    """An empty prompt would give its completion's first token the previous unit's last position as its
+    predictor (or wrap to the row's end): both packers refuse it, naming the sequence. A varlen call whose query
+    sequence has no keys would get a log-sum-exp of +inf from FlashAttention and NaN from the merge: refused
+    where its lengths are made. Completions of any length, empty ones included, still pack."""
+    seqs = groups_of(2, [5], seed=2) + [Sequence([7, 8, 9], 0, 0.5, [-1.0] * 3)] + groups_of(2, [3], seed=4)
+    for fn in (collate, collate_shared):
+        with pytest.raises(ValueError, match="sequence 2 has an empty prompt"):
+            fn(seqs, list(range(len(seqs))), CPU)
+        mb = fn(seqs, [0, 1, 3, 4], CPU)  # without it: fine
+        assert int(mb.pred_idx.min()) >= 0
+    empty_completion = [Sequence([4, 5, 6], 3, 0.1, []), *groups_of(2, [3], seed=5)]
+    mb = collate_shared(empty_completion, [0, 1, 2], CPU)
+    assert mb.targets.numel() == sum(s.n_scored for s in empty_completion[1:])
+    assert min(length for _, length, _, _ in mb.shared.segments) > 0
+    with pytest.raises(ValueError, match="no keys"):
+        VarlenSeqs.of([3, 2], [4, 0], CPU)
+    assert VarlenSeqs.of([0, 2], [0, 3], CPU).max_k == 3  # an empty query sequence needs no keys
 
 
 def test_mask_completions_see_prompt_not_each_other(tiny_dir):
@@ -427,19 +447,55 @@ def test_aten_flash_calls_under_fake_cuda():
     assert calls[3][2] is False and calls[3][3] == cross[:3]
 
 
-def test_varlen_and_flash_share_prompts():
-    """shares_prompts on CUDA's backends (a stand-in model object: resolve_attn gives them only on CUDA), and the
-    refusals: a sliding-window layer, logit softcapping."""
+def test_varlen_and_flash_share_prompts(monkeypatch):
+    """shares_prompts on CUDA's backends (a stand-in model object: resolve_attn gives them only on CUDA; here the
+    kernels are the fp64 stand-in, so flash_shared's start-up probe can run on the CPU), and the refusals: a
+    sliding-window layer, logit softcapping."""
     from types import SimpleNamespace
 
-    def lm(backend, **config):
+    monkeypatch.setattr(attention_module.flash_shared, "varlen_kernels", lambda: STANDIN)
+
+    def lm(backend, device="cpu", **config):
         return SimpleNamespace(config=SimpleNamespace(_attn_implementation=backend, **config),
-                               device=torch.device("cuda"))
+                               device=torch.device(device))
 
     assert shares_prompts(lm(attention_module.VARLEN)) and shares_prompts(lm("flash_attention_2"))
-    assert not shares_prompts(lm(attention_module.PER_SEQ))  # the CPU flash kernels
+    assert not shares_prompts(lm(attention_module.PER_SEQ, "cuda"))  # the CPU flash kernels
     assert not shares_prompts(lm(attention_module.VARLEN, layer_types=["full_attention", "sliding_attention"]))
     assert not shares_prompts(lm("flash_attention_2", attn_logit_softcapping=50.0))
+
+
+def _lse_padded(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """A build that returns the log-sum-exp [Tq, Hq] (ROCm's AOTriton and older flash-attn pad it per sequence)."""
+    out, lse = standin_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+    return out, lse.t().contiguous()
+
+
+def _lse_off(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """Right shapes, wrong log-sum-exp (off by one nat): the merge weights its parts wrongly."""
+    out, lse = standin_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+    return out, lse + 1.0
+
+
+@pytest.mark.parametrize("kernels, says", [
+    (VarlenKernels("lse [Tq, Hq]", _lse_padded, standin_backward), "log-sum-exp of shape"),
+    (VarlenKernels("lse off by 1", _lse_off, standin_backward), "disagrees with a dense fp32 softmax"),
+    (ATEN, "NotImplementedError"),  # torch's CUDA kernels, asked to run on the CPU
+])
+def test_flash_shared_probe_falls_back_to_unshared(monkeypatch, kernels, says):
+    """flash_shared's start-up probe: kernels that fail or disagree with a dense fp32 softmax make shares_prompts
+    false (the trainer then packs each sequence whole, which is exact) and unshared_reason says why, in one line;
+    the stand-in passes in bf16 and fp32."""
+    from types import SimpleNamespace
+
+    from rptfast.model import unshared_reason
+    from rptfast.model.flash_shared import probe
+
+    assert probe(CPU, STANDIN) is None and probe(CPU, STANDIN, torch.float32) is None
+    monkeypatch.setattr(attention_module.flash_shared, "varlen_kernels", lambda: kernels)
+    lm = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention_module.VARLEN), device=CPU)
+    reason = unshared_reason(lm)
+    assert not shares_prompts(lm) and says in reason and kernels.name in reason and "\n" not in reason
 
 
 def test_flash_backend_routes_shared_rows(monkeypatch):

@@ -12,7 +12,14 @@
 The names the rest of rptfast uses are importable from here.
 """
 
-from rptfast.model.attention import PER_SEQ, VARLEN, resolve_attn, shares_prompts, torch_varlen_available
+from rptfast.model.attention import (
+    PER_SEQ,
+    VARLEN,
+    resolve_attn,
+    shares_prompts,
+    torch_varlen_available,
+    unshared_reason,
+)
 from rptfast.model.flops import attention_pairs, flop_rates, forward_flops
 from rptfast.model.load import load_policy, native_dtype, resolve_dtype, write_scratch_model
 from rptfast.model.packing import MicroBatch, Sequence, collate, pack
@@ -22,6 +29,6 @@ from rptfast.model.shared_prompt import SharedLayout, collate_shared, pack_share
 __all__ = [
     "PER_SEQ", "VARLEN", "MicroBatch", "PolicyLogprob", "Sequence", "SharedLayout", "attention_pairs", "collate",
     "collate_shared", "flop_rates", "forward_flops", "hidden_states", "load_policy", "native_dtype", "pack",
-    "pack_shared", "resolve_attn", "resolve_dtype", "shares_prompts", "torch_varlen_available",
+    "pack_shared", "resolve_attn", "resolve_dtype", "shares_prompts", "torch_varlen_available", "unshared_reason",
     "write_scratch_model",
 ]  # fmt: skip

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rptfast.errors import ConfigError
+from rptfast.model import flash_shared
 from rptfast.model.flash_shared import varlen_shared_attention
 from rptfast.model.shared_prompt import shared_attention
 
@@ -160,12 +161,29 @@ def _per_seq_unshared(query, key, value, scaling=None, **kwargs):
     return out.transpose(0, 1)[None], None  # [1, T, H, D]
 
 
-def shares_prompts(lm: nn.Module) -> bool:
-    """Whether lm's attention backend runs prompt-once rows: sdpa (a dense mask), per_seq on the CPU
-    (_SharedAttention calls the CPU flash kernels, so per_seq off the CPU runs unshared), and varlen and flash
-    (flash_shared; resolve_attn gives them only on CUDA in fp16 or bf16). Models with sliding-window layers or
-    logit softcapping run unshared on every backend: the prompt-once attention has neither."""
-    layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
+def unshared_reason(lm: nn.Module) -> str | None:
+    """Why lm's backend runs prompt-once rows unshared, in one line; None when it shares them.
+
+    sdpa (a dense mask), per_seq on the CPU (_SharedAttention calls the CPU flash kernels), and varlen and flash
+    (flash_shared; resolve_attn gives them only on CUDA in fp16 or bf16) share prompts, once flash_shared's
+    start-up probe has passed on the device. Models with sliding-window layers or logit softcapping run unshared
+    on every backend: the prompt-once attention has neither."""
+    layer_types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
     backend = lm.config._attn_implementation
-    return ((backend in ("sdpa", VARLEN, "flash_attention_2") or backend == PER_SEQ and lm.device.type == "cpu")
-            and set(layer_types) == {"full_attention"} and getattr(lm.config, "attn_logit_softcapping", None) is None)
+    if layer_types != {"full_attention"}:
+        return f"the model has {', '.join(sorted(layer_types - {'full_attention'}))} layers"
+    if getattr(lm.config, "attn_logit_softcapping", None) is not None:
+        return "the model softcaps its attention logits"
+    if backend == PER_SEQ:
+        return None if lm.device.type == "cpu" else f"per_seq shares prompts on the CPU only, not on {lm.device.type}"
+    if backend in (VARLEN, "flash_attention_2"):
+        failed = flash_shared.probe(lm.device, flash_shared.varlen_kernels())
+        return None if failed is None else f"flash_shared's start-up check failed ({failed})"
+    if backend == "sdpa":
+        return None
+    return f"attention backend {backend!r} has no prompt-once path (per_seq on the CPU, sdpa, varlen and flash do)"
+
+
+def shares_prompts(lm: nn.Module) -> bool:
+    """Whether lm's attention backend runs prompt-once rows (see unshared_reason)."""
+    return unshared_reason(lm) is None

@@ -26,6 +26,11 @@ Left out: dropout (the trainer sets it to 0), sliding windows and logit softcapp
 models: the two-part split would need per-part windows, and softcapping changes the scores the merge adds up).
 A build that returns the varlen log-sum-exp padded per sequence ([N, Hq, max_q]: ROCm's AOTriton, older
 flash-attn) is refused by a shape check rather than merged wrongly.
+
+Start-up probe (`probe`): before the first micro-batch, shares_prompts runs this attention once on a small
+prompt-once row and compares it, output and gradients, with a dense masked softmax in fp32. Any failure (an
+exception, a log-sum-exp of another shape, wrong numbers) makes shares_prompts false, so the trainer packs each
+sequence whole (exact, more tokens) and says why in one line, rather than raising on the first micro-batch.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from typing import NamedTuple
 import torch
 
 from rptfast.model.shared_prompt import SharedLayout
+
+PROBE_TOL = 0.05  # probe: max error of the output, and relative error of each gradient, vs fp32
 
 
 class VarlenKernels(NamedTuple):
@@ -160,3 +167,35 @@ class _VarlenShared(torch.autograd.Function):
             dk.index_add_(0, ck, gk.to(acc))
             dv.index_add_(0, ck, gv.to(acc))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+@functools.cache
+def probe(device: torch.device, kernels: VarlenKernels, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None when prompt-once attention through `kernels` works on `device`, else why not,
+    in one line. Checked once per (device, kernels, dtype): two units (a 5-token prompt with completions of 3 and 4
+    tokens, a 2-token prompt with one of 6), 4 query and 2 kv heads of 64, output and dq, dk, dv against a dense
+    masked softmax in fp32. PROBE_TOL is about 10x bf16's rounding of these O(1) values and far below what a wrong
+    layout gives (O(1) errors)."""
+    try:
+        layout = SharedLayout.build([(0, 5, 0, 0), (5, 3, 0, 5), (8, 4, 0, 5), (12, 2, 12, 0), (14, 6, 12, 2)], device)
+        g = torch.Generator().manual_seed(0)
+        q, d_out = (torch.randn(1, 4, 20, 64, generator=g) for _ in range(2))  # [1, Hq, T, D]
+        k, v = (torch.randn(1, 2, 20, 64, generator=g) for _ in range(2))  # [1, Hkv, T, D]
+        x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+        out = varlen_shared_attention(*x, layout, 0.125, kernels)[0]  # [1, T, Hq, D]
+        out.backward(d_out.to(device, dtype).transpose(1, 2))
+        ref = [t.to(device, torch.float32).requires_grad_() for t in (q, k, v)]
+        kr, vr = (t.repeat_interleave(2, 1) for t in ref[1:])  # GQA: each kv head serves 2 query heads
+        scores = (ref[0] @ kr.transpose(-1, -2) * 0.125).masked_fill(~layout.dense_mask(device), float("-inf"))
+        want = (scores.softmax(-1) @ vr).transpose(1, 2)  # [1, T, Hq, D]
+        want.backward(d_out.to(device).transpose(1, 2))
+        errors = {"output": (out.float() - want).abs().max().item()}
+        for name, a, b in zip(("dq", "dk", "dv"), x, ref):
+            errors[name] = ((a.grad.float() - b.grad).norm() / b.grad.norm()).item()
+    except Exception as e:  # whatever the build does wrong, the trainer falls back to exact unshared packing
+        return f"{kernels.name} failed on {device}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    bad = {k: v for k, v in errors.items() if not v <= PROBE_TOL}  # NaN fails too
+    if bad:
+        return f"{kernels.name} on {device} disagrees with a dense fp32 softmax: " + ", ".join(
+            f"{k} error {v:.3g}" for k, v in bad.items()) + f" (tolerance {PROBE_TOL})"
+    return None

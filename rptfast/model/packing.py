@@ -103,9 +103,20 @@ def pack(seqs: list[Sequence], budget: int, padded: bool = False) -> list[list[i
     return [sorted(b) for b in bins]
 
 
+def check_prompts(seqs: list[Sequence], idx: list[int]) -> None:
+    """Every sequence has a token before its first scored one: a causal LM scores token t from the hidden state
+    at t - 1, and with an empty prompt that index would fall on the previous sequence's last token (or wrap to
+    the row's end) and score the token against an unrelated context."""
+    for i in idx:
+        if seqs[i].start < 1:
+            raise ValueError(f"sequence {i} has an empty prompt (start = {seqs[i].start}): its first token has no "
+                             "hidden state before it to be scored from; give every prompt at least one token (a BOS)")
+
+
 def collate(seqs: list[Sequence], idx: list[int], device: torch.device, masked: bool = False,
             padded: bool = False) -> MicroBatch:
     """seqs[idx] as one micro-batch (masked=True: one that contributes nothing)."""
+    check_prompts(seqs, idx)
     L = max(len(seqs[i].tokens) for i in idx)
     ids, pos, cu, pred, tgt, sid, adv, rlp, ntp_idx, ntp_tgt = [], [], [0], [], [], [], [], [], [], []
     for k, i in enumerate(idx):

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from rptfast.model.packing import MicroBatch, Sequence, context_positions, ntp_tensors
+from rptfast.model.packing import MicroBatch, Sequence, check_prompts, context_positions, ntp_tensors
 
 
 class VarlenSeqs(NamedTuple):
@@ -32,6 +32,11 @@ class VarlenSeqs(NamedTuple):
 
     @classmethod
     def of(cls, q_lens: list[int], k_lens: list[int], device: torch.device) -> VarlenSeqs:
+        """A query sequence with no keys has nothing to attend to: FlashAttention gives it a log-sum-exp of +inf,
+        which the merge turns into NaN (exp(lse - inf) with inf - inf); refused here, where the lengths are known."""
+        if any(k <= 0 < q for q, k in zip(q_lens, k_lens, strict=True)):
+            raise ValueError(f"a varlen call with a query sequence that has no keys (q lengths {q_lens}, k lengths "
+                             f"{k_lens}): every sequence's queries need at least one key")
         cu = lambda x: torch.tensor([0, *itertools.accumulate(x)], dtype=torch.int32, device=device)  # noqa: E731
         return cls(cu(q_lens), cu(k_lens), max(q_lens, default=0), max(k_lens, default=0))
 
@@ -277,6 +282,7 @@ def collate_shared(seqs: list[Sequence], idx: list[int], device: torch.device) -
     thought). Scored tokens come in the order of `idx`,
     sequence by sequence, as in `collate`, so both give the same [R] layout for the same idx.
     """
+    check_prompts(seqs, idx)  # so every unit's prompt, the keys of its completions' cross part, is non-empty
     units: dict[tuple[int, ...], list[int]] = {}
     for i in idx:
         units.setdefault(tuple(seqs[i].tokens[:seqs[i].prompt_len]), []).append(i)

@@ -2,7 +2,9 @@
 
 Used where vLLM is absent (the GPU benchmark machine) and as the reference that vLLM's
 logprobs are held to. Each prompt is prefilled once and its KV cache repeated n times;
-finished rows are dropped from the batch as they end.
+finished rows are dropped from the batch as they end. Its speed is that of eager HF forwards
+(one per generated token, no CUDA graphs, no paged attention), far from vLLM's: benchmarks name
+the engine beside every generate figure (rptfast.throughput.ENGINE_LABEL).
 
 Sampling is Gumbel-max with noise from a counter-based hash of (row seed, step, token id),
 so a row's tokens depend only on its seed and its logits: not on the batch it shares,

@@ -24,7 +24,7 @@ from rptfast.model import (
     native_dtype,
     resolve_attn,
     resolve_dtype,
-    shares_prompts,
+    unshared_reason,
     write_scratch_model,
 )
 from rptfast.rollout import check_model_dir, make_engine
@@ -173,10 +173,10 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     logger = MetricsLogger(run_dir, d.main, t.ntp_steps + t.steps, cfg.log.progress, cfg.log.tensorboard,
                            cfg.log.every, wandb=cfg.log.wandb, trackio=cfg.log.trackio, project=cfg.log.project,
                            run_config=config.flat(cfg))
-    if t.share_prompts and t.packing == "packed" and not shares_prompts(policy.lm):
-        logger.write(f"note: train.share_prompts runs unshared with model.attn = {cfg.model.attn!r} "
-                     f"({policy.lm.config._attn_implementation}); per_seq on the CPU, sdpa, and varlen and flash on "
-                     "CUDA share prompts, in models with full attention in every layer")
+    unshared = unshared_reason(policy.lm) if t.share_prompts and t.packing == "packed" else None
+    if unshared:  # flash_shared's start-up probe runs here, once, on CUDA
+        logger.write(f"WARNING train.share_prompts runs unshared (each sequence packed whole: exact, more tokens) with "
+                     f"model.attn = {cfg.model.attn!r}: {unshared}")
     for warning in config.warnings_for(cfg):
         logger.write(f"WARNING {warning}")
     task = make_task(cfg, tokenizer, t.seed)

@@ -27,8 +27,11 @@ def finish_metrics(run: Run, metrics: dict, timer: Timer, t0: float, step: int) 
     metrics["peak_mem_gb"] = max(timer.peaks.values(), default=peak_memory_gb(run.d.device))
     peak = peak_flops(run.d.device)
     busy = times.get("update", 0.0) + times.get("logprobs", 0.0)
-    if peak and busy:
-        flops = 6 * run.n_params * trained + 2 * run.n_params * metrics.get("prepass_tokens", 0)
+    if peak and busy and "flops/update" in metrics:
+        # counted FLOPs (model/flops.py, summed over ranks): the decoder's matrices per token, lm_head per scored
+        # token, attention per attended pair; not 6 x params x tokens, which would charge the embedding and
+        # lm_head for every token (25-30% too high at RPT shapes, where most tokens are prompt, never scored)
+        flops = metrics["flops/update"] + metrics.get("flops/logprobs", 0)
         metrics["mfu"] = flops / (busy * peak * run.d.world)
     metrics["cursor"] = run.cursor
     return metrics

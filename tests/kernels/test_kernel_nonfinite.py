@@ -346,3 +346,69 @@ def test_no_host_sync_in_the_loss_path():
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _edge_losses(dtype, logp_or_data, old, adv, mask, scale, **options):
+    """(loss, gradient) of each loss entry point on the same tokens: policy_loss on log-probs, the fused loss
+    on logits, the linear loss on hidden states (off-policy: old given), each backpropagated with a loss scale."""
+    n, v, h = mask.shape[0], 300, 16
+    logp = logp_or_data.to(dtype).requires_grad_()
+    loss, _ = policy_loss(logp, old, adv, mask, **options)
+    (loss * scale).backward()
+    out = {"policy_loss": (loss, logp.grad)}
+    logits = randn(n, v, seed=80, scale=2.0, dtype=dtype)
+    targets = randint(v, n, seed=81)
+    loss, _ = fused_policy_loss_from_logits(logits, targets, old, adv, mask, **options)
+    out["fused_policy_loss_from_logits"] = (loss, logits)  # the buffer holds d loss / d logits
+    hidden = randn(n, h, seed=82, dtype=dtype).requires_grad_()
+    weight = randn(v, h, seed=83, scale=h**-0.5, dtype=dtype).requires_grad_()
+    loss = linear_policy_loss(hidden, weight, targets, old, adv, mask, **options)[0]
+    (loss * scale).backward()
+    out["linear_policy_loss"] = (loss, torch.cat([hidden.grad.flatten(), weight.grad.flatten()]))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_token_loss_edge_cases_have_one_behaviour(dtype):
+    """The per-token loss (loss.py's _token_loss and its torch twin) behaves the same on every path: this file
+    runs through the torch path and, under TRITON_INTERPRET=1, through the Triton code, whose min, max and where
+    the interpreter evaluates as the GPU does (tl.maximum's default drops a NaN operand, like PTX max.f32).
+
+    - every row masked, NaN and inf in them, fp16/bf16 inputs and a loss scale of 2^16 (GradScaler's first):
+      the loss and every gradient exactly 0;
+    - A = 0 where the ratio overflows (old = -inf: -0 * inf is NaN in IEEE arithmetic): that token adds exactly
+      0, gradient included, and the loss equals the one with a finite old log-prob there (torch gave NaN here,
+      the Triton code a finite value);
+    - a NaN log-prob in a scored token with A != 0: the loss is NaN on every path (the Triton code hid it
+      behind the clip bound), so the trainer's non-finite check sees it."""
+    n, scale = 9, 2.0**16
+    logp = randn(n, seed=84) - 3.0
+    old, adv, ref = logp + randn(n, seed=85, scale=0.4), randn(n, seed=86), logp - 0.2
+    options = dict(kl_coef=0.05, ref_logprobs=ref, dual_clip=3.0, eps_low=0.2, eps_high=0.28)
+
+    none = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    poison = torch.full((n,), float("nan"), device=DEVICE)
+    for name, (loss, grad) in _edge_losses(dtype, poison, poison.clone().fill_(NEG), adv, none, scale,
+                                           **options).items():
+        assert loss.item() == 0.0 and not grad.abs().gt(0).any() and not grad.isnan().any(), name
+
+    mask = randn(n, seed=87) > -0.8
+    k = int(mask.nonzero()[0])  # a scored token with A = 0 and an infinite ratio
+    adv0, old_inf, old_fin = adv.clone(), old.clone(), old.clone()
+    adv0[k], old_inf[k] = 0.0, NEG
+    count = float(mask.sum())  # the same normalizer for both: token k is scored, it adds 0
+    ours = _edge_losses(dtype, logp, old_inf, adv0, mask, scale, normalizer=count, **options)
+    want = _edge_losses(dtype, logp, old_fin, adv0, mask, scale, normalizer=count, **options)
+    for name in ours:
+        (loss, grad), (loss_w, grad_w) = ours[name], want[name]
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), name
+        assert loss.item() == loss_w.item() and torch.equal(grad, grad_w), name
+
+    nan_logp = logp.clone()
+    nan_logp[k] = float("nan")
+    adv[k] = -0.5
+    # no KL term: it would carry the NaN on every path anyway; the clipped term alone must
+    for extra in ({}, {"dual_clip": 3.0}, {"rollout_logprobs": old - 0.1, "tis_cap": 2.0}):
+        loss, _ = policy_loss(nan_logp.to(dtype), old, adv, mask, **extra)
+        assert loss.isnan(), f"a NaN log-prob of a scored token must reach the loss ({extra})"
