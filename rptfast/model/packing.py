@@ -103,14 +103,17 @@ def pack(seqs: list[Sequence], budget: int, padded: bool = False) -> list[list[i
     return [sorted(b) for b in bins]
 
 
-def check_prompts(seqs: list[Sequence], idx: list[int]) -> None:
+def check_prompts(seqs: list[Sequence], idx: list[int], shared: bool = False) -> None:
     """Every sequence has a token before its first scored one: a causal LM scores token t from the hidden state
     at t - 1, and with an empty prompt that index would fall on the previous sequence's last token (or wrap to
-    the row's end) and score the token against an unrelated context."""
+    the row's end) and score the token against an unrelated context. In a prompt-once row (`shared`) the prompt
+    is what a sequence shares with its group (Sequence.prompt_len), which must hold a token too."""
     for i in idx:
-        if seqs[i].start < 1:
-            raise ValueError(f"sequence {i} has an empty prompt (start = {seqs[i].start}): its first token has no "
-                             "hidden state before it to be scored from; give every prompt at least one token (a BOS)")
+        n = seqs[i].prompt_len if shared else seqs[i].start
+        if n < 1:
+            raise ValueError(f"sequence {i} has an empty prompt ({'prompt' if shared else 'start'} = {n}): its "
+                             "first token has no hidden state before it to be scored from; give every prompt at "
+                             "least one token (a BOS)")
 
 
 def collate(seqs: list[Sequence], idx: list[int], device: torch.device, masked: bool = False,

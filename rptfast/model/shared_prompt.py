@@ -282,7 +282,8 @@ def collate_shared(seqs: list[Sequence], idx: list[int], device: torch.device) -
     thought). Scored tokens come in the order of `idx`,
     sequence by sequence, as in `collate`, so both give the same [R] layout for the same idx.
     """
-    check_prompts(seqs, idx)  # so every unit's prompt, the keys of its completions' cross part, is non-empty
+    check_prompts(seqs, idx, shared=True)  # so every unit's prompt, the keys of its completions' cross part, is
+    # non-empty
     units: dict[tuple[int, ...], list[int]] = {}
     for i in idx:
         units.setdefault(tuple(seqs[i].tokens[:seqs[i].prompt_len]), []).append(i)
