@@ -288,6 +288,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
                 wanted["empty"], wanted["oracle"] = [[]] * len(samples), [[t] for t in truths]
         if build.inline and e.reasoning:
             wanted["reasoning"] = [build.thought(c, tokenizer.eos_token_id)[0] for own in completions for c in own]
+            stats["thought_tokens"] = float(np.mean([len(t) for t in wanted["reasoning"]]))  # the close left out
         seqs, spans = [], {}
         for mode, thoughts in wanted.items():  # one forward pass for all modes, each context once
             reps = len(thoughts) // len(samples)  # k sampled thoughts a sample, else 1
@@ -351,6 +352,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
         print(f"reasoning: response_len {stats['response_len']:.1f}, truncated_frac {stats['truncated_frac']:.3f} "
               f"(cut by rollout.max_tokens = {cfg.rollout.max_tokens}; a cut completion earns 0), answer_rate "
               f"{stats['answer_rate']:.3f} (completions that "
-              f"{'close their thought' if build.inline else 'box an answer after </think>'})")
+              f"{'close their thought' if build.inline else 'box an answer after </think>'})"
+              + (f", thought_tokens {stats['thought_tokens']:.1f}" if "thought_tokens" in stats else ""))
     print(f"entropy: {result['entropy']} -> {path}")
     return result
