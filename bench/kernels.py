@@ -42,6 +42,8 @@ from rptfast.kernels import (
     topk_entropy,
 )
 
+from rptfast.errors import appending, run_script
+
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = [
     "date", "commit", "device", "kernel", "shape", "dtype", "phase", "ms", "rate", "unit", "roofline_pct",
@@ -541,14 +543,14 @@ def main(argv: list[str] | None = None) -> None:
             header = next(csv.reader(f), [])
         if header != FIELDS:
             sys.exit(f"{args.csv} has the columns of an older bench/kernels.py; move it aside or pass --csv NEW.csv")
-    csv_file = args.csv.open("a", newline="")
-    writer = csv.DictWriter(csv_file, fieldnames=FIELDS, extrasaction="ignore")
-    if new_file:
-        writer.writeheader()
 
     def sink(row: dict) -> None:  # each row reaches the disk as it is finished: a timeout keeps what ran
-        writer.writerow({**stamp, **{k: fmt(v, 4) if isinstance(v, float) else v for k, v in row.items()}})
-        csv_file.flush()
+        # a full disk: one line naming the CSV (exit 2), the file cut back to its last whole row
+        with appending(args.csv), args.csv.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerow({**stamp, **{k: fmt(v, 4) if isinstance(v, float) else v for k, v in row.items()}})
         print(f"# {row['kernel']} {row['shape']} {row['phase']}: {fmt(row['ms'], 3)} ms {row['note']}",
               file=sys.stderr, flush=True)
 
@@ -573,7 +575,6 @@ def main(argv: list[str] | None = None) -> None:
         bench.case(bench.run_policy_loss, 1 << 20, True)
         bench.case(bench.run_group_advantages, 1024, 16, True)
         bench.case(bench.run_topk_entropy, 8192, 151936, bf16, True)
-    csv_file.close()
 
     header = ["kernel", "shape", "phase", "ms", "rate", "%roof", "eager", "x eager", "compile", "x comp",
               "2-step", "x 2-step", "liger", "x liger", "peak MiB", "note"]  # fmt: skip
@@ -601,4 +602,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from rptfast.errors import appending, run_script
+
 RESULTS = Path(__file__).parent / "results" / "rpt_toy_sweep.csv"
 FIELDS = ["key", "value", "seed", "samples_hard", "base_plain_hard", "base_reasoning_hard", "rpt_reasoning_hard",
           "base_plain_reducible", "base_reasoning_reducible", "rpt_reasoning_reducible", "base_plain_random",
@@ -40,7 +42,7 @@ def append_row(path: Path, fields: list[str], row: dict) -> None:
     """One row appended to a results CSV (its header first when the file is new), floats to 4 places."""
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as f:
+    with appending(path), path.open("a", newline="") as f:  # a full disk: one line, exit 2, no torn row
         w = csv.DictWriter(f, fields, lineterminator="\n")
         if new:
             w.writeheader()
@@ -117,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -45,6 +45,7 @@ import torch
 from rptfast import config
 from rptfast import train as trainer
 from rptfast.distributed import full_tensors
+from rptfast.errors import appending, atomic_path
 
 PHASES = ["generate", "reward", "sleep", "pack", "logprobs", "update", "offload", "sync"]
 CSV_FIELDS = ["date", "commit", "device", "config", "variant", "steps", "step_s", "tok_per_s", "mfu", "peak_gb",
@@ -246,7 +247,8 @@ def run(config_name: str, overrides: list[str], steps: int, warmup: int, with_ab
             print(peer["note"])
     if device_name() == "cpu":
         print("(on the CPU these numbers show where time goes, not what a GPU does)")
-    json_path.write_text(json.dumps(report, indent=2))
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     new = not csv_path.exists() or csv_path.stat().st_size == 0
     if not new:
@@ -254,13 +256,11 @@ def run(config_name: str, overrides: list[str], steps: int, warmup: int, with_ab
             reader = csv.DictReader(f)
             old = list(reader)
     if not new and reader.fieldnames != CSV_FIELDS:  # a file with older columns: rewrite it whole with the new ones
-        tmp = csv_path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, CSV_FIELDS)
             w.writeheader()
             w.writerows(old)
-        tmp.replace(csv_path)
-    with csv_path.open("a", newline="") as f:
+    with appending(csv_path), csv_path.open("a", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         if new:
             w.writeheader()
