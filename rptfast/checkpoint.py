@@ -305,6 +305,24 @@ def latest(run_dir: Path, say: Callable[[str], None] = print, check: bool = True
     return None
 
 
+def read(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under `keys` (`model.<fqn>`, `ema.<fqn>`, `optim.<fqn>.exp_avg`), whole, in one
+    process, whatever number of ranks wrote them: `rptfast export` and tests read a checkpoint this way."""
+    saved = _Reader(path).read_metadata().state_dict_metadata
+    missing = [k for k in keys if not hasattr(saved.get(k), "chunks")]
+    if missing:
+        raise FileFormatError(f"{str(path)!r} holds no tensor {missing[0]!r} ({len(missing)} missing)")
+    out = {k: torch.empty(saved[k].size, dtype=saved[k].properties.dtype) for k in keys}
+    with quiet_dcp():
+        dcp.load(out, storage_reader=_Reader(path), no_dist=True)
+    return out
+
+
+def keys(path: Path, prefix: str = "") -> list[str]:
+    """The tensor keys a checkpoint holds, those under `prefix` ("model.", "ema.", "optim.")."""
+    return [k for k in _Reader(path).read_metadata().state_dict_metadata if k.startswith(prefix)]
+
+
 def load(path: Path, model: torch.nn.Module, optimizer, d: Dist, ema: torch.nn.Module | None = None) -> dict:
     """Restore weights, optimizer (and the EMA baseline) in place, resharded to this run's ranks; return the
     rest of the saved state (step, cursor, ...)."""

@@ -21,10 +21,9 @@ import tomllib
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
-from rptfast.checkpoint import HF, _Reader, checkpoint_format, quiet_dcp, verify
+from rptfast.checkpoint import HF, _Reader, checkpoint_format, read, verify
 from rptfast.errors import FileFormatError, NonFiniteError, PathError, atomic_path
 
 SHARD_BYTES = 5 * 10**9  # HF's classic shard size
@@ -56,9 +55,7 @@ def export(ckpt: str | Path, out: str | Path, dtype: torch.dtype | None = None,
         tmp.mkdir(parents=True)
         index = {}
         for i, names in enumerate(files, 1):
-            part = {f"model.{n}": torch.empty(shapes[n].size, dtype=shapes[n].properties.dtype) for n in names}
-            with quiet_dcp():
-                dcp.load(part, storage_reader=_Reader(ckpt), no_dist=True)
+            part = read(ckpt, [f"model.{n}" for n in names])
             tensors = {n: part[f"model.{n}"].to(dtype or part[f"model.{n}"].dtype) for n in names}
             bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
             if bad:
