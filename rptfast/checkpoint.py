@@ -4,7 +4,7 @@ A checkpoint directory `checkpoints/step_000010/` holds
 - `__<rank>_<n>.distcp` and `.metadata`: DCP's shards. Every rank writes its own part of the
   model's masters (fp32 by default, whatever the compute dtype), the AdamW moments and, with
   data.reward = "info_gain", the EMA baseline's fp32 weights, in parallel: no rank ever holds
-  the full state (a 14B run's 224 GB of masters and moments would not fit one host). Keys
+  the full state (a 14B run's 178 GB of masters and moments would not fit one host). Keys
   `model.<fqn>`, `optim.<fqn>.<exp_avg|exp_avg_sq|step>`, `ema.<fqn>`; tensors only (DCP
   unpickles non-tensor values, so none are written, and `.metadata` is read with an allow-list
   of DCP's own classes). A tied weight (lm_head = embed_tokens) is stored once.
@@ -19,14 +19,19 @@ Everything is written into `<name>.tmp` and renamed once every rank has finished
 under a real name. `latest` verifies manifests newest first (the files shared out over the
 ranks) and falls back to the previous intact checkpoint, renaming a damaged one to `.damaged`.
 
-DCP reshards on load: a checkpoint written by N ranks resumes on M (bitwise the same run only
-for M = N: reductions over another number of ranks add in another order). The HF directory
-(`final/`, `rptfast export`) is made from a checkpoint by one process that reads one output
-file's worth of tensors at a time (`export`).
+Every rank writes into the same directory: across hosts, the run directory must be on a filesystem
+that all of them see (as DCP's FileSystemWriter assumes). DCP reshards on load: a checkpoint written
+by N ranks resumes on M (bitwise the same run only for M = N: reductions over another number of ranks
+add in another order). The HF directory (`final/`, `rptfast export`) is made from a checkpoint by one
+process that reads one output file's worth of tensors at a time (rptfast/export.py). What of the model
+a checkpoint holds is chosen in one place, `model_state` (an adapter-only checkpoint narrows it there).
 
-Left out: checkpoints of the format before this one (model.safetensors + a full state.pt,
-rank 0 only) are refused on --resume with what to do: reading them needs the full state on
-rank 0, which is what this format removes; `rptfast export` still converts their weights.
+Left out: checkpoints of the format before this one (model.safetensors + a full state.pt, rank 0
+only) are refused on --resume with what to do: reading them needs the full state on rank 0, which is
+what this format removes; `rptfast export` still converts their weights. DCP's async save (training
+goes on while a staged copy is written) is not used: the staged copy is a second host copy of the
+shard, and the write (20 s for the 0.7B shape's 8 GB here, docs/performance.md) is small beside RL
+steps of minutes.
 """
 
 from __future__ import annotations
