@@ -37,6 +37,7 @@ steps of minutes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -249,7 +250,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, extra: dic
         free = shutil.disk_usage(tmp).free
         if free < needed:
             remove(tmp)
-            raise DiskFullError(disk_full_message(final, 28, needed))
+            raise DiskFullError(disk_full_message(final, errno.ENOSPC, needed))
 
     on_main(d, prepare)
     try:
