@@ -149,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # a model path that names a missing local path fails here, before the imports and without the hub
         cfg = config.load(args.config, args.set) if args.command in ("train", "prepare", "eval", "inspect") else None
-        for key, path in (("model.path", cfg and cfg.model.path), ("--model", getattr(args, "model", None)),
+        # (model.path where the command uses it: eval and inspect take --model and the store's tokenizer)
+        model_key = "model.path (the policy's tokenizer)" if args.command == "prepare" else "model.path"
+        used = cfg.model.path if args.command in ("train", "prepare") else None
+        for key, path in ((model_key, used), ("--model", getattr(args, "model", None)),
                           ("--proxy", getattr(args, "proxy", None)), ("--tokenizer", getattr(args, "tokenizer", None))):
             check_model_path(path or "", key)
         _quiet()
