@@ -40,6 +40,7 @@ from rptfast.kernels import (
     topk_entropy,
 )
 
+from rptfast.errors import run_script
 from rptfast.provenance import PROVENANCE, append_rows, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -592,4 +593,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from rpt_toy_sweep import append_row  # bench/ is the script's own directory, first on sys.path
 
+from rptfast.errors import run_script
 from rptfast.metrics import read_jsonl
 from rptfast.provenance import PROVENANCE, stamp
 
@@ -167,4 +168,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

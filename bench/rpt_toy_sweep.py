@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from rptfast.errors import run_script
 from rptfast.provenance import PROVENANCE, append_rows, stamp
 
 RESULTS = Path(__file__).parent / "results" / "rpt_toy_sweep.csv"
@@ -106,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

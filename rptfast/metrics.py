@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from rptfast.errors import appending, atomic_path
+
 log = logging.getLogger("rptfast")
 
 # dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name()
@@ -128,7 +130,7 @@ class MetricsLogger:
                  run_config: dict | None = None):
         self.main, self.every, self.run_dir = main, every, run_dir
         self.no_signal = 0  # consecutive steps that kept no group
-        self.jsonl = (run_dir / "metrics.jsonl").open("a") if main else None
+        self.jsonl = (run_dir / "metrics.jsonl").open("ab", buffering=0) if main else None
         self.bar = None
         if main and progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -161,10 +163,9 @@ class MetricsLogger:
                 continue
             if step > 0 and isinstance(row.get("step"), int) and row["step"] <= step:
                 kept.append(line + "\n")
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
-        self.jsonl = path.open("a")
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept))
+        self.jsonl = path.open("ab", buffering=0)
         if self.tb is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -175,8 +176,10 @@ class MetricsLogger:
         if not self.main:
             return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
+        data = (json.dumps(row) + "\n").encode()
+        with appending(self.jsonl.name):  # a full disk: DiskFullError naming metrics.jsonl, no torn line
+            while data:  # unbuffered: a short write is possible, and nothing is left to flush later
+                data = data[self.jsonl.write(data):]
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
             for k, v in numbers.items():

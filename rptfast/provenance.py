@@ -14,9 +14,10 @@ from __future__ import annotations
 import csv
 import datetime
 import functools
-import os
 import subprocess
 from pathlib import Path
+
+from rptfast.errors import appending, atomic_path
 
 PROVENANCE = ["date", "commit", "dirty", "device", "torch", "triton"]
 UNKNOWN = "unknown"
@@ -92,17 +93,17 @@ def append_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
             if extra:
                 raise ValueError(f"{path} has columns {extra} that this writer does not know; move the file aside "
                                  "or write to another CSV")
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with tmp.open("w", newline="") as f:
+            with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
                 w = csv.DictWriter(f, fields, lineterminator="\n")
                 w.writeheader()
                 for row in old:
                     w.writerow({c: row.get(c, UNKNOWN if c in PROVENANCE else "") for c in fields})
-            tmp.replace(path)
         new = False
     else:
         new = True
-    with path.open("a", newline="") as f:
+    # a full disk: one line naming the CSV (exit 2 through the CLI or errors.run_script), the file cut back to its
+    # last whole row
+    with appending(path), path.open("a", newline="", buffering=1) as f:
         w = csv.DictWriter(f, fields, extrasaction="ignore", lineterminator="\n")
         if new:
             w.writeheader()

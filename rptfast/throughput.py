@@ -47,6 +47,7 @@ import torch
 from rptfast import config
 from rptfast import train as trainer
 from rptfast.distributed import full_tensors
+from rptfast.errors import atomic_path
 from rptfast.provenance import PROVENANCE, append_rows, device_name, stamp
 
 PHASES = ["generate", "reward", "sleep", "pack", "logprobs", "update", "offload", "sync"]
@@ -242,7 +243,8 @@ def run(config_name: str, overrides: list[str], steps: int, warmup: int, with_ab
             print(peer["note"])
     if device_name() == "cpu":
         print("(on the CPU these numbers show where time goes, not what a GPU does)")
-    json_path.write_text(json.dumps(report, indent=2))
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
     append_rows(csv_path, CSV_FIELDS, rows)
     print(json.dumps({"step_s": default["step_s"], "tok_per_s": default["tok_per_s"], "mfu": default["mfu"],
                       "json": str(json_path), "csv": str(csv_path)}))

@@ -270,6 +270,31 @@ def test_bench_bad_inputs(tiny_dir, tmp_path, capsys):
         expect_exit_2(capsys, argv, *names)
 
 
+def test_a_missing_local_model_path_never_reaches_the_hub(tiny_dir, tmp_path):
+    """A model path that can only be a path (./, /, or more than one "/") and does not exist: exit 2 naming it,
+    from the command line before transformers, vLLM or the hub client is imported, with the network cut."""
+    good = write(tmp_path / "c.toml", base_toml(tiny_dir, tmp_path / "run"))
+    corpus = write(tmp_path / "c.txt", "text " * 20)
+    cases = [["train", good, "--set", "model.path=runs/real/nope"], ["train", good, "--set", "model.path=./nope"],
+             ["eval", "--model", str(tmp_path / "nope"), "--data", str(tmp_path)],
+             ["prepare", "--corpus", corpus, "--proxy", "models/a/nope", "--out", str(tmp_path / "o")],
+             ["prepare", "--corpus", corpus, "--proxy", tiny_dir, "--tokenizer", "./tok", "--out", str(tmp_path / "o")]]
+    probe = ("import socket, sys\n"
+             "def cut(*a, **k): raise AssertionError('the network was asked')\n"
+             "socket.create_connection = socket.getaddrinfo = cut\n"
+             "from rptfast import cli\n"
+             "rc = cli.main(sys.argv[1:])\n"
+             "loaded = [m for m in ('transformers', 'vllm', 'huggingface_hub') if m in sys.modules]\n"
+             "sys.exit(rc if not loaded else 9)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    for argv in cases:
+        r = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=120)
+        missing = next(a.removeprefix("model.path=") for a in argv if "nope" in a or a == "./tok")
+        assert r.returncode == 2, (argv, r.returncode, r.stderr[-2000:])
+        assert f"{missing!r} does not exist (a local path: the hub was not asked)" in r.stderr.strip(), r.stderr
+
+
 def test_exit_code_2_from_the_process(tiny_dir, tmp_path):
     """One case through a real process (its start-up costs ~20 s on this CPU): the exit status itself."""
     cfg = write(tmp_path / "g.toml", base_toml(tiny_dir, tmp_path / "run"))

@@ -1,7 +1,7 @@
 """Faults a run must survive or stop on: non-finite numbers, damaged checkpoints, reused and locked run
-directories, and a real SIGKILL of a `rptfast train` process (tiny fixture, first_token task)."""
+directories, and real SIGKILLs of a `rptfast train` process at seeded points (tiny fixture, RPT with the info-gain
+reward)."""
 
-import math
 import os
 import random
 import signal
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from rpt_corpus import prepare_config, write_corpus
 from safetensors.torch import load_file
+from test_rpt_family import make_cfg as family_cfg
 from test_trainer import make_cfg, rows
 
 from rptfast import checkpoint, cli, config, distributed
@@ -85,37 +87,7 @@ def test_save_refuses_non_finite_tensors(tiny_dir, tmp_path):
     d = distributed.init()
     with pytest.raises(NonFiniteError, match="up_proj"):
         checkpoint.save(tmp_path, 1, lm, torch.optim.AdamW(lm.parameters()), {}, d, keep=2)
-    with pytest.raises(NonFiniteError, match="up_proj"):
-        checkpoint.save_hf(tmp_path / "final", lm, None, d)
-    assert not any(tmp_path.rglob("*.safetensors"))
-
-
-def test_tied_checkpoint_stores_the_embedding_once_and_resumes_tied(tmp_path):
-    """A tied lm_head (SmolLM2, Qwen3-0.6B) is the embedding under a second name: safetensors refuses two names
-    on one storage, so the checkpoint writes it once and names the alias; the load restores both, still one
-    parameter, with the moved values and the optimizer state."""
-    from rptfast.testing import make_tiny_model
-
-    tied = make_tiny_model(tmp_path / "tied", vocab=512, layers=1, seed=4, tie_word_embeddings=True)
-    lm = load_policy(str(tied), dtype=torch.float32, attn="sdpa", trust_remote_code=False,
-                     gradient_checkpointing=False)
-    opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
-    lm(torch.randint(0, 512, (1, 17))).logits.logsumexp(-1).sum().backward()
-    opt.step()
-    d = distributed.init()
-    ckpt = checkpoint.save(tmp_path / "run", 1, lm, opt, {}, d, keep=2)
-    stored = load_file(ckpt / "model.safetensors")
-    assert "lm_head.weight" not in stored and "model.embed_tokens.weight" in stored
-    fresh = load_policy(str(tied), dtype=torch.float32, attn="sdpa", trust_remote_code=False,
-                        gradient_checkpointing=False)
-    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    checkpoint.load(ckpt, fresh, fresh_opt, d)
-    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight  # still tied, not two copies
-    for (name, a), b in zip(lm.state_dict().items(), fresh.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert not torch.equal(fresh.lm_head.weight, load_file(tied / "model.safetensors")["model.embed_tokens.weight"])
-    moments = [s["exp_avg"] for s in fresh_opt.state.values()]
-    assert len(moments) == len(list(lm.parameters())) and all(m.abs().sum() > 0 for m in moments)
+    assert not any(tmp_path.rglob("*"))
 
 
 def test_damaged_checkpoints_fall_back(tiny_dir, vllm_engine, tmp_path):
@@ -127,16 +99,16 @@ def test_damaged_checkpoints_fall_back(tiny_dir, vllm_engine, tmp_path):
     final.rename(whole)
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000003", "step_000004"]
-    w = ckpts / "step_000004" / "model.safetensors"
+    w = ckpts / "step_000004" / "__0_0.distcp"
     w.write_bytes(w.read_bytes()[:-100])
-    s = ckpts / "step_000003" / "state.pt"
+    s = ckpts / "step_000003" / "__0_0.distcp"
     data = bytearray(s.read_bytes())
     data[len(data) // 2] ^= 0x10
     s.write_bytes(bytes(data))
     assert checkpoint.verify(ckpts / "step_000002") is None
     said = []
     assert checkpoint.latest(tmp_path / "run", say=said.append, check=True).name == "step_000002"
-    assert "model.safetensors has" in said[0] and "SHA-256" in said[1]
+    assert "__0_0.distcp has" in said[0] and "SHA-256" in said[1]
     for name in ("step_000003", "step_000004"):  # put the damage back for the resume itself
         (ckpts / f"{name}.damaged").rename(ckpts / name)
     resumed = trainer.train(cfg, resume=True, engine=vllm_engine)
@@ -180,37 +152,71 @@ def test_run_dir_reuse_extend_and_lock(tiny_dir, vllm_engine, tmp_path, monkeypa
         held.close()
 
 
-def test_sigkill_and_resume_is_bitwise(tiny_dir, tmp_path):
-    """SIGKILL a real `rptfast train` at a random moment after its first checkpoint (at a checkpoint
-    write when the poll catches one), --resume it, compare with an uninterrupted run bit for bit.
-    The torch engine keeps each process start to seconds."""
-    kw = dict(train__steps=4, train__ckpt_every=1, train__keep_ckpts=2, rollout__engine="torch")
-    whole = trainer.train(make_cfg(tiny_dir, tmp_path / "whole", **kw))
-    cfg = make_cfg(tiny_dir, tmp_path / "killed", **kw)
+@pytest.fixture(scope="module")
+def store(tiny_dir, tmp_path_factory):
+    """An RPT sample store of the tiny model (test_rpt_family's, made again for this module)."""
+    from rptfast.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("faults-store")
+    paths, _, _ = write_corpus(root / "corpus")
+    prepare(prepare_config(max_positions_per_doc=3, eval_fraction=0.0), paths, tiny_dir, str(root / "store"))
+    return str(root / "store")
+
+
+KILL_SEED = 32  # the kill points are drawn from it; a failure names the points, so it can be replayed
+
+
+def test_sigkill_at_seeded_points_and_resume_is_bitwise(tiny_dir, store, tmp_path):
+    """SIGKILL a real `rptfast train` three times, at points drawn from KILL_SEED: a moment after a checkpoint
+    (a fraction of a step), the middle of a checkpoint write (when its .tmp directory appears), and another
+    moment; --resume after each; the final weights and the info-gain EMA bit for bit those of a run never
+    interrupted. The run is RPT with RLP's info-gain reward (its fp32 EMA in the checkpoints), a linear thought
+    budget (a function of the step) and prompt-once packing (train.share_prompts, on by default); the torch
+    engine keeps each process start to seconds."""
+    kw = dict(rollout={"budget_schedule": "linear", "max_tokens_end": 6}, algorithm={"ema_decay": 0.8},
+              train={"steps": 5, "ckpt_every": 1, "keep_ckpts": 2})
+    whole = trainer.train(family_cfg(tiny_dir, store, tmp_path / "whole", **kw))
+    cfg = family_cfg(tiny_dir, store, tmp_path / "killed", **kw)
+    assert cfg.train.share_prompts and cfg.data.reward == "info_gain"
     path = tmp_path / "killed.toml"
     path.write_text(config.to_toml(cfg))
     cmd = [sys.executable, "-m", "rptfast", "train", str(path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts = tmp_path / "killed" / "checkpoints"
-    rng = random.Random()
-    deadline, during_write = None, False
-    while proc.poll() is None:
-        names = [p.name for p in ckpts.iterdir()] if ckpts.is_dir() else []
-        if deadline is None and any(not n.endswith(".tmp") for n in names):
-            deadline = time.monotonic() + rng.uniform(0.0, 4.0)  # an RL step takes 1 to 15 s here
-        during_write = deadline is not None and any(n.endswith(".tmp") for n in names)
-        if during_write or deadline is not None and time.monotonic() > deadline:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    rc = proc.wait(timeout=300)
-    assert rc == -signal.SIGKILL, f"the run ended before the kill (rc {rc}): {proc.stderr.read()[-2000:]}"
+    rng = random.Random(KILL_SEED)
+    plan = [("moment", rng.uniform(0.0, 1.5)), ("write", 0.0), ("moment", rng.uniform(0.0, 1.5))]
+    done = []
+    for i, (kind, delay) in enumerate(plan):
+        proc = subprocess.Popen(cmd + (["--resume"] if i else []), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seen = {p.name for p in ckpts.iterdir()} if ckpts.is_dir() else set()
+        deadline, caught = None, False
+        while proc.poll() is None:
+            names = {p.name for p in ckpts.iterdir()} if ckpts.is_dir() else set()
+            writing = any(n.endswith(".tmp") for n in names)
+            if kind == "write" and writing and any(not n.endswith(".tmp") for n in names):
+                caught = True
+                break
+            fresh = {n for n in names - seen if not n.endswith(".tmp")}
+            if kind == "moment" and deadline is None and fresh:
+                deadline = time.monotonic() + delay
+            if deadline is not None and time.monotonic() > deadline:
+                caught = True
+                break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        rc = proc.wait(timeout=300)
+        assert caught and rc == -signal.SIGKILL, (f"kill {i} ({kind}, seed {KILL_SEED}) came too late: the run "
+                                                  f"ended with rc {rc}: {proc.stderr.read()[-2000:]}")
+        done.append(f"{kind} after {sorted(n for n in os.listdir(ckpts))}")
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    print(f"killed {'during a checkpoint write' if during_write else 'at a random moment'}; {r.stdout.splitlines()[0]}")
+    print("killed: " + "; ".join(done) + f"; {r.stdout.splitlines()[0]}")
     assert_same_weights(whole, tmp_path / "killed" / "final")
-    assert_no_duplicate_steps(tmp_path / "killed", 4)
-    assert all(math.isfinite(r["loss"]) for r in rows(tmp_path / "killed") if "loss" in r)
+    last = [run / "checkpoints" / "step_000005" for run in (tmp_path / "whole", tmp_path / "killed")]
+    a, b = (checkpoint.read(ckpt, checkpoint.keys(ckpt, "ema.")) for ckpt in last)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_no_duplicate_steps(tmp_path / "killed", 5)
+    budgets = [r["budget"] for r in rows(tmp_path / "killed") if "budget" in r]
+    assert budgets == [r["budget"] for r in rows(tmp_path / "whole") if "budget" in r] and budgets[-1] == 6
 
 
 def test_metrics_restart_drops_rows_after_the_checkpoint_and_torn_lines(tmp_path, capsys):

@@ -14,7 +14,7 @@ LAYERS = [
     ["rptfast.data", "rptfast.data.tokens", "rptfast.data.templates", "rptfast.data.store", "rptfast.kernels",
      "rptfast.distributed", "rptfast.metrics", "rptfast.reward", "rptfast.data.pydoc_topics", "rptfast.convert"],
     ["rptfast.model"],
-    ["rptfast.rollout", "rptfast.checkpoint"],
+    ["rptfast.rollout", "rptfast.checkpoint", "rptfast.export"],
     ["rptfast.data.corpus", "rptfast.data.filter", "rptfast.data.prepare", "rptfast.data.inspect_samples"],
     ["rptfast.eval", "rptfast.report"],
     ["rptfast.tasks"],

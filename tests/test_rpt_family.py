@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from rpt_corpus import prepare_config, write_corpus
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rptfast import config
+from rptfast import checkpoint, config
 from rptfast import train as trainer
 from rptfast.config import ConfigError
 from rptfast.data.prepare import prepare
@@ -138,12 +137,15 @@ def test_ema_follows_the_policy_and_resumes_exactly(tiny_dir, store, tmp_path):
     longer = dataclasses.replace(short, train=dataclasses.replace(short.train, steps=2))
     trainer.train(longer, resume=True, engine=TorchEngine(tiny_dir, dtype=torch.float32, device=torch.device("cpu"),
                                                            max_model_len=256))
-    for name in ("ema.safetensors", "model.safetensors"):
-        a = load_file(tmp_path / "whole" / "checkpoints" / "step_000002" / name)
-        b = load_file(tmp_path / "cut" / "checkpoints" / "step_000002" / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    first = load_file(tmp_path / "whole" / "checkpoints" / "step_000001" / "ema.safetensors")
-    assert any(not torch.equal(first[k], a[k]) for k in a)  # the EMA moved between the two checkpoints
+    def tensors(run: str, step: int, prefix: str) -> dict:
+        ckpt = tmp_path / run / "checkpoints" / f"step_{step:06d}"
+        return checkpoint.read(ckpt, checkpoint.keys(ckpt, prefix))
+
+    for prefix in ("ema.", "model."):
+        a, b = tensors("whole", 2, prefix), tensors("cut", 2, prefix)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), prefix
+    first, last = tensors("whole", 1, "ema."), tensors("whole", 2, "ema.")
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the EMA moved between the two checkpoints
 
 
 def test_ema_under_mixed_precision(tiny_dir, store, tmp_path):

@@ -20,10 +20,9 @@ version (the command prints it) with results made from it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from rptfast.errors import ConfigError
+from rptfast.errors import ConfigError, atomic_path
 
 
 def topics() -> dict[str, str]:
@@ -52,9 +51,8 @@ def write_corpus(path: str | Path, max_chars: int = 0) -> tuple[Path, int, int]:
         raise ConfigError(f"--max-chars ({max_chars}) must be >= 0 (0 keeps every topic whole)")
     docs = {name: head(text, max_chars) for name, text in topics().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for name, text in docs.items():
-            f.write(json.dumps({"text": text, "topic": name}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    lines = [json.dumps({"text": text, "topic": name}, ensure_ascii=False) + "\n" for name, text in docs.items()]
+    with atomic_path(path, needed=sum(len(line.encode("utf-8")) for line in lines)) as tmp:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(lines)
     return path, len(docs), sum(len(t.encode("utf-8")) for t in docs.values())

@@ -16,7 +16,6 @@ on exactly as an uninterrupted run would have.
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rptfast.errors import ConfigError, FileFormatError
+from rptfast.errors import ConfigError, FileFormatError, atomic_path
 
 FORMAT = "rptfast-rpt-samples/1"
 ROW_GROUP = 256  # rows per Parquet row group: the unit the task reads at random
@@ -87,7 +86,7 @@ class ShardWriter:
         explain(saved state) says what differs when the saved state was made with another key.
         """
         self.out.mkdir(parents=True, exist_ok=True)
-        for tmp in self.out.glob(".shard-*.tmp"):
+        for tmp in self.out.glob(".shard-*.tmp*"):  # a write that a kill interrupted
             tmp.unlink()
         names = sorted(p.name for p in self.out.glob("shard-*.parquet"))
         if not names:
@@ -105,9 +104,8 @@ class ShardWriter:
         """Write one shard (its index is len(state['shards']) - 1) and return its file name."""
         name = state["shards"][-1]["file"]
         table = pa.Table.from_pydict(rows, schema=SCHEMA.with_metadata({META_KEY: json.dumps(state)}))
-        tmp = self.out / f".{name}.tmp"
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="zstd")
-        os.replace(tmp, self.out / name)
+        with atomic_path(self.out / name) as tmp:
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="zstd")
         return name
 
 
@@ -119,9 +117,8 @@ def read_state(path: Path) -> dict:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 class SampleStore:

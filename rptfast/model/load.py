@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rptfast.errors import FileFormatError, PathError
+from rptfast.errors import FileFormatError, PathError, check_model_path
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -33,6 +33,7 @@ def load_policy(path: str, *, dtype: torch.dtype, attn: str, trust_remote_code: 
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    check_model_path(path, "model.path")  # a missing local path is never tried on the hub
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
                                                      trust_remote_code=trust_remote_code)

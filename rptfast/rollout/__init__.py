@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from rptfast.errors import ConfigError, FileFormatError, PathError
+from rptfast.errors import ConfigError, FileFormatError, PathError, looks_like_path
 
 
 @dataclass
@@ -66,8 +66,7 @@ class RolloutEngine(Protocol):
 
 def is_hub_name(path: str) -> bool:
     """`org/name` that is not a path on this machine: transformers would look it up on the hub."""
-    p = Path(path)
-    return not (p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1)
+    return not (looks_like_path(path) or Path(path).exists() or path.count("/") != 1)
 
 
 def check_model_dir(path: str, max_model_len: int | None = None, key: str = "model.path") -> int | None:

@@ -32,6 +32,28 @@ class _DropCpuSleepWarning(logging.Filter):
         return "sleep mode is not supported on CPU" not in record.getMessage()
 
 
+# vLLM's layerwise reload (model_loader/reload/layerwise.py, finalize_layerwise_processing) warns
+# "<Layer>: Failed to load weights" for every layer that received no tensor during reload_weights, and
+# then puts that layer's previous tensors back (_place_kernel_tensors). A tied lm_head never receives
+# one: the checkpoint names the matrix once, as the embedding, and load_weights skips "lm_head.". Its
+# previous tensor is the embedding's own Parameter (tie_weights assigned it), which the embedding's
+# reload has just overwritten in place (_copy_and_restore_kernel_tensors), so the head is tied again and
+# holds the new values: on CUDA that is all the head reads. On the CPU the head also holds a packed copy
+# made by process_weights_after_loading, which update_weights re-makes. So the warning, on every sync of
+# a tied model, is harmless; tests/test_engines.py checks both facts and counts what this drops.
+class _DropTiedHeadReloadWarning(logging.Filter):
+    def __init__(self, heads: set[str]):
+        super().__init__()
+        self.messages = {f"{h}: Failed to load weights" for h in heads}
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() in self.messages:
+            self.dropped += 1
+            return False
+        return True
+
+
 def _tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Modules whose weight is the same Parameter as another module's (a tied lm_head and its embedding)."""
     owners: dict[int, list[torch.nn.Module]] = {}
@@ -89,7 +111,10 @@ class VLLMEngine:
         # vLLM fuses and repacks its parameters (qkv_proj, ...): completeness is checked against the HF names
         self.param_names = hf_parameter_names(model_path, trust_remote_code)
         # on the CPU a tied lm_head holds a packed copy of its weight, re-made after each sync (see update_weights)
-        self.tied = [] if self.cuda else _tied_modules(self.runner.model)
+        tied = _tied_modules(self.runner.model)
+        self.tied = [] if self.cuda else tied
+        self.reload_warning = _DropTiedHeadReloadWarning({type(m).__name__ for m in tied})
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(self.reload_warning)
         if self.llm.get_tokenizer().eos_token_id is None:
             raise ValueError(f"the tokenizer of {model_path!r} has no EOS token: set eos_token in its "
                              f"tokenizer_config.json (completions could never stop)")

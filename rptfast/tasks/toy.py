@@ -49,13 +49,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from rptfast.data.templates import PromptBuilder
-from rptfast.errors import ConfigError
+from rptfast.errors import ConfigError, atomic_path
 from rptfast.model import Sequence
 from rptfast.reward import reward
 from rptfast.rollout import SamplingConfig
@@ -119,11 +118,9 @@ def write_corpus(path: str | Path, documents: int, seed: int) -> Path:
     if path.suffix != ".jsonl":
         raise ConfigError(f"--out {str(path)!r}: the toy corpus is JSONL; name the file *.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("w") as f:
+    with atomic_path(path) as tmp, tmp.open("w") as f:
         for i in range(documents):
             f.write(json.dumps({"text": document(seed, CORPUS_OFFSET + i)}) + "\n")
-    tmp.replace(path)
     return path
 
 

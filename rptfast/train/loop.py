@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from rptfast import checkpoint, config, distributed
-from rptfast.errors import NonFiniteError
+from rptfast.errors import DiskFullError, NonFiniteError, TrainingStopped
+from rptfast.export import export
 from rptfast.metrics import Timer
 from rptfast.train import info_gain
 from rptfast.train.colocate import sync, trainer_in, trainer_out
@@ -60,6 +61,7 @@ def train(cfg: config.Config, resume: bool = False, engine=None) -> Path:
             sync(run)
         if start == 0:
             evaluate(run, 0)
+        last = checkpoint.latest(run.run_dir, check=False)  # resumed from (verified in build), or None
         for step in range(start, total):
             if step == t.ntp_steps and step > 0:
                 run.optimizer = make_optimizer(run.policy, cfg)  # phase 2 starts with fresh moments
@@ -75,13 +77,20 @@ def train(cfg: config.Config, resume: bool = False, engine=None) -> Path:
                                      f"(train.max_skipped = {t.max_skipped}) at step {done}; lower train.lr or "
                                      f"check the data, then --resume from the last checkpoint")
             if t.ckpt_every and done % t.ckpt_every == 0 or done == total:
-                checkpoint.save(run.run_dir, done, run.policy.lm, run.optimizer, {"cursor": run.cursor}, run.d,
-                                t.keep_ckpts, ema=None if run.ema is None else run.ema.lm)
-        final = checkpoint.save_hf(run.run_dir / "final", run.policy.lm, run.tokenizer, run.d, run.final_dtype)
+                last = checkpoint.save(run.run_dir, done, run.policy.lm, run.optimizer, {"cursor": run.cursor},
+                                       run.d, t.keep_ckpts, ema=None if run.ema is None else run.ema.lm,
+                                       tokenizer=run.tokenizer)
+        final = run.run_dir / "final"
+        # one process, one output file's worth of tensors at a time (rptfast/export.py)
+        distributed.on_main(run.d, lambda: export(last, final, run.final_dtype))
         run.logger.write(f"done: final model in {final}")
         if run.d.main and hasattr(run.task, "report"):
             run.logger.write(run.task.report(run.run_dir, t.ntp_steps))
         return final
+    except DiskFullError as e:
+        kept = checkpoint.latest(run.run_dir, check=False)
+        raise TrainingStopped(f"{e}; the last complete checkpoint ({kept or 'none yet'}) is intact: --resume "
+                              f"continues from it") from None
     finally:
         run.logger.close()
         if lock is not None:

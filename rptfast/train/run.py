@@ -186,7 +186,7 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
               n_params=n_params, own_engine=own_engine, final_dtype=final_dtype, ema=ema)
     start = 0
     if resume:
-        ckpt = checkpoint.latest(run_dir, say=logger.write, main=d.main)
+        ckpt = checkpoint.latest(run_dir, say=logger.write, d=d)
         if ckpt is None:
             raise RunDirError(f"--resume: no intact checkpoint in {str(run_dir / 'checkpoints')!r}; start a new "
                               f"run (without --resume: the directory is reused)")
