@@ -59,8 +59,7 @@ def commit() -> str:
 
 def evaluate(model: Path, data: Path, out: Path, budget: int) -> None:
     """The four inline modes, every held-out sample, fp32, the arm's thought budget."""
-    if not out.is_file():
-        rptfast("eval", "--config", PRESET, "--model", str(model), "--data", str(data), "--out", str(out),
+    rptfast("eval", "--config", PRESET, "--model", str(model), "--data", str(data), "--out", str(out),
                 "--set", "model.dtype=float32", "--set", "eval.samples=0", "--set", "eval.k=4",
                 "--set", f"rollout.max_tokens={budget}", "--set", "log.progress=false")
 
@@ -178,7 +177,7 @@ def main() -> None:
     for budget in args.budgets:
         for name, model in (("base", args.model), ("warm", warm / "final")):
             path = out / f"eval-{name}-b{budget}.json"
-            if not args.no_train:
+            if not args.no_train and not path.is_file():  # once, whichever process of the study gets here first
                 evaluate(model, data, path, budget)
                 append_row(args.csv, FIELDS, row_of(name, "-", budget, 0, path, warm if name == "warm" else None))
             evals[name, budget] = [path]
@@ -190,7 +189,6 @@ def main() -> None:
                 if not args.no_train:
                     t0 = time.time()
                     train(run, *arm_runs(arm, seed, budget, args.steps, warm / "final", data))
-                    path.unlink(missing_ok=True)
                     evaluate(run / "final", data, path, budget)
                     append_row(args.csv, FIELDS, row_of(arm, seed, budget, args.steps, path, run))
                     print(f"{arm} budget {budget} seed {seed}: {time.time() - t0:.0f} s", flush=True)
