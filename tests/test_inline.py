@@ -232,6 +232,13 @@ def test_eval_reports_four_inline_modes(base_dir, store, tok, tmp_path, vllm_eng
         assert cell["samples"] == len(rows) and cell["logp"] < 0 and cell["logp_se"] > 0
         assert cell["logp"] == pytest.approx(np.mean(result["per_sample"][f"{mode}_logp"]), abs=1e-6)
     assert 0.0 <= result["answer_rate"] <= 1.0 and result["max_tokens"] == MAX_TOKENS
+    # rptfast table puts the modes side by side: its cells are the evaluation's own
+    assert cli.main(["table", "--eval", f"base={out}", "--data", store, "--out", str(tmp_path / "table")]) == 0
+    rows_ = json.loads((tmp_path / "table" / "table.json").read_text())["rows"]
+    assert [r["mode"] for r in rows_] == ["plain", "empty", "oracle", "reasoning", "random@1"]
+    for r in rows_[:4]:
+        assert r["accuracy"]["hard"] == pytest.approx(result["inline"][r["mode"]]["hard"]["accuracy"])
+        assert r["logp"] == pytest.approx(result["inline"][r["mode"]]["all"]["logp"], abs=1e-5)
     # the command a user runs on any corpus and model: plain and the two fixed thoughts need no engine
     assert cli.main(["eval", "--model", base_dir, "--data", store, "--out", str(tmp_path / "cli.json"),
                      "--set", "data.template=inline", "--set", "eval.reasoning=false", "--set", "eval.samples=4",
