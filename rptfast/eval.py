@@ -17,6 +17,16 @@ The model's position limit bounds everything: rollout.max_model_len must fit it,
 data.max_prompt_tokens + rollout.max_tokens must fit rollout.max_model_len; both are checked
 before any model loads.
 
+With data.template = "inline" (thoughts in the raw text, RLP's format) the HF forward scores four modes, each
+the greedy next token and the mean log-probability of the true one, so the cost of the format and the use of
+a thought are always visible beside the gain of reasoning: plain (as in (a)); after an empty thought
+(context, data.think_open, data.think_close: what the format alone costs); after an oracle thought (the true
+next token written inside it: whether the model reads its thoughts); and after the model's own thoughts (with
+eval.reasoning: the k thoughts of (b), cut at their close or closed at the budget; its Random@1 is RPT's
+inline reward on the continuation the model wrote after the close). All modes of a context share one copy of
+it in a prompt-once row. Each mode's accuracy and log p come with standard errors over samples (a sample's k
+thoughts averaged first).
+
 Both are reported for all samples and the paper's nested splits by entropy: easy (> 0.5),
 medium (> 1.0), hard (> 1.5). The paper splits by the entropy of a larger model
 (R1-Distill-Qwen-14B); here the entropy is the one stored by `rptfast prepare`, i.e. the
@@ -287,7 +297,7 @@ def run_eval(cfg: Config, model: str, data: str, out: str | None = None, engine=
             if build.inline:
                 wanted["empty"], wanted["oracle"] = [[]] * len(samples), [[t] for t in truths]
         if build.inline and e.reasoning:
-            wanted["reasoning"] = [build.thought(c, tokenizer.eos_token_id)[0] for own in completions for c in own]
+            wanted["reasoning"] = [build.thought(c, tokenizer.eos_token_id)[0] for ks in completions for c in ks]
             stats["thought_tokens"] = float(np.mean([len(t) for t in wanted["reasoning"]]))  # the close left out
         seqs, spans = [], {}
         for mode, thoughts in wanted.items():  # one forward pass for all modes, each context once
