@@ -7,6 +7,9 @@ A checkpoint directory `checkpoints/step_000010/` holds
 - state.pt: optimizer state (full, FQN keys), step, data cursor and RNG state, read back
   with `torch.load(weights_only=True)`;
 - ema.safetensors (data.reward = "info_gain" only): the EMA baseline's fp32 weights;
+- LoRA runs (model.lora_rank > 0): model.safetensors and ema.safetensors hold the adapters only (the frozen
+  base is model.path's, unchanged), and the optimizer state is the adapters'; `final/` is peft's adapter
+  folder, plus `final/merged/` (a plain HF model, the adapter merged) with model.lora_merged;
 - manifest.json, written last (temp name, then rename): size and SHA-256 of each file.
 `latest` verifies manifests newest first and falls back to the previous intact checkpoint
 (saying so, and renaming the damaged one to `.damaged`), which is why `keep_ckpts` keeps more
@@ -38,12 +41,15 @@ from torch.distributed.checkpoint.state_dict import (
 
 from rptfast.distributed import Dist, barrier
 from rptfast.errors import NonFiniteError
+from rptfast.model import lora
 
 MANIFEST = "manifest.json"
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) CPU weights; a collective under FSDP."""
+    """Full (unsharded) CPU weights, a LoRA model's adapters only; a collective under FSDP."""
+    if lora.is_lora(model):
+        return lora.adapter_state(model)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=opts)
 
@@ -180,7 +186,8 @@ def latest(run_dir: Path, say: Callable[[str], None] = print, check: bool = True
 def load(path: Path, model: torch.nn.Module, optimizer, d: Dist, ema: torch.nn.Module | None = None) -> dict:
     """Restore weights, optimizer (and the EMA baseline) in place; return the rest of the saved state."""
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1)
+    # a LoRA checkpoint holds the adapters only: the rest of the model stays as model.path loaded it
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1, strict=not lora.is_lora(model))
     set_model_state_dict(model, load_weights(path / "model.safetensors"), options=opts)
     if ema is not None:
         set_model_state_dict(ema, load_weights(path / "ema.safetensors"), options=opts)
@@ -189,11 +196,16 @@ def load(path: Path, model: torch.nn.Module, optimizer, d: Dist, ema: torch.nn.M
     return state
 
 
-def save_hf(out: Path, model: torch.nn.Module, tokenizer, d: Dist, dtype: torch.dtype | None = None) -> Path:
+def save_hf(out: Path, model: torch.nn.Module, tokenizer, d: Dist, dtype: torch.dtype | None = None,
+            merged: bool = False) -> Path:
     """The policy as a HF directory (safetensors) that transformers and vLLM load.
 
     dtype: the weights (and config.json's torch_dtype) in it; None keeps the masters' dtype.
+    A LoRA policy: peft's adapter folder (its fp32 adapters, the tokenizer), and with `merged` also
+    `merged/`, the HF model with the adapter merged in `dtype`.
     """
+    if lora.is_lora(model):
+        return _save_lora(out, model, tokenizer, d, dtype, merged)
     weights = full_model_state(model)
     if d.main:
         refuse_nonfinite(weights, out)
@@ -205,6 +217,29 @@ def save_hf(out: Path, model: torch.nn.Module, tokenizer, d: Dist, dtype: torch.
         model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         model.config.dtype = config_dtype
         tokenizer.save_pretrained(tmp)
+        _commit(tmp, out)
+    barrier(d)
+    return out
+
+
+def _save_lora(out: Path, model: torch.nn.Module, tokenizer, d: Dist, dtype: torch.dtype | None,
+               merged: bool) -> Path:
+    tensors = dict(lora.adapter_tensors(model))  # gathered on every rank (collectives), written by the main one
+    weights = lora.merged_weights(model, dtype or model.dtype) if merged else None
+    if d.main:
+        refuse_nonfinite(tensors, out)
+        tmp = _atomic_dir(out)
+        lora.write_adapter(tmp, tensors, lora.adapter_config(model))
+        tokenizer.save_pretrained(tmp)
+        if weights is not None:
+            refuse_nonfinite(weights, out / "merged")
+            config_dtype = model.config.dtype
+            model.config.dtype = dtype or config_dtype
+            try:
+                model.save_pretrained(tmp / "merged", state_dict=weights, safe_serialization=True)
+            finally:
+                model.config.dtype = config_dtype
+            tokenizer.save_pretrained(tmp / "merged")
         _commit(tmp, out)
     barrier(d)
     return out

@@ -77,7 +77,8 @@ def train(cfg: config.Config, resume: bool = False, engine=None) -> Path:
             if t.ckpt_every and done % t.ckpt_every == 0 or done == total:
                 checkpoint.save(run.run_dir, done, run.policy.lm, run.optimizer, {"cursor": run.cursor}, run.d,
                                 t.keep_ckpts, ema=None if run.ema is None else run.ema.lm)
-        final = checkpoint.save_hf(run.run_dir / "final", run.policy.lm, run.tokenizer, run.d, run.final_dtype)
+        final = checkpoint.save_hf(run.run_dir / "final", run.policy.lm, run.tokenizer, run.d, run.final_dtype,
+                                   merged=cfg.model.lora_merged)
         run.logger.write(f"done: final model in {final}")
         if run.d.main and hasattr(run.task, "report"):
             run.logger.write(run.task.report(run.run_dir, t.ntp_steps))
@@ -112,7 +113,7 @@ def rl_step(run: Run, step: int) -> dict:
     with timer("offload"):
         trainer_out(run)
     with timer("sync"):
-        sync(run)  # the engine wakes here
+        metrics["sync_mb"] = sync(run) / 2**20  # the engine wakes here
     metrics.update(stats)
     return finish_metrics(run, metrics, timer, t0, step)
 

@@ -28,7 +28,8 @@ def finish_metrics(run: Run, metrics: dict, timer: Timer, t0: float, step: int) 
     peak = peak_flops(run.d.device)
     busy = times.get("update", 0.0) + times.get("logprobs", 0.0)
     if peak and busy:
-        flops = 6 * run.n_params * trained + 2 * run.n_params * metrics.get("prepass_tokens", 0)
+        per_token = 4 if run.cfg.model.lora_rank else 6  # LoRA: no weight gradients for the frozen base
+        flops = per_token * run.n_params * trained + 2 * run.n_params * metrics.get("prepass_tokens", 0)
         metrics["mfu"] = flops / (busy * peak * run.d.world)
     metrics["cursor"] = run.cursor
     return metrics
