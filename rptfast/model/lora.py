@@ -58,6 +58,17 @@ def add_adapters(lm: nn.Module, model_cfg, adapter_dtype: torch.dtype) -> nn.Mod
     return lm
 
 
+def check_targets(path: str, model_cfg, trust_remote_code: bool) -> None:
+    """model.lora_targets names layers of the model at `path` (peft injects into the model built on the meta
+    device: no memory, no weights read), or a ConfigError before any engine starts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code),
+                                              trust_remote_code=trust_remote_code)
+    add_adapters(lm, model_cfg, torch.float32)
+
+
 def is_adapter(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 

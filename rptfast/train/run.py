@@ -145,6 +145,8 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
         raise config.ConfigError(f"the tokenizer of model.path {model_dir!r} has no EOS token, so completions "
                                  f"never end; set eos_token in its tokenizer_config.json")
     use_lora = cfg.model.lora_rank > 0
+    if use_lora:
+        lora.check_targets(model_dir, cfg.model, cfg.model.trust_remote_code)
     own_engine = engine is None
     if own_engine:
         r = cfg.rollout

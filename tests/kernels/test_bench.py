@@ -24,7 +24,7 @@ def test_tiny_benchmark_writes_json_and_csv(tmp_path):
     kernels = {r["kernel"] for r in summary["rows"]}
     assert kernels == {
         "selective_logprob", "fused_policy_loss_from_logits", "linear_logprob", "linear_policy_loss", "policy_loss",
-        "group_advantages", "topk_entropy",
+        "group_advantages", "topk_entropy", "linear_policy_loss_frozen_head",
     }  # fmt: skip
     assert all(r["ms"] > 0 and r["eager_ms"] > 0 for r in summary["rows"])
     with out.open() as f:
