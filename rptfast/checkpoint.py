@@ -188,9 +188,14 @@ def load(path: Path, model: torch.nn.Module, optimizer, d: Dist, ema: torch.nn.M
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     # a LoRA checkpoint holds the adapters only: the rest of the model stays as model.path loaded it
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1, strict=not lora.is_lora(model))
-    set_model_state_dict(model, load_weights(path / "model.safetensors"), options=opts)
-    if ema is not None:
-        set_model_state_dict(ema, load_weights(path / "ema.safetensors"), options=opts)
+    for module, name in ((model, "model.safetensors"), (ema, "ema.safetensors")):
+        if module is None:
+            continue
+        weights = load_weights(path / name)
+        if lora.is_lora(module) and set(weights) != {n for n, _ in lora.adapter_params(module)}:
+            raise ValueError(f"{path / name} does not hold this run's adapters (model.lora_*): "
+                             f"{sorted(set(weights) ^ {n for n, _ in lora.adapter_params(module)})[:3]}")
+        set_model_state_dict(module, weights, options=opts)
     set_optimizer_state_dict(model, optimizer, state.pop("optimizer"), options=opts)
     torch.set_rng_state(state.pop("rng"))
     return state

@@ -105,6 +105,16 @@ def adapter_tensors(module: nn.Module, dtype: torch.dtype | None = None,
         yield file_name(name, prefix), _full(p.detach() if dtype is None else p.detach().to(dtype))
 
 
+@torch.no_grad()
+def copy_adapters(dst: nn.Module, src: nn.Module) -> None:
+    """dst's adapters <- src's (the same layers, sharded alike: local shards are copied). peft draws A at random
+    when it injects, so a second LoRA model (the EMA baseline) starts as the policy only once copied."""
+    local = lambda t: t._local_tensor if hasattr(t, "_local_tensor") else t  # noqa: E731
+    for (name, d), (other, s) in zip(adapter_params(dst), adapter_params(src), strict=True):
+        assert name == other, (name, other)
+        local(d).copy_(local(s))
+
+
 def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """{name in the module: full CPU copy} of the adapters: all a LoRA checkpoint holds of the weights (the
     base is model.path's, unchanged). For the policy this is its trainable state; for the EMA baseline

@@ -176,8 +176,12 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
         if base_of is not None:
             shared, total = lora.share_base(lm, base_of)
             if kind == "policy":
-                logger_lines.append(f"LoRA: the base ({total / 2**30:.2f} GiB) is {100 * shared / max(total, 1):.0f}% "
-                                    f"the engine's own tensors")
+                n_adapter = sum(p.numel() for _, p in lora.adapter_params(lm))
+                n_all = sum(p.numel() for p in lm.parameters())
+                logger_lines.append(f"LoRA: {n_adapter / 1e6:.2f}M adapter parameters train "
+                                    f"({100 * n_adapter / n_all:.2f}% of {n_all / 1e6:.1f}M); the frozen base "
+                                    f"({total / 2**30:.2f} GiB) is {100 * shared / max(total, 1):.0f}% the engine's "
+                                    f"own tensors")
         lm = lm.to(d.device)
         module = PolicyLogprob(lm, cfg.model.logprob, cfg.model.lm_head_fp32)
         if not (use_lora and frozen):  # a LoRA run's reference is the shared base: nothing to shard
@@ -196,6 +200,8 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     policy_base = frozen_of(policy) if use_lora else None
     ref = policy_from(model_dir, "reference", policy_base) if cfg.algorithm.kl_coef > 0 else None
     ema = policy_from(model_dir, "ema", policy_base) if cfg.data.reward == "info_gain" else None
+    if ema is not None and use_lora:
+        lora.copy_adapters(ema.lm, policy.lm)  # the EMA starts as the policy (peft drew each one's A at random)
     optimizer = make_optimizer(policy, cfg)
     logger = MetricsLogger(run_dir, d.main, t.ntp_steps + t.steps, cfg.log.progress, cfg.log.tensorboard,
                            cfg.log.every, wandb=cfg.log.wandb, trackio=cfg.log.trackio, project=cfg.log.project,
