@@ -200,3 +200,38 @@ def test_14b_lora_preset_loads():
     assert cfg.model.lora_rank == 32 and cfg.model.lora_share_base and cfg.model.gradient_checkpointing
     assert cfg.rollout.gpu_memory_utilization == 0.7 and cfg.train.micro_batch_tokens == 16384
     assert len(lora.target_modules(cfg.model)) == 7
+
+
+def test_lora_info_gain_ema_and_kl_reference(tiny_dir, tmp_path):
+    """RLP's EMA baseline and the KL reference of a LoRA run hold no base of their own: both are the policy's
+    frozen tensors; the EMA starts as the policy's adapters (peft draws A at random per model) and follows
+    phi <- d phi + (1 - d) theta on the adapters only."""
+    from rpt_corpus import prepare_config, write_corpus
+
+    from rptfast.data.prepare import prepare
+
+    paths, _, _ = write_corpus(tmp_path / "corpus")
+    prepare(prepare_config(max_positions_per_doc=2, eval_fraction=0.0), paths, tiny_dir, str(tmp_path / "store"))
+    decay = 0.5
+    cfg = make_cfg(tiny_dir, tmp_path / "run", rollout__engine="torch", rollout__n=4, rollout__max_tokens=8,
+                   rollout__max_model_len=256, data__task="rpt", data__samples=str(tmp_path / "store"),
+                   data__template="bare", data__max_prompt_tokens=64, data__reward="info_gain",
+                   algorithm__ema_decay=decay, algorithm__kl_coef=0.01, train__prompts_per_step=2,
+                   train__micro_batch_tokens=160, train__steps=1)
+    run, _ = trainer.build(cfg)
+    policy = {n: p for n, p in run.policy.lm.named_parameters()}
+    for other in (run.ema.lm, run.ref.lm):
+        for name, p in other.named_parameters():
+            if not lora.is_adapter(name):
+                mine = policy.get(name, policy.get(name.replace(".weight", ".base_layer.weight")))
+                assert p.data_ptr() == mine.data_ptr(), name
+    ema = dict(lora.adapter_params(run.ema.lm))
+    assert ema and all(torch.equal(ema[n], p) for n, p in lora.adapter_params(run.policy.lm))
+    start = {n: p.detach().double().clone() for n, p in ema.items()}
+    trainer.sync(run)
+    trainer.rl_step(run, 0)
+    for name, p in lora.adapter_params(run.policy.lm):
+        want = decay * start[name] + (1 - decay) * p.detach().double()
+        torch.testing.assert_close(ema[name].double(), want, rtol=0, atol=1e-7)
+    assert any(not torch.equal(ema[n].double(), start[n]) for n in ema)  # B moved, so the EMA did too
+    run.logger.close()

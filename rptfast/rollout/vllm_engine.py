@@ -11,7 +11,7 @@ sleep and wake are no-ops; the same calls run so that the choreography is exerci
 
 LoRA runs (vllm_lora.py): the engine serves one adapter, replaced in memory after each update
 (update_adapter), and lends the trainer its base weights (base_tensor); lent, they are never
-written, and a sleep on CUDA then releases the KV cache only (the trainer computes with them).
+written and never slept away (the trainer computes with them), and the KV cache stays allocated.
 
 Left out: tensor/pipeline parallelism inside the engine (each rank runs its own engine
 on its own GPU) and the async engine (generation is one blocking call per step).
@@ -163,14 +163,15 @@ class VLLMEngine:
         if self.adapter is None:
             raise RuntimeError("update_adapter on an engine started without LoRA (lora=None); send full weights "
                                "with update_weights")
-        asleep, kv_only = self.asleep, self.cuda and self.lent_base
-        if asleep and not kv_only:
+        slept = self.asleep and not self.lent_base  # a lent base never slept (sleep)
+        if slept:
             self._wake(["weights"])  # the adapter buffers sleep with the weights
         nbytes = self.adapter.replace(named_tensors)
         self.adapter_loaded = True
         self.llm.reset_prefix_cache()  # cached blocks hold the old adapter's keys and values
-        if asleep:
-            self.wake() if kv_only else self._wake(["kv_cache"])
+        if slept:
+            self._wake(["kv_cache"])
+        self.asleep = False
         return nbytes
 
     def base_tensor(self, name: str) -> torch.Tensor | None:
@@ -182,22 +183,19 @@ class VLLMEngine:
         return t
 
     def sleep(self) -> None:
-        if self.asleep:
-            return
-        if self.cuda and self.lent_base:  # the trainer computes with these weights: free the KV cache only
-            self.llm.sleep(level=0)
-            self.llm.release_kv_cache_memory()
-        else:
-            self.llm.sleep(level=self.sleep_level)
-        self.asleep = True
+        """Release weights and KV cache (vLLM's sleep), unless the trainer holds views of the weights (lent_base):
+        then nothing moves, since vLLM's sleep unmaps the weights' memory (level 1 too: it copies them to the
+        host and maps them back elsewhere), and the KV cache stays (rollout.gpu_memory_utilization leaves the
+        trainer its room; the LoRA presets are sized so)."""
+        if not self.asleep:
+            if not self.lent_base:
+                self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
 
     def wake(self) -> None:
-        if not self.asleep:
-            return
-        if self.cuda and self.lent_base:
-            self.llm.wake_up(["kv_cache"])
-            self.asleep = not self.llm.wake_up(["scheduling"])
-        else:
+        if self.asleep and self.lent_base:
+            self.asleep = False
+        elif self.asleep:
             self._wake(None)
 
     def close(self) -> None:
