@@ -235,3 +235,31 @@ def test_lora_info_gain_ema_and_kl_reference(tiny_dir, tmp_path):
         torch.testing.assert_close(ema[name].double(), want, rtol=0, atol=1e-7)
     assert any(not torch.equal(ema[n].double(), start[n]) for n in ema)  # B moved, so the EMA did too
     run.logger.close()
+
+
+@pytest.mark.parametrize("indices", [[0, 0, 0, 0, 0, 0, 0], [0, 1, -1, 1, 0, 2, 2]], ids=["one adapter", "mixed"])
+def test_grouped_cpu_lora_ops_equal_vllms_formula(indices):
+    """The grouped CPU LoRA ops (rollout/vllm_lora.py) against vLLM's own formula, einsum("bi, boi -> bo",
+    inputs, weights[indices]) with the per-token gather, in fp64: shrink, expand, expand into a slice."""
+    from rptfast.rollout import vllm_lora
+
+    g = torch.Generator().manual_seed(3)
+    idx = torch.tensor(indices)
+    x = torch.randn(len(indices), 24, generator=g, dtype=torch.float64)  # [b, i]
+    a = torch.randn(3, 1, 8, 24, generator=g, dtype=torch.float64)  # [slots, 1, r, i]
+    b = torch.randn(3, 1, 40, 8, generator=g, dtype=torch.float64)  # [slots, 1, o, r]
+    gold_y = torch.einsum("bi, boi -> bo", x, a[idx].squeeze(1)) * 0.5
+    y = torch.zeros(len(indices), 8, dtype=torch.float64)
+    vllm_lora.bgmv_shrink(x, a, y, idx, 0.5)
+    torch.testing.assert_close(y, gold_y, rtol=1e-12, atol=1e-12)
+    base = torch.randn(len(indices), 50, generator=g, dtype=torch.float64)
+    out = base.clone()
+    vllm_lora.bgmv_expand(y, b, out, idx, add_inputs=True)
+    gold_out = base.clone()
+    gold_out[:, :40] += torch.einsum("bi, boi -> bo", gold_y, b[idx].squeeze(1))
+    torch.testing.assert_close(out, gold_out, rtol=1e-12, atol=1e-12)
+    out = base.clone()
+    vllm_lora.bgmv_expand_slice(y, b, out, idx, 5, 40, add_inputs=False)
+    gold_out = base.clone()
+    gold_out[:, 5:45] = torch.einsum("bi, boi -> bo", gold_y, b[idx].squeeze(1))
+    torch.testing.assert_close(out, gold_out, rtol=1e-12, atol=1e-12)

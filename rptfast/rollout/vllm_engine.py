@@ -102,6 +102,8 @@ class VLLMEngine:
         # on the CPU a tied lm_head holds a packed copy of its weight, re-made after each sync (see update_weights)
         self.tied = [] if self.cuda else _tied_modules(self.runner.model)
         self.adapter = vllm_lora.AdapterSlot(self.llm, self.runner, lora) if lora else None
+        if lora and not self.cuda:
+            vllm_lora.use_grouped_cpu_ops()
         self.adapter_loaded = False
         self.lent_base = False  # base_tensor handed out a view: the weights stay resident and unwritten
         self._views = None
