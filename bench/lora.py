@@ -7,11 +7,12 @@ Three in-process vLLM engines on MODEL_DIR, in its dtype, side by side in one pr
 each; an engine shut down mid-process would tear down the others' groups):
 - full: what a full fine-tuning run's sync does after each step, update_weights with every HF parameter
   (the engine reloads them layer by layer, and on the CPU repacks each linear weight for oneDNN);
-- lora, plain layout (model.lora_share_base = true): update_adapter with the rank-r adapters of every linear
-  layer of the decoder (B random, so the swap does real work); the trainer's frozen base is then made of
-  views of this engine's tensors (model.lora.share_base): the bytes shared are counted;
-- lora, oneDNN layout (model.lora_share_base = false): the same sync; the CPU backend's packed weights
-  cannot be viewed, so the trainer keeps its own copy of the base: the two-copy cost.
+- lora, plain layout (VLLMEngine(plain_cpu_weights=True): the linear weights in vLLM's own layout, which is
+  CUDA's, run by torch's GEMM): update_adapter with the rank-r adapters of every linear layer of the decoder
+  (B random, so the swap does real work); the trainer's frozen base is then made of views of this engine's
+  tensors (model.lora.share_base): the bytes shared are counted;
+- lora, oneDNN layout (the CPU default): the same sync; the packed linear weights cannot be viewed, so the
+  trainer shares the embedding and norms only and keeps its own copy of the rest: the two-copy cost.
 Each sync is timed `repeats` times after one warm-up (median), and generation (8 prompts of 150 tokens x 8
 samples x 8 tokens, RPT's shape) `repeats` times after a warm-up, since the plain layout trades oneDNN's
 GEMMs for torch's and LoRA adds its branch. Then the trainer: one micro-batch (6 sequences of 200 tokens,
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
                      note="every parameter, reloaded and repacked"))
     engines = [full]  # all kept alive: a released engine shuts down the process-wide groups the others use
     for share in (True, False):
-        engine = VLLMEngine(args.model, lora=lora.engine_config(cfg.model), share_base=share, **engine_kw)
+        engine = VLLMEngine(args.model, lora=lora.engine_config(cfg.model), plain_cpu_weights=share, **engine_kw)
         engines.append(engine)
         nbytes = [0]
 
@@ -149,7 +150,7 @@ def main(argv=None) -> None:
                          base_mb=total / 2**20, base_shared_mb=shared / 2**20,
                          generate_s=generate_s(engine, args.repeats, vocab),
                          note="adapters only; trainer base = engine tensors" if share else
-                         "adapters only; trainer keeps its own base"))
+                         "adapters only; trainer keeps its own linear weights"))
         del trainer_lm
     for r in rows:
         r["sync_gbps"] = r["sync_mb"] * 2**20 / 1e9 / (r["sync_ms"] / 1e3)

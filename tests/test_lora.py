@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from rptfast import config
 from rptfast import train as trainer
+from rptfast.errors import PathError
 from rptfast.model import lora
-from rptfast.rollout import SamplingConfig
+from rptfast.rollout import SamplingConfig, check_model_dir
 from rptfast.rollout.vllm_engine import VLLMEngine
 from rptfast.testing import reference_logprobs
 
@@ -42,11 +43,12 @@ def make_cfg(model_dir, out, **overrides):
 
 @pytest.fixture(scope="session")
 def lora_vllm(tiny_dir, vllm_engine):
-    """An in-process vLLM engine serving one LoRA adapter, its weights in the layout the trainer views (~15 s;
-    session-scoped like the other engines: one released mid-session would tear down the others' groups)."""
+    """An in-process vLLM engine serving one LoRA adapter, its linear weights in vLLM's own layout (CUDA's; the
+    CPU backend would repack them for oneDNN), which the trainer views (~15 s; session-scoped like the other
+    engines: one released mid-session would tear down the others' groups)."""
     cfg = make_cfg(tiny_dir, "unused")
     return VLLMEngine(tiny_dir, dtype=torch.float32, seed=0, max_model_len=128,
-                      lora=lora.engine_config(cfg.model), share_base=True)
+                      lora=lora.engine_config(cfg.model), plain_cpu_weights=True)
 
 
 def storages(module) -> dict[int, int]:
@@ -110,6 +112,10 @@ def test_lora_run_with_vllm(tiny_dir, lora_vllm, tmp_path, capsys):
     merged = AutoModelForCausalLM.from_pretrained(final / "merged", dtype=torch.float64)
     for name, w in gold.state_dict().items():
         torch.testing.assert_close(merged.state_dict()[name], w, rtol=0, atol=1e-6, msg=name)
+
+    with pytest.raises(PathError, match="LoRA adapter folder"):  # what rptfast eval --model final/ says
+        check_model_dir(str(final))
+    check_model_dir(str(final / "merged"))
 
     # after the last sync the engine samples the merged model: its log-probs equal an fp64 forward of it
     prompts = [[291, 348, 319, 5], [5, 6, 7, 8, 9, 10, 11], [400, 17]]

@@ -51,9 +51,10 @@ class VLLMEngine:
     def __init__(self, model_path: str, *, dtype: torch.dtype, seed: int, max_model_len: int,
                  gpu_memory_utilization: float = 0.4, cpu_kv_cache_gib: int = 1, sleep_level: int = 1,
                  bucket_bytes: int = 256 << 20, enforce_eager: bool = False, trust_remote_code: bool = False,
-                 lora: dict | None = None, share_base: bool = False):
-        """lora: the adapter_config.json fields (model.lora.engine_config) of the one adapter it will serve; share_base:
-        keep the weights in the layout the trainer can view (on the CPU: torch GEMMs instead of oneDNN packs)."""
+                 lora: dict | None = None, plain_cpu_weights: bool = False):
+        """lora: the adapter_config.json fields (model.lora.engine_config) of the one adapter it will serve;
+        plain_cpu_weights: on the CPU, keep the linear weights in vLLM's own (CUDA's) layout, which the trainer
+        can view, with torch's GEMM instead of oneDNN's packs (generation about 2x slower; tests, bench/lora.py)."""
         if sleep_level == 2:
             raise ValueError("sleep_level = 2 is refused for the vLLM engine: its level-2 sleep discards buffers such "
                              "as the rotary caches (vLLM issue 29341) and update_weights restores parameters only; "
@@ -66,7 +67,7 @@ class VLLMEngine:
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         from vllm import LLM
 
-        plain = vllm_lora.plain_cpu_weights() if share_base and not self.cuda else contextlib.nullcontext()
+        plain = vllm_lora.plain_cpu_weights() if plain_cpu_weights and not self.cuda else contextlib.nullcontext()
         with plain:
             self.llm = LLM(
                 model=model_path,

@@ -156,8 +156,7 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
                                  cpu_kv_cache_gib=r.cpu_kv_cache_gib, sleep_level=r.sleep_level,
                                  sync_bucket_mb=r.sync_bucket_mb, enforce_eager=r.enforce_eager,
                                  trust_remote_code=cfg.model.trust_remote_code,
-                                 lora=lora.engine_config(cfg.model) if use_lora else None,
-                                 share_base=use_lora and cfg.model.lora_share_base)
+                                 lora=lora.engine_config(cfg.model) if use_lora else None)
     torch.manual_seed(t.seed)  # after the engine: vLLM reseeds the global RNG when it starts
     attn = resolve_attn(cfg.model.attn, d.device, dtype)
 
@@ -173,6 +172,8 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
                          gradient_checkpointing=cfg.model.gradient_checkpointing and kind == "policy")
         if adapters:
             lora.add_adapters(lm, cfg.model, master)
+        if frozen:
+            lm.requires_grad_(False)
         if base_of is not None:
             shared, total = lora.share_base(lm, base_of)
             if kind == "policy":
