@@ -2,7 +2,8 @@
 
     python bench/lora_runs.py --run full=runs/full --run lora=runs/lora [--plot docs/lora_smollm2_reward.png]
 
-Reads each run's metrics.jsonl (rptfast train): the RL steps' mean time per step and per phase, the bytes each
+Reads each run's metrics.jsonl (rptfast train): the RL steps' mean time per step and per phase (the first
+step left out: it carries the engine's first generation and other one-time costs), the bytes each
 sync sent, the peak resident memory (the process's high-water mark, start-up included) and the resident
 memory after the last step (`rss_gb`, CPU), the reward per step and the evaluations. Prints a table and the
 rewards, draws the training reward of every run on one plot; the last line is JSON.
@@ -20,7 +21,8 @@ PHASES = ("generate", "update", "sync")
 
 def summary(rows: list[dict]) -> dict:
     steps = [r for r in rows if r.get("phase") == "rl"]
-    mean = lambda key: sum(r.get(key, 0.0) or 0.0 for r in steps) / max(1, len(steps))  # noqa: E731
+    timed = steps[1:] or steps  # the first step carries one-time costs (the engine's first generation, warm-ups)
+    mean = lambda key: sum(r.get(key, 0.0) or 0.0 for r in timed) / len(timed)  # noqa: E731
     evals = {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in rows
              if any(k.startswith("eval/") for k in r)}
     return {"steps": len(steps), "step_s": mean("time/step"), **{f"{p}_s": mean(f"time/{p}") for p in PHASES},

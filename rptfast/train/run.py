@@ -174,15 +174,15 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
             lora.add_adapters(lm, cfg.model, master)
         if frozen:
             lm.requires_grad_(False)
-        if base_of is not None:
-            shared, total = lora.share_base(lm, base_of)
-            if kind == "policy":
-                n_adapter = sum(p.numel() for _, p in lora.adapter_params(lm))
-                n_all = sum(p.numel() for p in lm.parameters())
-                logger_lines.append(f"LoRA: {n_adapter / 1e6:.2f}M adapter parameters train "
-                                    f"({100 * n_adapter / n_all:.2f}% of {n_all / 1e6:.1f}M); the frozen base "
-                                    f"({total / 2**30:.2f} GiB) is {100 * shared / max(total, 1):.0f}% the engine's "
-                                    f"own tensors")
+        shared, total = lora.share_base(lm, base_of) if base_of is not None else (0, 0)
+        if adapters and kind == "policy":
+            n_adapter = sum(p.numel() for _, p in lora.adapter_params(lm))
+            n_all = sum(p.numel() for p in lm.parameters())
+            base = (f"the frozen base ({total / 2**30:.2f} GiB) is {100 * shared / max(total, 1):.0f}% the engine's "
+                    f"own tensors" if base_of is not None else "the frozen base is the trainer's own copy "
+                    "(model.lora_share_base = false)")
+            logger_lines.append(f"LoRA: {n_adapter / 1e6:.2f}M adapter parameters train "
+                                f"({100 * n_adapter / n_all:.2f}% of {n_all / 1e6:.1f}M); {base}")
         lm = lm.to(d.device)
         module = PolicyLogprob(lm, cfg.model.logprob, cfg.model.lm_head_fp32)
         if not (use_lora and frozen):  # a LoRA run's reference is the shared base: nothing to shard
