@@ -4,16 +4,17 @@ FSDP2 on two ranks."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from rptfast import config
+from rptfast import checkpoint, config
 from rptfast import train as trainer
 from rptfast.errors import PathError
 from rptfast.model import lora
@@ -106,6 +107,15 @@ def test_lora_run_with_vllm(tiny_dir, lora_vllm, tmp_path, capsys):
     state = torch.load(ckpt / "state.pt", weights_only=True)
     assert len(state["optimizer"]["state"]) == len(adapters)
     assert max(saved[n].abs().max().item() for n in saved if ".lora_B." in n) > 0  # B moved from its zero init
+
+    # a checkpoint that lacks one of the run's adapters is refused, not half-loaded (strict=False loads the rest)
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    save_file({k: v for k, v in saved.items() if k != adapters[0][0]}, bad / "model.safetensors")
+    other, _ = trainer.build(make_cfg(tiny_dir, tmp_path / "other"), engine=lora_vllm)
+    with pytest.raises(ValueError, match="does not hold this run's adapters"):
+        checkpoint.load(bad, other.policy.lm, other.optimizer, other.d)
+    other.logger.close()
 
     # the exports: peft's adapter folder, and the merged model equal to peft's own merge of it
     gold = merged_fp64(tiny_dir, final)
