@@ -356,6 +356,41 @@ class Bench:
         )  # fmt: skip
         hidden.grad = weight.grad = None
 
+    def run_linear_policy_loss_frozen_head(self, n, h, v, dtype):
+        """The fused loss with the lm_head frozen (LoRA): no grad_weight, so two matmuls instead of three and no
+        fp32 [V, H] accumulator. Work counted: the two (4NHV). Baselines with the same frozen weight: torch eager
+        (kernels/reference.py) and the two-step path; the note has our step with grad_weight made, the ratio of
+        the two (ideally 1.5x: three matmuls against two) and the peak memory of each (CUDA)."""
+        hidden = torch.randn(n, h, device=self.device, dtype=dtype).requires_grad_()
+        weight = (torch.randn(v, h, device=self.device) * h**-0.5).to(dtype)  # frozen: requires_grad False
+        trained = weight.clone().requires_grad_()
+        targets = torch.randint(0, v, (n,), device=self.device)
+        old = -torch.rand(n, device=self.device) * 5
+        adv = torch.randn(n, device=self.device)
+        mask = torch.rand(n, device=self.device) > 0.1
+
+        def step_of(fn, w):
+            def step():
+                hidden.grad = trained.grad = None
+                fn(hidden, w, targets, old, adv, mask, eps_high=0.28)[0].backward()
+
+            return step
+
+        def two_step(a, b, t, o, ad, m, **kw):
+            return policy_loss(linear_logprob(a, b, t), o, ad, m, **kw)
+
+        frozen_ms, both_ms = (timeit(step_of(linear_policy_loss, w), self.device) for w in (weight, trained))
+        peak_frozen, peak_both = (peak_extra_mb(step_of(linear_policy_loss, w), self.device) for w in (weight, trained))
+        note = f"with grad_weight {both_ms:.3f} ms: {both_ms / frozen_ms:.2f}x (ideal 1.5x)"
+        if peak_frozen is not None:
+            note += f"; peak {peak_frozen:.0f} MiB frozen vs {peak_both:.0f} MiB with grad_weight"
+        self.record(
+            "linear_policy_loss_frozen_head", f"{n}x{h}x{v}", dtype, "full", step_of(linear_policy_loss, weight),
+            {"eager": step_of(reference.linear_policy_loss, weight), "twostep": step_of(two_step, weight)},
+            4 * n * h * v, "TFLOP/s", peak_frozen, note,
+        )  # fmt: skip
+        hidden.grad = trained.grad = None
+
     def run_policy_loss(self, n, compile_here):
         g = torch.Generator(device=self.device).manual_seed(0)
         logp = (-torch.rand(n, device=self.device, generator=g) * 5).requires_grad_()
@@ -552,6 +587,7 @@ def main(argv: list[str] | None = None) -> None:
         bench.case(bench.run_fused_loss, 64, 1000, bf16, True)
         bench.case(bench.run_linear_logprob, 64, 64, 1000, bf16, True)
         bench.case(bench.run_linear_policy_loss, 64, 64, 1000, bf16, True)
+        bench.case(bench.run_linear_policy_loss_frozen_head, 64, 64, 1000, bf16)
         bench.case(bench.run_policy_loss, 4096, True)
         bench.case(bench.run_group_advantages, 64, 8, True)
         bench.case(bench.run_topk_entropy, 64, 1000, bf16, True)
@@ -559,6 +595,7 @@ def main(argv: list[str] | None = None) -> None:
         for n, h, v in ((32768, 4096, 151936), (8192, 4096, 151936), (32768, 2048, 128256))[:1 if args.judged else 3]:
             bench.case(bench.run_linear_logprob, n, h, v, bf16, (n, h) == (32768, 4096))
             bench.case(bench.run_linear_policy_loss, n, h, v, bf16, (n, h) == (32768, 4096))
+            bench.case(bench.run_linear_policy_loss_frozen_head, n, h, v, bf16)
         for v in (151936, 32000, 128256)[:1 if args.judged else 3]:
             bench.case(bench.run_selective_logprob, 32768, v, bf16, v == 151936)
         for v in (151936, 32000)[:1 if args.judged else 2]:

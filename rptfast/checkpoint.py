@@ -14,6 +14,10 @@ A checkpoint directory `checkpoints/step_000010/` holds
   makes a HF directory from the checkpoint alone;
 - manifest.json, written last: size and SHA-256 of every file (each rank hashes the files it
   wrote, in parallel; rank 0 writes the list).
+LoRA runs (model.lora_rank > 0) hold the adapters only, of the policy and of the EMA (the frozen base is
+model.path's, unchanged), and the adapters' optimizer state; hf/ also keeps adapter_config.json, so that
+`rptfast export` writes peft's adapter folder. Their `final/` is that folder (save_lora), plus `final/merged/`
+(a plain HF model, the adapter merged) with model.lora_merged.
 Everything is written into `<name>.tmp` and renamed once every rank has finished, so a crash
 (or a full disk: DiskFullError, with the tmp directory removed) never leaves a half checkpoint
 under a real name. `latest` verifies manifests newest first (the files shared out over the
@@ -61,11 +65,13 @@ from rptfast.errors import (
     FileFormatError,
     NonFiniteError,
     PathError,
+    atomic_path,
     disk_full_message,
     full_disk_errno,
     remove,
     writing,
 )
+from rptfast.model import lora
 
 MANIFEST = "manifest.json"
 STATE = "state.pt"
@@ -75,9 +81,11 @@ FORMAT = 2  # 1: model.safetensors + a full state.pt (before DCP)
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint holds of a model: its state dict, sharded as the model is (DTensors under FSDP, no
-    gather), tensors that share one storage under their first name only. The one place that chooses it."""
+    gather), tensors that share one storage under their first name only; of a LoRA model the adapters only.
+    The one place that chooses it."""
     state = get_model_state_dict(model)
-    return {k: v for k, v in state.items() if k not in tied_names(model)}
+    keep = lora.is_adapter if lora.is_lora(model) else lambda k: k not in tied_names(model)
+    return {k: v for k, v in state.items() if keep(k)}
 
 
 def tied_names(model: torch.nn.Module) -> dict[str, str]:
@@ -269,6 +277,8 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, extra: dic
                     model.generation_config.save_pretrained(tmp / HF)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp / HF)
+                if lora.is_lora(model):  # what `rptfast export` needs to write peft's adapter folder
+                    (tmp / HF / lora.ADAPTER_CONFIG).write_text(json.dumps(lora.adapter_config(model), indent=1))
                 write_manifest(tmp, {**files, **_entries(tmp, [n for n in _files(tmp) if n not in files])})
                 if final.exists():
                     shutil.rmtree(final)
@@ -340,10 +350,13 @@ def load(path: Path, model: torch.nn.Module, optimizer, d: Dist, ema: torch.nn.M
     state = torch.load(path / STATE, weights_only=True, map_location="cpu")
     saved = _Reader(path).read_metadata().state_dict_metadata
     target = train_state(model, optimizer, ema, optim=any(k.startswith("optim.") for k in saved))
-    wrong = [k for k in _leaves(target) if k not in saved or not hasattr(saved[k], "chunks")]
+    leaves = _leaves(target)
+    wrong = [k for k in leaves if k not in saved or not hasattr(saved[k], "chunks")]
+    # and nothing of the model's or the EMA's beyond them (a LoRA run of other targets would load half of it)
+    wrong += [k for k in saved if k.split(".", 1)[0] in ("model", "ema") and k not in leaves]
     if wrong:
-        raise FileFormatError(f"{str(path)!r} does not hold {', '.join(wrong[:3])} ({len(wrong)} in all) as "
-                              f"tensors: it was written for another model or setting (info_gain's ema, LoRA); "
+        raise FileFormatError(f"{str(path)!r} does not match this run at {', '.join(wrong[:3])} ({len(wrong)} in "
+                              f"all): it was written for another model or setting (info_gain's ema, LoRA); "
                               f"resume with the config that wrote it")
     with quiet_dcp():
         dcp.load(target, storage_reader=_Reader(path))
@@ -355,3 +368,31 @@ def load(path: Path, model: torch.nn.Module, optimizer, d: Dist, ema: torch.nn.M
     for key in ("format", "tied"):
         state.pop(key)
     return state
+
+
+def save_lora(out: Path, model: torch.nn.Module, tokenizer, d: Dist, dtype: torch.dtype | None,
+              merged: bool) -> Path:
+    """A LoRA policy's `final/`: peft's adapter folder (its fp32 adapters, the tokenizer), and with `merged` also
+    `merged/`, the HF model with the adapter merged in `dtype` (None: the base's). The adapters are gathered on
+    every rank (collectives) and written by the main one; the base is whole on every rank already (LoRA runs
+    leave it out of FSDP), so nothing here needs more than one rank holds."""
+    tensors = dict(lora.adapter_tensors(model))
+    weights = lora.merged_weights(model, dtype or model.dtype) if merged else None
+
+    def write() -> None:
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+            lora.write_adapter(tmp, tensors, lora.adapter_config(model))
+            tokenizer.save_pretrained(tmp)
+            if weights is not None:
+                config_dtype = model.config.dtype
+                model.config.dtype = dtype or config_dtype  # what config.json's torch_dtype says
+                try:
+                    model.save_pretrained(tmp / "merged", state_dict=weights, safe_serialization=True)
+                finally:
+                    model.config.dtype = config_dtype
+                tokenizer.save_pretrained(tmp / "merged")
+
+    refuse_nonfinite({**tensors, **(weights or {})}, out, d)
+    on_main(d, write)
+    return out

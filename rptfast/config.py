@@ -38,6 +38,12 @@ class ModelConfig:
     scratch_layers: int = 2  # decoder layers when training from scratch
     scratch_heads: int = 2  # attention heads (head_dim 64) when training from scratch
     scratch_tokenizer: str = "char"  # tokenizer when training from scratch: char | bpe | toy (rptfast.testing)
+    lora_rank: int = 0  # 0 = full fine-tuning; r > 0: train LoRA adapters of rank r (peft), base frozen (docs/lora.md)
+    lora_alpha: float = 32.0  # LoRA: the adapter's output is scaled by lora_alpha / lora_rank (peft's lora_alpha)
+    lora_dropout: float = 0.0  # LoRA: dropout on the adapters' input; > 0 scores another policy than the engine's
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA'd layers, or all-linear
+    lora_share_base: bool = True  # LoRA: the frozen base is the engine's own tensors where layouts allow (CUDA: all)
+    lora_merged: bool = False  # LoRA: final/ is peft's adapter folder; also write final/merged/ (a merged HF model)
 
 
 @dataclass

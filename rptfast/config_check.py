@@ -110,6 +110,10 @@ BOUNDS = {
     "algorithm.length_coef": (lambda v: v >= 0, "a float >= 0 (0 = off)"),
     "algorithm.length_target": (lambda v: v >= 0, "an integer >= 0"),
     "algorithm.ntp_coef": (lambda v: v >= 0, "a float >= 0 (0 = off)"),
+    "model.lora_rank": (lambda v: 0 <= v <= 512, "an integer in [0, 512] (0 = off; vLLM serves ranks up to 512)"),
+    "model.lora_alpha": (lambda v: v > 0, "a float > 0"),
+    "model.lora_dropout": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    "model.lora_targets": (lambda v: bool(v.strip(" ,")), "layer names, e.g. q_proj,v_proj, or all-linear"),
     "eval.k": (lambda v: v >= 1, "an integer >= 1"),
     "eval.batch_tokens": (lambda v: v >= 2, "an integer >= 2"),
 }
@@ -262,6 +266,10 @@ def warnings_for(cfg: Config) -> list[str]:
         out.append(f"train.master_dtype = 'bfloat16' with lr {lr:g} < {BF16_MASTER_MIN_LR:g}: AdamW updates "
                    f"smaller than bf16's resolution (1/256 of a weight) vanish, so most weights never change "
                    f"(at lr 1e-6, 98% of them); set train.master_dtype = 'float32'")
+    if cfg.model.lora_rank and cfg.model.lora_dropout:
+        out.append(f"model.lora_dropout = {cfg.model.lora_dropout}: the trainer scores the policy with dropout on the "
+                   f"adapters while the engine samples it without, so the ratio is not 1 on-policy and the log-prob "
+                   f"mismatch grows; RL adapters are usually trained without dropout (0)")
     return out
 
 

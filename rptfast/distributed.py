@@ -69,14 +69,19 @@ def _single_process_group(d: Dist) -> None:
 
 
 def shard(model: torch.nn.Module, decoder_layers: torch.nn.ModuleList, d: Dist,
-          compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+          compute_dtype: torch.dtype | None = None, only_trainable: bool = False) -> torch.nn.Module:
     """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, lm_head).
 
     compute_dtype (when it differs from the parameters' dtype): forward and backward run in
     it, gradients are reduced and kept in the parameters' dtype. One process without it
     returns the model as it is.
+
+    only_trainable (LoRA): FSDP manages the parameters that train (the adapters) and leaves the
+    frozen ones whole on every rank (`ignored_params`): each rank's engine holds the whole base
+    anyway, and whole, the trainer's base can be the engine's own tensors (model.lora.share_base).
     """
-    master = next(model.parameters()).dtype
+    ignored = {p for p in model.parameters() if not p.requires_grad} if only_trainable else set()
+    master = next(p for p in model.parameters() if p not in ignored).dtype
     mixed = compute_dtype is not None and compute_dtype != master
     if d.world == 1 and not mixed:
         return model
@@ -88,8 +93,8 @@ def shard(model: torch.nn.Module, decoder_layers: torch.nn.ModuleList, d: Dist,
     mesh = init_device_mesh(d.device.type, (d.world,))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=master) if mixed else MixedPrecisionPolicy()
     for layer in decoder_layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=ignored or None)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored or None)
     return model
 
 

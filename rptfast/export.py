@@ -9,6 +9,9 @@ file, never the model, its moments or the EMA. A tied lm_head is not written (th
 stores the embedding once; config.json's tie_word_embeddings makes both loaders tie it), as
 save_pretrained does. Everything goes under a temporary name, renamed when complete.
 
+A LoRA run's checkpoint holds the adapters only: its export is peft's adapter folder (adapter_model.safetensors,
+adapter_config.json, the tokenizer), for the run's model.path.
+
 A checkpoint of the older format (model.safetensors + state.pt, no hf/) is read too: its
 weights are HF-named already; the config and tokenizer come from the run's model directory.
 """
@@ -23,8 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rptfast.checkpoint import HF, _Reader, checkpoint_format, read, verify
+from rptfast.checkpoint import HF, _Reader, checkpoint_format, keys, read, verify
 from rptfast.errors import FileFormatError, NonFiniteError, PathError, atomic_path
+from rptfast.model import lora
 
 SHARD_BYTES = 5 * 10**9  # HF's classic shard size
 
@@ -40,6 +44,8 @@ def export(ckpt: str | Path, out: str | Path, dtype: torch.dtype | None = None,
         raise FileFormatError(f"checkpoint {str(ckpt)!r} is damaged ({problem}); export another one")
     if checkpoint_format(ckpt) == 1:
         return _export_v1(ckpt, out, dtype)
+    if (ckpt / HF / lora.ADAPTER_CONFIG).is_file():
+        return _export_adapter(ckpt, out)
     saved = _Reader(ckpt).read_metadata().state_dict_metadata
     shapes = {k.removeprefix("model."): md for k, md in saved.items() if k.startswith("model.")}
     files, size = [[]], 0
@@ -68,6 +74,21 @@ def export(ckpt: str | Path, out: str | Path, dtype: torch.dtype | None = None,
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2))
         _config_and_tokenizer(ckpt / HF, tmp, dtype)
+    return out
+
+
+def _export_adapter(ckpt: Path, out: Path) -> Path:
+    """A LoRA run's checkpoint (adapters only): peft's adapter folder, fp32 (its base is the run's model.path,
+    which `PeftModel.from_pretrained` or vLLM's LoRARequest loads it onto)."""
+    names = [k.removeprefix("model.") for k in keys(ckpt, "model.")]
+    part = read(ckpt, [f"model.{n}" for n in names])
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        lora.write_adapter(tmp, {lora.file_name(n): part[f"model.{n}"] for n in names},
+                           json.loads((ckpt / HF / lora.ADAPTER_CONFIG).read_text()))
+        for f in (ckpt / HF).iterdir():  # the tokenizer, as the run's final/ keeps it
+            if f.is_file() and f.name not in (lora.ADAPTER_CONFIG, "config.json", "generation_config.json"):
+                shutil.copy2(f, tmp / f.name)
     return out
 
 

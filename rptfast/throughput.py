@@ -46,7 +46,6 @@ import torch
 
 from rptfast import config
 from rptfast import train as trainer
-from rptfast.distributed import full_tensors
 from rptfast.errors import atomic_path
 from rptfast.provenance import PROVENANCE, append_rows, device_name, stamp
 
@@ -60,7 +59,7 @@ ENGINE_LABEL = {"TorchEngine": "TorchEngine (eager HF forwards with a KV cache; 
 def copy_gbps(run: trainer.Run, repeats: int = 3) -> tuple[float, float]:
     """(GB of weights in the engine's dtype, best GB/s of copying them once on the device)."""
     dtype = getattr(run.engine, "dtype", None)
-    src = [p.detach().to(dtype or p.dtype) for _, p in full_tensors(run.policy.lm, dtype)]
+    src = [p.detach().to(dtype or p.dtype) for _, p in trainer.sync_tensors(run)]  # LoRA: the adapters
     dst = [torch.empty_like(t) for t in src]
     nbytes = sum(t.numel() * t.element_size() for t in src)
     best = float("inf")

@@ -178,8 +178,8 @@ def test_stale_engine_weights_stop_the_run(tiny_dir, vllm_engine, tmp_path, monk
         calls.append(1)
         if len(calls) == 4:
             run.engine.wake()
-            return
-        real(run)
+            return 0  # bytes sent
+        return real(run)
 
     monkeypatch.setattr(train_loop, "sync", skip_the_fourth)
     with pytest.raises(TrainingStopped, match="step 4: mean rollout vs trainer logprob mismatch 0\\.[1-9]"):

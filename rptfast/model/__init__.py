@@ -6,6 +6,7 @@
   exact attention; flash_shared.py: the same attention on CUDA, through FlashAttention's varlen kernels;
 - attention.py: the attention backends over packed rows (flash, varlen, sdpa, per_seq);
 - policy.py: one forward -> log-probs of the scored tokens, without a [tokens, vocab] tensor;
+- lora.py: LoRA through peft: adapters on a frozen base shared with the engine, adapter-only state and export;
 - flops.py: counted forward FLOPs, for MFU;
 - scratch.py: models and tokenizers made on the spot (scratch training, the tests' fixtures).
 

@@ -60,6 +60,7 @@ class RolloutEngine(Protocol):
         """
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+    def update_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int: ...  # LoRA runs
     def sleep(self) -> None: ...
     def wake(self) -> None: ...
 
@@ -88,6 +89,9 @@ def check_model_dir(path: str, max_model_len: int | None = None, key: str = "mod
         if not p.is_dir():
             raise PathError(f"{key} {path!r} is a file, not a HF model directory; give the directory that holds "
                             f"config.json")
+        if not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
+            raise PathError(f"{key} {path!r} is a LoRA adapter folder (peft), not a model: give the merged model "
+                            f"(final/merged, written with model.lora_merged = true) or its base model")
         if not (p / "config.json").is_file():
             raise PathError(f"{key} {path!r} is not a HF model directory: it has no config.json")
         config_json = p / "config.json"
@@ -295,8 +299,9 @@ def vllm_available() -> bool:
 def make_engine(kind: str, model_path: str, *, dtype: torch.dtype, device: torch.device, seed: int,
                 max_model_len: int, gpu_memory_utilization: float = 0.4, cpu_kv_cache_gib: int = 1,
                 sleep_level: int = 1, sync_bucket_mb: int = 256, enforce_eager: bool = False,
-                trust_remote_code: bool = False) -> RolloutEngine:
-    """Build the engine named by rollout.engine ("auto": vLLM when importable, else torch)."""
+                trust_remote_code: bool = False, lora: dict | None = None) -> RolloutEngine:
+    """Build the engine named by rollout.engine ("auto": vLLM when importable, else torch); with `lora`
+    (model.lora.engine_config) it serves that LoRA adapter."""
     check_model_dir(model_path, max_model_len)
     if kind == "auto":
         kind = "vllm" if vllm_available() else "torch"
@@ -308,8 +313,8 @@ def make_engine(kind: str, model_path: str, *, dtype: torch.dtype, device: torch
         return VLLMEngine(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                           gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
                           sleep_level=sleep_level, bucket_bytes=sync_bucket_mb << 20,
-                          enforce_eager=enforce_eager, trust_remote_code=trust_remote_code)
+                          enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, lora=lora)
     from rptfast.rollout.torch_engine import TorchEngine
     return TorchEngine(model_path, dtype=dtype, device=device, max_model_len=max_model_len,
                        sleep_level=sleep_level, bucket_bytes=sync_bucket_mb << 20,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, lora=lora)

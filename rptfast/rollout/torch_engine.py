@@ -11,6 +11,10 @@ so a row's tokens depend only on its seed and its logits: not on the batch it sh
 not on the device, not on torch's global RNG. That is what makes sharding prompts across
 ranks, or resuming a run, sample the same tokens.
 
+LoRA runs: the engine's model gets the same peft adapters as the trainer's (in the engine's dtype),
+replaced by update_adapter; base_tensor lends the trainer its frozen weights, the same tensors (the
+layouts are one), which sleep and wake then leave in place: the trainer computes with them.
+
 Left out: paged attention, continuous batching and CUDA graphs (vLLM's job), top-k and
 repetition penalties (RL rollouts sample the plain tempered distribution).
 """
@@ -21,6 +25,7 @@ from collections.abc import Iterable
 
 import torch
 
+from rptfast.model import lora as lora_mod
 from rptfast.rollout import Completion, SamplingConfig, SyncNames, buckets, check_prompts
 
 _M = (1 << 63) - 1  # int64 arithmetic wraps; masks keep right shifts logical
@@ -64,7 +69,8 @@ def sample(logits: torch.Tensor, seeds: torch.Tensor, step: int, sampling: Sampl
 class TorchEngine:
     def __init__(self, model_path: str, *, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  sleep_level: int = 1, bucket_bytes: int = 256 << 20, trust_remote_code: bool = False,
-                 model: torch.nn.Module | None = None):
+                 model: torch.nn.Module | None = None, lora: dict | None = None):
+        """lora: the adapter_config.json fields (model.lora.engine_config) of the adapter it will serve."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -74,6 +80,14 @@ class TorchEngine:
         self.model = model or AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model.to(device).eval()
+        if lora is not None:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            inject_adapter_in_model(LoraConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=0.0,
+                                               target_modules=lora["target_modules"]), self.model)
+            self.model.to(device=device, dtype=dtype)
+        self.adapters = {lora_mod.file_name(n): p for n, p in lora_mod.adapter_params(self.model)}
+        self.lent: set[str] = set()  # parameters whose tensors the trainer holds too (base_tensor)
         gen_eos = self.model.generation_config.eos_token_id
         gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
         self.eos = torch.tensor(sorted({tok.eos_token_id, *gen_eos}), device=device)
@@ -145,6 +159,9 @@ class TorchEngine:
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.lent or self.adapters:
+            raise RuntimeError("update_weights on a LoRA engine (its base may be the trainer's own tensors): send the "
+                               "adapter with update_adapter")
         self.wake()
         params = dict(self.model.named_parameters())
         names = SyncNames(set(params))
@@ -155,15 +172,42 @@ class TorchEngine:
             params[name].copy_(t)
         names.done()
 
+    @torch.no_grad()
+    def update_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy a new adapter in (model.lora.adapter_tensors: every matrix, once); returns the bytes received."""
+        if not self.adapters:
+            raise RuntimeError("update_adapter on an engine started without LoRA (lora=None); send full weights "
+                               "with update_weights")
+        self.wake()
+        names = SyncNames(set(self.adapters))
+        nbytes = 0
+        for name, t in names.check(named_tensors):
+            if self.adapters[name].shape != t.shape:
+                raise ValueError(f"update_adapter: {name!r} has shape {tuple(t.shape)}, the engine's adapter has "
+                                 f"{tuple(self.adapters[name].shape)}")
+            self.adapters[name].copy_(t)
+            nbytes += t.numel() * t.element_size()
+        names.done()
+        return nbytes
+
+    def base_tensor(self, name: str) -> torch.Tensor | None:
+        """The engine's own tensor of the HF weight `name` (lent: sleep and wake leave it in place from now on)."""
+        for own, p in self.model.named_parameters():
+            if lora_mod.base_name(own) == name and not lora_mod.is_adapter(own):
+                self.lent.add(own)
+                return p.detach()
+        return None
+
     def sleep(self) -> None:
         """Release the weights from the device: to CPU memory (level 1) or dropped (level 2)."""
         if self.asleep:
             return
+        own = [(n, p) for n, p in self.model.named_parameters() if n not in self.lent]
         if self.sleep_level == 1:
             pin = self.device.type == "cuda"
             self.stash = {n: p.detach().to("cpu", copy=True).pin_memory() if pin else p.detach().clone()
-                          for n, p in self.model.named_parameters()}
-        for p in self.model.parameters():
+                          for n, p in own}
+        for _, p in own:
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -174,6 +218,8 @@ class TorchEngine:
         if not self.asleep:
             return
         for n, p in self.model.named_parameters():
+            if n in self.lent:
+                continue
             if self.stash is not None:
                 p.data = self.stash[n].to(self.device, non_blocking=True)
             else:

@@ -14,7 +14,7 @@
 The names the CLI, the benchmarks and the tests use are importable from here.
 """
 
-from rptfast.train.colocate import offload, optimizer_tensors, restore, sync, trainer_in, trainer_out
+from rptfast.train.colocate import offload, optimizer_tensors, restore, sync, sync_tensors, trainer_in, trainer_out
 from rptfast.train.groups import Group, rollout, sample_seed
 from rptfast.train.loop import evaluate, rl_step, train
 from rptfast.train.ntp import ntp_step
@@ -25,5 +25,5 @@ from rptfast.train.schedule import lr_at
 __all__ = [
     "Group", "Run", "RunDirError", "aligned_micro_batches", "build", "evaluate", "lock_run_dir", "lr_at",
     "make_optimizer", "ntp_step", "offload", "optimizer_tensors", "restore", "rl_step", "rollout", "sample_seed",
-    "sequences", "sync", "train", "trainer_in", "trainer_out", "update",
+    "sequences", "sync", "sync_tensors", "train", "trainer_in", "trainer_out", "update",
 ]  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from rptfast.distributed import full_tensors
+from rptfast.model import lora
 from rptfast.train.run import Run
 
 
@@ -65,7 +66,7 @@ def trainer_out(run: Run) -> None:
     if run.cfg.train.offload_optimizer:
         run.offloaded = offload(optimizer_tensors(run.optimizer))
     if run.cfg.train.offload_weights:  # plain tensors only (no FSDP: build() says so); sync reads them on the host
-        for p in run.policy.parameters():
+        for p in trained(run):
             p.data = p.data.to("cpu", non_blocking=True).pin_memory()
     torch.cuda.empty_cache()
 
@@ -75,16 +76,43 @@ def trainer_in(run: Run) -> None:
     if run.d.device.type != "cuda":
         return
     if run.cfg.train.offload_weights:
-        for p in run.policy.parameters():
+        for p in trained(run):
             p.data = p.data.to(run.d.device, non_blocking=True)
     restore(run.offloaded)
     run.offloaded = []
 
 
-def sync(run: Run) -> None:
-    """New weights into the engine, a bucket at a time (it wakes its weights first, its KV cache after).
+def trained(run: Run) -> list[torch.nn.Parameter]:
+    """The weights the optimizer updates: all of them, or a LoRA run's adapters (its frozen base may be the
+    engine's own tensors, which must stay where the engine reads them)."""
+    return [p for p in run.policy.parameters() if p.requires_grad]
+
+
+def sync_tensors(run: Run):
+    """(name, full tensor in the engine's dtype) of what the sync sends, one at a time: every weight, or a
+    LoRA run's adapters (the engine's base never changes)."""
+    dtype = getattr(run.engine, "dtype", None)
+    if lora.is_lora(run.policy.lm):
+        return lora.adapter_tensors(run.policy.lm, dtype)
+    return full_tensors(run.policy.lm, dtype)
+
+
+def sync(run: Run) -> int:
+    """New weights into the engine, a bucket at a time (it wakes its weights first, its KV cache after);
+    returns the bytes sent.
 
     Each master shard is cast to the engine's dtype before it is gathered: the engine gets bf16
-    from fp32 masters, one tensor at a time.
+    from fp32 masters, one tensor at a time. A LoRA run sends its adapters (update_adapter).
     """
-    run.engine.update_weights(full_tensors(run.policy.lm, getattr(run.engine, "dtype", None)))
+    sent = [0]
+
+    def counted(named_tensors):
+        for name, t in named_tensors:
+            sent[0] += t.numel() * t.element_size()
+            yield name, t
+
+    if lora.is_lora(run.policy.lm):
+        run.engine.update_adapter(counted(sync_tensors(run)))
+    else:
+        run.engine.update_weights(counted(sync_tensors(run)))
+    return sent[0]

@@ -27,7 +27,7 @@ def check_finite_state(run: Run, step: int) -> None:
     14B model), while the last checkpoint is already a rollback point on disk, and the step that
     broke the weights from finite, clipped gradients would break them again on the same data.
     """
-    tensors = [p.detach() for p in run.policy.parameters()]
+    tensors = [p.detach() for p in run.policy.parameters() if p.requires_grad]  # a LoRA base never changes
     tensors += [v for st in run.optimizer.state.values() for v in st.values()
                 if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0]
     local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]

@@ -28,6 +28,7 @@ from rptfast import checkpoint, config, distributed
 from rptfast.errors import DiskFullError, NonFiniteError, TrainingStopped
 from rptfast.export import export
 from rptfast.metrics import Timer
+from rptfast.model import lora
 from rptfast.train import info_gain
 from rptfast.train.colocate import sync, trainer_in, trainer_out
 from rptfast.train.groups import rollout
@@ -81,8 +82,10 @@ def train(cfg: config.Config, resume: bool = False, engine=None) -> Path:
                                        run.d, t.keep_ckpts, ema=None if run.ema is None else run.ema.lm,
                                        tokenizer=run.tokenizer)
         final = run.run_dir / "final"
-        # one process, one output file's worth of tensors at a time (rptfast/export.py)
-        distributed.on_main(run.d, lambda: export(last, final, run.final_dtype))
+        if lora.is_lora(run.policy.lm):  # peft's adapter folder (+ merged/), from the adapters every rank holds
+            checkpoint.save_lora(final, run.policy.lm, run.tokenizer, run.d, run.final_dtype, cfg.model.lora_merged)
+        else:  # one process, one output file's worth of tensors at a time (rptfast/export.py)
+            distributed.on_main(run.d, lambda: export(last, final, run.final_dtype))
         run.logger.write(f"done: final model in {final}")
         if run.d.main and hasattr(run.task, "report"):
             run.logger.write(run.task.report(run.run_dir, t.ntp_steps))
@@ -121,7 +124,7 @@ def rl_step(run: Run, step: int) -> dict:
     with timer("offload"):
         trainer_out(run)
     with timer("sync"):
-        sync(run)  # the engine wakes here
+        metrics["sync_mb"] = sync(run) / 2**20  # the engine wakes here
     metrics.update(stats)
     return finish_metrics(run, metrics, timer, t0, step)
 

@@ -23,6 +23,7 @@ from rptfast.model import (
     collate_shared,
     flop_rates,
     forward_flops,
+    lora,
     pack,
     pack_shared,
     shares_prompts,
@@ -138,9 +139,11 @@ def update(run: Run, groups: list[Group], step: int, timer: Timer) -> dict:
         if a.ntp_coef:  # the mean NLL per context token, averaged over the mini-batches
             metrics["ntp_loss"] = all_sum([ntp_loss], d)[0] / K
         metrics.update(advantage_stats(run, groups))
-        # counted FLOPs (model.flop_rates): forward + backward of every micro-batch, forward only per pre-pass
+        # counted FLOPs (model.flop_rates): forward + backward of every micro-batch, forward only per pre-pass; a LoRA
+        # backward skips the frozen weights' gradients (one matmul of two; the adapters' FLOPs are not counted)
         n_prepasses = int(need_old) + int(run.ref is not None)
-        metrics["flops/update"], metrics["flops/logprobs"] = all_sum([3 * fwd_flops, n_prepasses * fwd_flops], d)
+        passes = 2 if lora.is_lora(run.policy.lm) else 3
+        metrics["flops/update"], metrics["flops/logprobs"] = all_sum([passes * fwd_flops, n_prepasses * fwd_flops], d)
         # the kept groups' prompts (each once) and completions: prompt-once packing trains P + sum R tokens per
         # group where the unshared one trains G P + sum R
         metrics["prompt_tokens"], metrics["completion_tokens"] = all_sum(
@@ -244,18 +247,20 @@ def _accumulate(sums: dict, m: dict, weight: int) -> None:
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, policy: torch.nn.Module, decay: float) -> None:
     """phi <- decay phi + (1 - decay) theta (info_gain's baseline), parameter by parameter, local shards under
-    FSDP, in place; both in fp32. Under mixed precision FSDP2 leaves the root's parameters unsharded in the
-    compute dtype after a forward with no backward (the EMA's scoring pass): resharded first, so that the fp32
-    shards are what is averaged."""
+    FSDP, in place; both in fp32. LoRA: the adapters only (both models' frozen base is one tensor). Under mixed
+    precision FSDP2 leaves the root's parameters unsharded in the compute dtype after a forward with no backward
+    (the EMA's scoring pass): resharded first, so that the fp32 shards are what is averaged."""
     for module in (ema, policy):
         if hasattr(module, "reshard"):
             module.reshard()
     local = lambda t: t._local_tensor if hasattr(t, "_local_tensor") else t  # noqa: E731
-    torch._foreach_lerp_([local(p) for p in ema.parameters()], [local(p) for p in policy.parameters()], 1 - decay)
+    params = lambda m: [p for _, p in lora.adapter_params(m)] if lora.is_lora(m) else list(m.parameters())  # noqa: E731
+    torch._foreach_lerp_([local(p) for p in params(ema)], [local(p) for p in params(policy)], 1 - decay)
 
 
 def clip_grad(run: Run, max_norm: float) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), max_norm if max_norm > 0 else float("inf"))
+    trained = [p for p in run.policy.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(trained, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)

@@ -21,6 +21,7 @@ from rptfast.metrics import MetricsLogger, quiet_startup
 from rptfast.model import (
     PolicyLogprob,
     load_policy,
+    lora,
     native_dtype,
     resolve_attn,
     resolve_dtype,
@@ -143,6 +144,9 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     if tokenizer.eos_token_id is None:
         raise config.ConfigError(f"the tokenizer of model.path {model_dir!r} has no EOS token, so completions "
                                  f"never end; set eos_token in its tokenizer_config.json")
+    use_lora = cfg.model.lora_rank > 0
+    if use_lora:
+        lora.check_targets(model_dir, cfg.model, cfg.model.trust_remote_code)
     own_engine = engine is None
     if own_engine:
         r = cfg.rollout
@@ -151,24 +155,54 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
                                  max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
                                  cpu_kv_cache_gib=r.cpu_kv_cache_gib, sleep_level=r.sleep_level,
                                  sync_bucket_mb=r.sync_bucket_mb, enforce_eager=r.enforce_eager,
-                                 trust_remote_code=cfg.model.trust_remote_code)
+                                 trust_remote_code=cfg.model.trust_remote_code,
+                                 lora=lora.engine_config(cfg.model) if use_lora else None)
     torch.manual_seed(t.seed)  # after the engine: vLLM reseeds the global RNG when it starts
     attn = resolve_attn(cfg.model.attn, d.device, dtype)
 
-    def policy_from(path: str, kind: str) -> PolicyLogprob:
+    def policy_from(path: str, kind: str, base_of=None) -> PolicyLogprob:
         # the frozen reference needs no masters: it is loaded in the compute dtype; the EMA baseline
-        # (info_gain) keeps fp32 masters like the policy, whose small steps it averages
+        # (info_gain) keeps fp32 masters like the policy, whose small steps it averages. With LoRA only the
+        # adapters are masters; the base is frozen in the compute dtype and, where it can be, the tensors of
+        # `base_of` (the engine's for the policy, the policy's for the reference and the EMA): one copy
         frozen = kind == "reference"
-        lm = load_policy(path, dtype=dtype if frozen else master, attn=attn,
+        adapters = use_lora and not frozen
+        lm = load_policy(path, dtype=dtype if frozen or use_lora else master, attn=attn,
                          trust_remote_code=cfg.model.trust_remote_code,
-                         gradient_checkpointing=cfg.model.gradient_checkpointing and kind == "policy").to(d.device)
-        module = distributed.shard(PolicyLogprob(lm, cfg.model.logprob, cfg.model.lm_head_fp32), lm.model.layers,
-                                   d, compute_dtype=None if frozen else dtype)
+                         gradient_checkpointing=cfg.model.gradient_checkpointing and kind == "policy")
+        if adapters:
+            lora.add_adapters(lm, cfg.model, master)
+        if frozen:
+            lm.requires_grad_(False)
+        shared, total = lora.share_base(lm, base_of) if base_of is not None else (0, 0)
+        if adapters and kind == "policy":
+            n_adapter = sum(p.numel() for _, p in lora.adapter_params(lm))
+            n_all = sum(p.numel() for p in lm.parameters())
+            base = (f"the frozen base ({total / 2**30:.2f} GiB) is {100 * shared / max(total, 1):.0f}% the engine's "
+                    f"own tensors" if base_of is not None else "the frozen base is the trainer's own copy "
+                    "(model.lora_share_base = false)")
+            logger_lines.append(f"LoRA: {n_adapter / 1e6:.2f}M adapter parameters train "
+                                f"({100 * n_adapter / n_all:.2f}% of {n_all / 1e6:.1f}M); {base}")
+        lm = lm.to(d.device)
+        module = PolicyLogprob(lm, cfg.model.logprob, cfg.model.lm_head_fp32)
+        if not (use_lora and frozen):  # a LoRA run's reference is the shared base: nothing to shard
+            module = distributed.shard(module, lm.model.layers, d, compute_dtype=None if frozen or use_lora else dtype,
+                                       only_trainable=use_lora)
         return module if kind == "policy" else module.requires_grad_(False).eval()
 
-    policy = policy_from(model_dir, "policy")
-    ref = policy_from(model_dir, "reference") if cfg.algorithm.kl_coef > 0 else None
-    ema = policy_from(model_dir, "ema") if cfg.data.reward == "info_gain" else None
+    def frozen_of(module: PolicyLogprob):
+        """HF name -> the frozen tensor of `module` (the policy's base, for the reference and the EMA)."""
+        tensors = {lora.base_name(n): p.detach() for n, p in module.lm.named_parameters() if not p.requires_grad}
+        return tensors.get
+
+    logger_lines: list[str] = []
+    engine_base = getattr(engine, "base_tensor", None) if use_lora and cfg.model.lora_share_base else None
+    policy = policy_from(model_dir, "policy", engine_base)
+    policy_base = frozen_of(policy) if use_lora else None
+    ref = policy_from(model_dir, "reference", policy_base) if cfg.algorithm.kl_coef > 0 else None
+    ema = policy_from(model_dir, "ema", policy_base) if cfg.data.reward == "info_gain" else None
+    if ema is not None and use_lora:
+        lora.copy_adapters(ema.lm, policy.lm)  # the EMA starts as the policy (peft drew each one's A at random)
     optimizer = make_optimizer(policy, cfg)
     logger = MetricsLogger(run_dir, d.main, t.ntp_steps + t.steps, cfg.log.progress, cfg.log.tensorboard,
                            cfg.log.every, wandb=cfg.log.wandb, trackio=cfg.log.trackio, project=cfg.log.project,
@@ -177,6 +211,8 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
     if unshared:  # flash_shared's start-up probe runs here, once, on CUDA
         logger.write(f"WARNING train.share_prompts runs unshared (each sequence packed whole: exact, more tokens) with "
                      f"model.attn = {cfg.model.attn!r}: {unshared}")
+    for line in logger_lines:
+        logger.write(line)
     for warning in config.warnings_for(cfg):
         logger.write(f"WARNING {warning}")
     task = make_task(cfg, tokenizer, t.seed)
@@ -202,4 +238,5 @@ def build(cfg: config.Config, resume: bool = False, engine=None) -> tuple[Run, i
 
 def make_optimizer(policy: torch.nn.Module, cfg: config.Config) -> torch.optim.Optimizer:
     t = cfg.train
-    return torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or a LoRA run's adapters
+    return torch.optim.AdamW(trainable, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from rptfast.metrics import Timer, peak_flops, peak_memory_gb
 from rptfast.train.run import Run
+
+
+def resident_gb() -> float | None:
+    """The process's resident memory now, in GiB (Linux's /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def finish_metrics(run: Run, metrics: dict, timer: Timer, t0: float, step: int) -> dict:
@@ -25,6 +35,8 @@ def finish_metrics(run: Run, metrics: dict, timer: Timer, t0: float, step: int) 
     if times.get("logprobs"):
         metrics["tok_per_s/logprobs"] = metrics["prepass_tokens"] / times["logprobs"]
     metrics["peak_mem_gb"] = max(timer.peaks.values(), default=peak_memory_gb(run.d.device))
+    if run.d.device.type == "cpu":  # the peak above only grows (start-up included): what the process holds now
+        metrics["rss_gb"] = resident_gb()
     peak = peak_flops(run.d.device)
     busy = times.get("update", 0.0) + times.get("logprobs", 0.0)
     if peak and busy and "flops/update" in metrics:

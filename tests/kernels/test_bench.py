@@ -24,7 +24,7 @@ def test_tiny_benchmark_writes_json_and_csv(tmp_path):
     kernels = {r["kernel"] for r in summary["rows"]}
     assert kernels == {
         "selective_logprob", "fused_policy_loss_from_logits", "linear_logprob", "linear_policy_loss", "policy_loss",
-        "group_advantages", "topk_entropy",
+        "group_advantages", "topk_entropy", "linear_policy_loss_frozen_head",
     }  # fmt: skip
     assert all(r["ms"] > 0 and r["eager_ms"] > 0 for r in summary["rows"])
     with out.open() as f:
@@ -36,12 +36,19 @@ def test_tiny_benchmark_writes_json_and_csv(tmp_path):
 def test_a_failing_case_is_a_row_and_the_next_case_runs():
     """One case that fails (an OOM at one shape, say) becomes a row naming it; rows reach the sink as they
     finish, so a run cut short by a timeout keeps what it measured."""
+    import importlib.util
+
+    import torch
+
+    # by its path: a bare `import kernels` may find another module of that name first (the tests' own kernels/
+    # directory, once transformers has probed for Hugging Face's `kernels` package)
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    bench_kernels = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import kernels as bench_kernels
+        spec.loader.exec_module(bench_kernels)
     finally:
         sys.path.pop(0)
-    import torch
 
     seen = []
     bench = bench_kernels.Bench(torch.device("cpu"), False, copy_gbps=1.0, mm_tflops=1.0, sink=seen.append)

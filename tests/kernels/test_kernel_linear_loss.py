@@ -5,6 +5,7 @@ from rptfast.kernels import _utils as kernel_utils
 from rptfast.kernels import linear_logprob, linear_policy_loss, policy_loss, reference
 from rptfast.kernels import linear_loss as linear_loss_module
 from rptfast.kernels import lm_head as lm_head_module
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # (N, H, V): one token; V not a multiple of any block; V > 65536 with few rows; 423 rows (19 in the interpreter)
 SHAPES = [(1, 16, 7), (37, 64, 1000), (5, 8, 70001), (423, 32, 517)]
@@ -162,6 +163,58 @@ def test_grad_filter_keeps_flat_rows():
     filt = _grads(linear_policy_loss, hidden, weight * 0.01, targets, old, adv, mask, grad_filter=True)
     assert filt[3][1]["grad_filtered_frac"].item() == 0.0
     assert torch.equal(filt[1], exact[1]) and torch.equal(filt[2], exact[2])
+
+
+class CountMatmuls(TorchDispatchMode):
+    """Counts the matmuls (mm and addmm, in place or into out=) that run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__.rstrip("_") in ("mm", "addmm")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_frozen_weight_two_matmuls(monkeypatch, dtype):
+    """A frozen lm_head (LoRA): no grad_weight, so matmul 3 (tile.T @ h) and its fp32 accumulator are skipped: two
+    matmuls per tile of scored rows instead of three. The loss and grad_hidden are the same numbers as with the
+    weight's gradient made (bitwise), and held to fp64 as the other cases are; clip, dual clip, KL and
+    seq-mean aggregation on, several tiles (grad_hidden is scattered tile by tile)."""
+    monkeypatch.setattr(kernel_utils, "CPU_TILE_ELEMENTS", 7 * 300)
+    monkeypatch.setattr(lm_head_module, "CPU_TILE_ELEMENTS", 7 * 300)
+    monkeypatch.setattr(lm_head_module, "CUDA_TILE_BYTES", 7 * 300 * 4)
+    n, h, v = (19, 32, 300) if SLOW else (61, 48, 300)
+    hidden, weight, targets, old, adv, mask, seq_ids = _data(n, h, v, dtype, seed=85)
+    kw = _kwargs({**OPTIONS["clip+kl+dual"], "aggregation": "seq-mean-token-mean"}, old, seq_ids, temperature=0.9)
+    scored = int(mask.sum())
+    rows = lm_head_module.tile_rows(scored, v, hidden.element_size(), DEVICE, linear_loss_module.CUDA_TILE_SCALE)
+    tiles = -(-scored // rows)
+    assert tiles >= 2
+
+    def run(weight_grad: bool):
+        hd = hidden.detach().clone().requires_grad_()
+        w = weight.detach().clone().requires_grad_(weight_grad)
+        with CountMatmuls() as counter:
+            loss = linear_policy_loss(hd, w, targets, old, adv, mask, **kw)[0]
+            loss.backward()
+        return loss, hd.grad, w.grad, counter.count
+
+    frozen, trained = run(False), run(True)
+    assert frozen[2] is None and trained[2] is not None
+    assert (frozen[3], trained[3]) == (2 * tiles, 3 * tiles)
+    assert torch.equal(frozen[0], trained[0]) and torch.equal(frozen[1], trained[1])
+    gold_h = hidden.double().requires_grad_()
+    gold = reference.linear_policy_loss(gold_h, weight.double(), targets, old.double(), adv.double(), mask,
+                                        **_cast(kw, torch.float64))[0]
+    gold.backward()
+    hd = hidden.detach().clone().requires_grad_()
+    two = _two_step(hd, weight, targets, old, adv, mask, **kw)[0]
+    two.backward()
+    assert_close(frozen[0], gold, two, what=f"loss, frozen weight {dtype}", dtype=dtype)
+    assert_close(frozen[1], gold_h.grad, hd.grad, what=f"grad_hidden, frozen weight {dtype}", dtype=dtype)
 
 
 def test_only_weight_needs_grad():
