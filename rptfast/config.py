@@ -65,7 +65,7 @@ class DataConfig:
     thought_spans: int = 4  # rpt_ntp = thoughts: thoughts inserted per warm-up window (one at the sample's position)
     thought_hint: float = 0.5  # rpt_ntp = thoughts: share of them holding the next 1-3 true tokens
     thought_sampled: float = 0.0  # rpt_ntp = thoughts: share holding the model's own sampled thought (rest: empty)
-    thought_close: bool = True  # rpt_ntp = thoughts: score the close's tokens too (the model learns to end a thought)
+    thought_close: bool = True  # rpt_ntp = thoughts: score the close after a thought's content (learn to end one)
     info_gain_tokens: int = 1  # info_gain: ground-truth tokens teacher-forced after the thought (log-probs summed)
     first_token_set: int = 8  # first_token: reward 1 when the completion starts with a token id < this
     prompt_len: int = 8  # first_token: prompt length in tokens

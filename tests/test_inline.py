@@ -99,10 +99,12 @@ def test_inline_reward_by_hand():
     assert score(b"</r>", b"x", b" para") == (0.0, 3)  # "x" is short of the first boundary: "x para", wrong
 
 
-def closes(s: Sequence, n: int) -> set[int]:
-    """Positions of the closes' tokens (n each) in a warm-up sequence: scored, right after a thought's unscored part."""
-    skip = set(s.skip)
-    return {k + i for k in range(1, len(s.tokens)) if k - 1 in skip and k not in skip for i in range(n)}
+def closes(s: Sequence, close: list[int]) -> set[int]:
+    """Positions of the scored closes' tokens in a warm-up sequence: right after a thought's unscored part, when
+    that part is followed by the close (after an empty thought the close is unscored, part of it)."""
+    skip, n = set(s.skip), len(close)
+    return {k + i for k in range(1, len(s.tokens)) if k - 1 in skip and k not in skip
+            and s.tokens[k:k + n] == close for i in range(n)}
 
 
 def test_prompts_score_and_warmup_on_a_base_model(base_dir, store, tok, tmp_path):
@@ -125,7 +127,7 @@ def test_prompts_score_and_warmup_on_a_base_model(base_dir, store, tok, tmp_path
         assert task.score(p, thought + truth) == 0.0 and task.trained_length(p, thought + truth) == len(thought + truth)
         # the warm-up: the text with thoughts inserted; the text is scored, every token after the first, and the
         # closes' tokens (data.thought_close); the openers and the thoughts' content are not
-        assert [t for k, t in enumerate(s.tokens) if k not in s.skip and k not in closes(s, len(close_ids))] ==\
+        assert [t for k, t in enumerate(s.tokens) if k not in s.skip and k not in closes(s, close_ids)] ==\
             context + truth
         j, n_spans, text_at = 1, 0, 1  # s.tokens[j] is text[text_at] unless a thought starts there
         while j < len(s.tokens):
@@ -137,7 +139,10 @@ def test_prompts_score_and_warmup_on_a_base_model(base_dir, store, tok, tmp_path
                        if s.tokens[k:k + len(close_ids)] == close_ids)
             hint = s.tokens[j + len(open_ids):end]
             assert len(hint) <= 3 and hint == (context + truth)[text_at:text_at + len(hint)]  # the next true tokens
-            assert all(k in s.skip for k in range(j, end)) and not set(range(end, end + len(close_ids))) & set(s.skip)
+            assert all(k in s.skip for k in range(j, end))
+            # the close is scored after a thought with content, not after an empty one (which would teach the
+            # model to close every thought at once)
+            assert (set(range(end, end + len(close_ids))) <= set(s.skip)) == (not hint)
             hinted += bool(hint)
             n_spans += 1
             spans_seen += text_at == len(context)  # the sample's own position always gets a thought
@@ -161,7 +166,7 @@ def test_warmup_with_the_models_own_thoughts(base_dir, store, tok, tmp_path):
     non_empty = 0
     for p, s in zip(task.prompts(0, 3), task.pretrain_samples(0, 3, engine)):
         text = p.meta["context_ids"] + p.meta["truth_ids"]
-        assert [t for j, t in enumerate(s.tokens) if j not in s.skip and j not in closes(s, len(close_ids))] == text
+        assert [t for j, t in enumerate(s.tokens) if j not in s.skip and j not in closes(s, close_ids)] == text
         j, at = 1, 1  # s.tokens[j] is text[at] unless a span starts there
         while j < len(s.tokens):
             if j not in s.skip:

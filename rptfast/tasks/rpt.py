@@ -26,8 +26,10 @@ prompt, as data.rpt_ntp says:
   much such a thought is worth, so that its own thoughts do not mislead it before RL has shaped them), and
   nothing otherwise (the model learns that a thought costs it nothing). The text is scored, every token
   after the first, including each token right after a close, and with data.thought_close the close's own
-  tokens (the model learns to end a thought, which RPT's reward needs); the opener and the thoughts'
-  content are not: what to write in a thought is RL's to teach.
+  tokens after a thought that has content (the model learns to end a thought, which RPT's reward needs,
+  but not to close one at once: scored after empty thoughts too, the close became the model's first
+  choice after the opener, every thought it wrote was empty, and RL had nothing to tell apart); the
+  opener and the thoughts' content are not scored: what to write in a thought is RL's to teach.
 
 evaluate() runs one completion per held-out sample (the documents prepare set aside), `count`
 of them drawn across documents with the run's seed (SampleStore.spread, as `rptfast eval`
@@ -147,7 +149,11 @@ class RPTTask:
             for j in range(1, len(text)):
                 if j in thoughts:
                     span = self.build.open + thoughts[j] + self.build.close
-                    unscored = len(span) - len(self.build.close) if self.score_close else len(span)
+                    # the close is scored after a thought's content only: scored after an empty thought too, it
+                    # teaches the model to close at once, and a model that never writes a thought gives RL nothing
+                    # to tell apart
+                    scored_close = self.score_close and thoughts[j]
+                    unscored = len(span) - len(self.build.close) if scored_close else len(span)
                     skip += range(len(tokens), len(tokens) + unscored)
                     tokens += span
                 tokens.append(text[j])
