@@ -1,16 +1,19 @@
 """Quiet-STaR's mixing head beside (or instead of) the transparent-thought warm-up, on a real model (docs/rpt.md).
 
-    .venv/bin/python bench/mixing_head.py --model runs/real/smollm2 --data runs/real/samples [--steps 40]
-        [--hint 0.5] [--head-only] [--seed 0] [--out runs/mixing]
+    .venv/bin/python bench/mixing_head.py --model runs/real/smollm2 --data runs/real/samples [--steps 120]
+        [--hint 0.3] [--lr 1e-4] [--head-only] [--seed 0]
 
 Quiet-STaR (arXiv 2403.09629) makes a thought cost nothing at the start with a mixing head: a small MLP on the
 hidden states after the thought and without it gives a weight w in (0, 1), and the prediction after a thought is
 w * logits(after the thought) + (1 - w) * logits(no thought). Its bias starts at -4 (w ~ 0.02), so at step 0 the
 prediction is the model's own without the thought. This script trains it on the same sequences as rptfast's
 warm-up (data.rpt_ntp = "thoughts": the store's contexts with thoughts inserted, empty or holding the next 1-3 true
-tokens; RPTTask.pretrain_samples), the loss on the text only, the head applied at each text token right after a
-close; with --head-only the model stays frozen (the head as the alternative to a warm-up), else both train (the
-head beside it). Each step runs two forwards: the sequences with their thoughts, and the same text without.
+tokens; RPTTask.pretrain_samples, with the preset rpt-smollm2-135m's spans, 8 windows a step, its learning rate),
+the loss on the text only, the head applied at each text token right after a close; with --head-only the model
+stays frozen (the head as the alternative to a warm-up), else both train (the head beside it). Each step runs two
+forwards: the sequences with their thoughts, and the same text without; matmuls in bf16 (autocast) over fp32
+weights, as the trainer's warm-up computes. The warm-up's third kind of thought, the model's own sampled one,
+needs the engine and is left out here (data.thought_sampled = 0: those spans are empty).
 
 It then scores the held-out samples as `rptfast eval` does (the same contexts and markers), plain, after an empty
 thought and after the true token written in the thought (oracle), each with the head (mixed) and without it (the
@@ -27,9 +30,8 @@ the trainer) and the extended teacher forcing (one true token after the thought,
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,8 +42,10 @@ from torch import nn
 from rptfast import config
 from rptfast.data.prepare import load_tokenizer
 from rptfast.data.store import SampleStore, split_masks
+from rptfast.errors import appending, run_script
 from rptfast.eval import inline_sequences
 from rptfast.model import Sequence, collate, hidden_states, load_policy, resolve_attn
+from rptfast.provenance import stamp
 from rptfast.tasks.rpt import RPTTask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,11 +87,11 @@ def mixed_logits(lm, head, think_h, plain_h, mix):
     return logits
 
 
-def train(lm, head, task, steps: int, per_step: int, head_only: bool) -> list[float]:
+def train(lm, head, task, steps: int, per_step: int, head_only: bool, lr: float) -> list[float]:
     device = torch.device("cpu")
     params = [{"params": head.parameters(), "lr": 1e-3}]
     if not head_only:
-        params.append({"params": lm.parameters(), "lr": 5e-5})
+        params.append({"params": lm.parameters(), "lr": lr})
     opt = torch.optim.AdamW(params, weight_decay=0.0)
     losses = []
     for step in range(steps):
@@ -95,8 +99,9 @@ def train(lm, head, task, steps: int, per_step: int, head_only: bool) -> list[fl
         plain = [Sequence([t for j, t in enumerate(s.tokens) if j not in skip], 1)
                  for s in seqs for skip in [set(s.skip)]]
         mb, mb_plain = collate(seqs, list(range(len(seqs))), device), collate(plain, list(range(len(plain))), device)
-        h = hidden_states(lm, mb).index_select(0, mb.pred_idx)  # [R, H], one row per scored text token
-        hp_all = hidden_states(lm, mb_plain)  # [T', H]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = hidden_states(lm, mb).index_select(0, mb.pred_idx).float()  # [R, H], one row per scored text token
+            hp_all = hidden_states(lm, mb_plain).float()  # [T', H]
         rows, mix, offset = [], [], 0
         for s, p in zip(seqs, plain):
             idx, after = after_close(s)
@@ -156,16 +161,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="runs/real/smollm2")
     ap.add_argument("--data", default="runs/real/samples")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--per-step", type=int, default=8)
-    ap.add_argument("--hint", type=float, default=0.5)
+    ap.add_argument("--hint", type=float, default=0.3)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--head-only", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     cfg = config.load("rpt-smollm2-135m", [f"data.samples={args.data}", "data.template=inline",
                                            "data.max_prompt_tokens=100", "data.rpt_ntp=thoughts",
-                                           f"data.thought_hint={args.hint}"])
+                                           f"data.thought_hint={args.hint}", "data.thought_sampled=0"])
     tok = load_tokenizer(args.model, False)
     task = RPTTask(tok, cfg.data, cfg.rollout, seed=args.seed)
     lm = load_policy(args.model, dtype=torch.float32, attn=resolve_attn("auto", torch.device("cpu"), torch.float32),
@@ -176,16 +182,14 @@ def main() -> None:
     samples = [store.get(int(r)) for r in rows]
     t0 = time.time()
     lm.train()
-    losses = train(lm, head, task, args.steps, args.per_step, args.head_only)
+    losses = train(lm, head, task, args.steps, args.per_step, args.head_only, args.lr)
     lm.eval()
-    result = {"steps": args.steps, "per_step": args.per_step, "hint": args.hint, "head_only": args.head_only,
+    result = {"steps": args.steps, "per_step": args.per_step, "hint": args.hint, "lr": args.lr,
+              "head_only": args.head_only,
               "seed": args.seed, "loss_first": losses[0] if losses else None,
               "loss_last": losses[-1] if losses else None,
               "train_seconds": round(time.time() - t0, 1), "samples": len(samples),
-              **evaluate(lm, head, task, samples, store.entropy[rows]),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=ROOT).stdout.strip(),
-              "date": datetime.date.today().isoformat()}
+              **evaluate(lm, head, task, samples, store.entropy[rows]), **stamp()}
     for mode in ("plain", "empty", "oracle"):
         for name in ("own", "mixed"):
             cell = result.get(f"{mode}/{name}/all")
@@ -193,10 +197,10 @@ def main() -> None:
                 print(f"{mode:7s} {name:6s} accuracy {100 * cell['accuracy']:5.1f} ({100 * cell['accuracy_se']:.1f}) "
                       f"log p {cell['logp']:6.2f} ({cell['logp_se']:.2f})")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
+    with appending(RESULTS), RESULTS.open("a", buffering=1) as f:  # a full disk: one line, exit 2, no torn row
         f.write(json.dumps(result) + "\n")
     print(json.dumps({k: v for k, v in result.items() if "/" not in k}))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

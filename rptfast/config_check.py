@@ -233,7 +233,7 @@ def check_rpt_family(cfg: Config) -> None:
     if d.thought_hint + d.thought_sampled > 1:
         raise ConfigError(f"data.thought_hint ({d.thought_hint}) + data.thought_sampled ({d.thought_sampled}) "
                           f"exceeds 1: they are shares of the warm-up's thoughts (the rest are empty); lower one")
-    if d.rpt_ntp == "thoughts" and d.template != "inline":
+    if d.rpt_ntp == "thoughts" and d.template != "inline" and cfg.train.ntp_steps:
         raise ConfigError(f"data.rpt_ntp = 'thoughts' is the warm-up for inline thoughts, and data.template = "
                           f"{d.template!r} wraps prompts in a chat; set data.template = 'inline', or use "
                           f"data.rpt_ntp = 'answers' for a chat template")

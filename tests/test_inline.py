@@ -111,7 +111,7 @@ def test_prompts_score_and_warmup_on_a_base_model(base_dir, store, tok, tmp_path
     with pytest.raises(ConfigError, match="no chat template"):
         PromptBuilder(tok, "v0", PROMPT, token_bytes(tok))
     with pytest.raises(ConfigError, match="data.template = 'inline'"):
-        make_cfg(base_dir, store, tmp_path / "x", data={"template": "think"})
+        make_cfg(base_dir, store, tmp_path / "x", data={"template": "think"}, train={"ntp_steps": 1})
     cfg = make_cfg(base_dir, store, tmp_path / "run", data={"thought_hint": 0.5, "thought_spans": 3})
     task = RPTTask(tok, cfg.data, cfg.rollout, seed=0)
     open_ids, close_ids = tok.encode(OPEN), tok.encode(CLOSE)
