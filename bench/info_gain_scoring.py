@@ -1,6 +1,7 @@
 """RLP's scoring pass with each prompt once (prompt-once rows) against each prompt per thought, on SmolLM2-135M.
 
     .venv/bin/python bench/info_gain_scoring.py [--model runs/real/smollm2 --data runs/real/samples] [--steps 3]
+                                          [--formats think inline]
 
 The information-gain reward scores the true next token after every thought of a group; the G thoughts share
 their prompt, so with train.share_prompts the scoring forward holds each prompt once (and the G thoughts after
@@ -42,9 +43,11 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT / "runs/real/samples"))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/info-gain-scoring")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     args = ap.parse_args()
     summary = {}
-    for name, sets in FORMATS.items():
+    for name in args.formats:
+        sets = FORMATS[name]
         mean = {}
         for share in (True, False):
             run = args.out / f"{name}-{'shared' if share else 'unshared'}"

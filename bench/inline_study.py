@@ -19,14 +19,18 @@ Rows go to bench/results/inline_study.csv (arm, seed, budget, accuracy and log p
 information gain and reward over its first and last ten steps, seconds per step, commit, date); the markdown table
 (means over seeds; standard errors over the samples of the seed-averaged per-sample values) is printed and written
 to OUT/inline_study.md, with the information-gain and reward curves (means over seeds) as PNGs in OUT.
-On the 2-core CPU an RL run of 100 steps takes about an hour at budget 16; the whole study most of a day.
+Several processes of the study share the work: each item (an evaluation, the warm-up, an arm's run) is claimed by
+the first process to reach it (OUT/*.claim), the others go on to the next, and every process waits for the warm-up.
+vLLM's CPU backend takes every core it is allowed, so pin each process to its own core:
+    taskset -c 0 .venv/bin/python bench/inline_study.py & taskset -c 1 .venv/bin/python bench/inline_study.py
+Each item is done once, in the order b16 for every seed (rlp, rpt, ntp), then b64.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +42,7 @@ from rpt_toy_sweep import append_row  # bench/ is the script's own directory, fi
 
 from rptfast.data.store import SampleStore, split_masks
 from rptfast.metrics import plot, read_jsonl
+from rptfast.provenance import PROVENANCE, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "inline_study.csv"
@@ -45,16 +50,29 @@ PRESET = "rpt-smollm2-135m"
 MODES = ("plain", "empty", "oracle", "reasoning")
 SPLITS = ("all", "easy", "medium", "hard")
 FIELDS = ["arm", "seed", "budget", "steps", *[f"{m}/{s}/{k}" for m in MODES for s in SPLITS for k in ("acc", "logp")],
-          "info_gain_first", "info_gain_last", "reward_first", "reward_last", "sec_per_step", "commit", "date"]
+          "info_gain_first", "info_gain_last", "reward_first", "reward_last", "sec_per_step", *PROVENANCE]
 
 
 def rptfast(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "rptfast", *args], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
 
 
-def commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return r.stdout.strip() or "unknown"
+def claim(target: Path, lock: Path) -> bool:
+    """True for the one process of the study that makes `target` (`lock` created exclusively); False if `target`
+    exists or another process claimed it first. A process killed mid-item leaves its claim: delete OUT/*.claim to
+    make that item again."""
+    if target.exists():
+        return False
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def wait_for(target: Path) -> None:
+    while not target.exists():
+        time.sleep(10)
 
 
 def evaluate(model: Path, data: Path, out: Path, budget: int) -> None:
@@ -110,8 +128,7 @@ def row_of(arm: str, seed, budget: int, steps: int, evaluation: Path, run: Path 
         row[f"{key}_first"] = statistics.mean(values[:10]) if values else ""
         row[f"{key}_last"] = statistics.mean(values[-10:]) if values else ""
     times = [r["time/step"] for r in rl if "time/step" in r]
-    row.update(sec_per_step=statistics.mean(times) if times else "", commit=commit(),
-               date=datetime.date.today().isoformat())
+    row.update(sec_per_step=statistics.mean(times) if times else "", **stamp())
     return row
 
 
@@ -168,33 +185,44 @@ def main() -> None:
     args = ap.parse_args()
     out, data = args.out, args.data
     out.mkdir(parents=True, exist_ok=True)
-    ensure_inputs(args.model, data)
-    warm = out / "warm"
-    if not args.no_train and not (warm / "final" / "config.json").is_file():
-        train(warm, f"model.path={args.model}", f"data.samples={data}", "train.steps=0")
     evals: dict[tuple[str, int], list[Path]] = {}
     runs: dict[str, list[Path]] = {}
+    ensure_inputs(args.model, data)
+    warm = out / "warm"
+
+    def evaluate_once(name: str, model: Path, budget: int, run: Path | None) -> Path:
+        path = out / f"eval-{name}-b{budget}.json"
+        if not args.no_train and claim(path, path.with_suffix(".claim")):
+            evaluate(model, data, path, budget)
+            append_row(args.csv, FIELDS, row_of(name, "-", budget, 0, path, run))
+        return path
+
     for budget in args.budgets:
-        for name, model in (("base", args.model), ("warm", warm / "final")):
-            path = out / f"eval-{name}-b{budget}.json"
-            if not args.no_train and not path.is_file():  # once, whichever process of the study gets here first
-                evaluate(model, data, path, budget)
-                append_row(args.csv, FIELDS, row_of(name, "-", budget, 0, path, warm if name == "warm" else None))
-            evals[name, budget] = [path]
-    for seed in args.seeds:
-        for arm in args.arms:
-            for budget in args.budgets if arm != "ntp" else args.budgets[:1]:
+        evals["base", budget] = [evaluate_once("base", args.model, budget, None)]
+    if not args.no_train:
+        if claim(warm / "final" / "config.json", out / "warm.claim"):
+            train(warm, f"model.path={args.model}", f"data.samples={data}", "train.steps=0")
+        wait_for(warm / "final" / "config.json")
+    for budget in args.budgets:
+        evals["warm", budget] = [evaluate_once("warm", warm / "final", budget, warm)]
+    # b16 for every seed first, then b64: the cheapest complete comparison is done first
+    for budget in args.budgets:
+        for seed in args.seeds:
+            for arm in args.arms if budget == args.budgets[0] else [a for a in args.arms if a != "ntp"]:
                 run = out / f"{arm}-b{budget}-seed{seed}"
                 path = out / f"eval-{arm}-b{budget}-seed{seed}.json"
-                if not args.no_train:
+                if not args.no_train and claim(path, path.with_suffix(".claim")):
                     t0 = time.time()
                     train(run, *arm_runs(arm, seed, budget, args.steps, warm / "final", data))
                     evaluate(run / "final", data, path, budget)
                     append_row(args.csv, FIELDS, row_of(arm, seed, budget, args.steps, path, run))
                     print(f"{arm} budget {budget} seed {seed}: {time.time() - t0:.0f} s", flush=True)
-                evals.setdefault((arm, budget), []).append(path)
-                if arm != "ntp":
-                    runs.setdefault(f"{arm}-b{budget}", []).append(run)
+                if path.exists():  # made here or by another process of the study
+                    evals.setdefault((arm, budget), []).append(path)
+                    if arm != "ntp":
+                        runs.setdefault(f"{arm}-b{budget}", []).append(run)
+    evals = {k: [p for p in v if p.exists()] for k, v in evals.items()}
+    evals = {k: v for k, v in evals.items() if v}
     text = table(evals, data)
     (out / "inline_study.md").write_text(text + "\n")
     curves(out, runs)

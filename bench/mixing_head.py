@@ -90,7 +90,9 @@ def mixed_logits(lm, head, think_h, plain_h, mix):
 def train(lm, head, task, steps: int, per_step: int, head_only: bool, lr: float) -> list[float]:
     device = torch.device("cpu")
     params = [{"params": head.parameters(), "lr": 1e-3}]
-    if not head_only:
+    if head_only:
+        lm.requires_grad_(False)  # no backward through the model: the head learns on its hidden states alone
+    else:
         params.append({"params": lm.parameters(), "lr": lr})
     opt = torch.optim.AdamW(params, weight_decay=0.0)
     losses = []
