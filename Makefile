@@ -58,7 +58,7 @@ REAL  ?= runs/real
 MODEL ?= $(REAL)/smollm2
 REAL_STEPS := 20
 REAL_SET := --set data.samples=$(REAL)/samples
-REAL_EVAL := $(RPT) eval --config rpt-smollm2-135m --data $(REAL)/samples --set eval.k=2
+REAL_EVAL := $(RPT) eval --config rpt-smollm2-135m --data $(REAL)/samples --set eval.k=1
 demo-real: setup
 ifeq ($(MODEL),$(REAL)/smollm2)
 	$(RPT) convert gguf smollm2 --out $(MODEL)
@@ -77,9 +77,15 @@ endif
 		--eval RLP=$(REAL)/eval-rlp.json --data $(REAL)/samples --run $(REAL)/rlp --out $(REAL)
 
 # The study behind docs/rpt.md "Inline": base, warm-up, RLP and RPT inline at thought budgets 16 and 64, a next-token
-# control of the same tokens, two seeds, 100 RL steps each (bench/inline_study.py; most of a day on 2 cores).
+# control of the same tokens, two seeds, 100 RL steps each (bench/inline_study.py). One process per core in
+# STUDY_CORES shares the items (vLLM's CPU backend takes every core it may use); the last line makes the table and
+# plots of all of them. About 35 minutes an RL run on one core at budget 16: b16 with two seeds takes 2.5 hours on 2.
+STUDY_CORES ?= 0 1
 study-real: setup
-	$(PY) bench/inline_study.py
+	$(PY) bench/inline_study.py --inputs
+	pids=; for c in $(STUDY_CORES); do taskset -c $$c $(PY) bench/inline_study.py & pids="$$pids $$!"; done; \
+		for p in $$pids; do wait $$p || exit 1; done
+	$(PY) bench/inline_study.py --no-train
 
 # The RPT family side by side (docs/rpt.md): a next-token control, RPT, RLP and RPT with a thought budget, from
 # demo-rpt's base (made first if missing), two seeds each; about 40 minutes on 2 cores.

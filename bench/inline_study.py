@@ -16,14 +16,15 @@ thought, after the true token in the thought, after its own sampled thoughts at 
 - ntp: the next-token control of the same tokens: the RL prompts' contexts and true next tokens (data.rpt_ntp =
   "text"), as many sequences a step as RL has prompts, as many steps, the RL learning rate; per seed.
 Rows go to bench/results/inline_study.csv (arm, seed, budget, accuracy and log p per mode and split, the RL run's
-information gain and reward over its first and last ten steps, seconds per step, commit, date); the markdown table
+information gain and reward over its first and last ten steps, seconds per step, provenance); the markdown table
 (means over seeds; standard errors over the samples of the seed-averaged per-sample values) is printed and written
 to OUT/inline_study.md, with the information-gain and reward curves (means over seeds) as PNGs in OUT.
-Several processes of the study share the work: each item (an evaluation, the warm-up, an arm's run) is claimed by
-the first process to reach it (OUT/*.claim), the others go on to the next, and every process waits for the warm-up.
-vLLM's CPU backend takes every core it is allowed, so pin each process to its own core:
-    taskset -c 0 .venv/bin/python bench/inline_study.py & taskset -c 1 .venv/bin/python bench/inline_study.py
-Each item is done once, in the order b16 for every seed (rlp, rpt, ntp), then b64.
+
+Several processes share the work (`make study-real` runs one per core; `--inputs` first, once, makes the model and
+samples): each item (an evaluation, the warm-up, an arm's run) is claimed by the first process to reach it
+(OUT/*.claim), the others go on to the next, and every process waits for the warm-up. Items come in the order b16
+for every seed (rlp, rpt, ntp), then b64. vLLM's CPU backend takes every core it is allowed: pin each process to its
+own core (taskset -c N), as two unpinned processes slow each other 10-30x.
 """
 
 from __future__ import annotations
@@ -132,24 +133,45 @@ def row_of(arm: str, seed, budget: int, steps: int, evaluation: Path, run: Path 
     return row
 
 
+def se(v: np.ndarray) -> float:
+    return float(v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def seed_mean(paths: list[Path], key: str) -> np.ndarray:
+    """[samples]: a per-sample value of the eval JSONs, averaged over seeds."""
+    return np.mean([json.loads(p.read_text())["per_sample"][key] for p in paths], axis=0)
+
+
 def table(evals: dict[tuple[str, int], list[Path]], data: Path) -> str:
-    """Per arm and budget: accuracy (%) and mean log p of the true token per mode, on all and hard, means over seeds
-    with standard errors over the samples of the seed-averaged per-sample values."""
+    """Two tables. Per arm and budget: accuracy (%) and mean log p of the true token per mode, on all and hard,
+    means over seeds with standard errors over the samples of the seed-averaged per-sample values. Then each RL
+    arm against the warm-up it started from, paired by sample (the same 256 positions): the mean difference of
+    accuracy (points) and of log p per mode, with the standard error of the paired differences, which is what
+    tells a change from the spread between positions."""
     store = SampleStore(str(data))
     head = ("| arm (seeds) | budget | " + " | ".join(f"{m}: all | hard | log p" for m in MODES) + " |\n|---|---|" +
             "---|---|---|" * len(MODES))
     lines = [head]
     for (arm, budget), paths in evals.items():
-        results = [json.loads(p.read_text()) for p in paths]
-        rows = np.array(results[0]["per_sample"]["row"])
+        rows = np.array(json.loads(paths[0].read_text())["per_sample"]["row"])
         hard = split_masks(store.entropy[rows])["hard"]
         cells = []
         for mode in MODES:
-            acc = np.mean([r["per_sample"][mode] for r in results], axis=0)
-            logp = np.mean([r["per_sample"][f"{mode}_logp"] for r in results], axis=0)
-            se = lambda v: v.std(ddof=1) / np.sqrt(len(v))  # noqa: E731
+            acc, logp = seed_mean(paths, mode), seed_mean(paths, f"{mode}_logp")
             cells.append(f"{100 * acc.mean():.1f} ± {100 * se(acc):.1f} | {100 * acc[hard].mean():.1f} ± "
                          f"{100 * se(acc[hard]):.1f} | {logp.mean():.2f} ± {se(logp):.2f}")
+        lines.append(f"| {arm} ({len(paths)}) | {budget} | " + " | ".join(cells) + " |")
+    lines += ["", "| against the warm-up, paired (seeds) | budget | " +
+              " | ".join(f"{m}: points | log p" for m in MODES) + " |\n|---|---|" + "---|---|" * len(MODES)]
+    for (arm, budget), paths in evals.items():
+        if arm in ("base", "warm") or ("warm", budget) not in evals:
+            continue
+        warm = evals["warm", budget]
+        cells = []
+        for mode in MODES:
+            acc = seed_mean(paths, mode) - seed_mean(warm, mode)
+            logp = seed_mean(paths, f"{mode}_logp") - seed_mean(warm, f"{mode}_logp")
+            cells.append(f"{100 * acc.mean():+.1f} ± {100 * se(acc):.1f} | {logp.mean():+.3f} ± {se(logp):.3f}")
         lines.append(f"| {arm} ({len(paths)}) | {budget} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -182,12 +204,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs/inline")
     ap.add_argument("--csv", type=Path, default=RESULTS)
     ap.add_argument("--no-train", action="store_true", help="table and plots from the runs already in --out")
+    ap.add_argument("--inputs", action="store_true", help="make the model and samples where missing, then stop (run "
+                    "it once before starting several processes)")
     args = ap.parse_args()
     out, data = args.out, args.data
     out.mkdir(parents=True, exist_ok=True)
     evals: dict[tuple[str, int], list[Path]] = {}
     runs: dict[str, list[Path]] = {}
     ensure_inputs(args.model, data)
+    if args.inputs:
+        return
     warm = out / "warm"
 
     def evaluate_once(name: str, model: Path, budget: int, run: Path | None) -> Path:
