@@ -46,7 +46,9 @@ def test_throughput_one_step(tiny_dir, tmp_path, extra):
     assert "update tokens" in r.stdout and "predicted" in r.stdout
     for res in report["ablations"].values():
         assert res["ratio"] == pytest.approx(res["step_s"] / d["step_s"])
-        assert abs(res["phase_sum_s"] - res["step_s"]) <= 0.05 * res["step_s"]
+        # an ablation's step is ~70 ms: 5 % is 3.5 ms, less than one scheduler hiccup on a loaded 2-core machine
+        # (a 6.7 ms gap failed there once); 10 ms still catches a generate, update or sync left out of the accounting
+        assert abs(res["phase_sum_s"] - res["step_s"]) <= max(0.05 * res["step_s"], 0.01)
     assert "step_ratio" in report["trl"] or "not installed" in report["trl"]["note"]
     rows = list(csv.DictReader(table.open()))
     assert len(rows) == 1 + 5 + ("step_ratio" in report["trl"])
